@@ -1,0 +1,242 @@
+"""Lightning callbacks: ``LinearPrediction`` (swap predicted parameters in and out) and ``StalenessMonitor``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Optional, Union
+
+import torch
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from lightning_asyncpred.prediction import LinearPredictor, check_velocity_mode
+
+log = logging.getLogger(__name__)
+
+HorizonSpec = Union[str, int, float]
+
+
+def _update_count(trainer: "pl.Trainer") -> int:
+    """How many real optimizer updates have been applied so far."""
+    return int(getattr(trainer.strategy, "applied_steps", trainer.global_step))
+
+
+class LinearPrediction(Callback):
+    r"""Compute each gradient at the parameters predicted for the moment it will be applied.
+
+    Before every forward pass the trainable parameters are replaced by
+    :math:`\hat w = w_t + \gamma_t \, h \, v_t` (see :class:`~lightning_asyncpred.prediction.LinearPredictor`);
+    after backward the real :math:`w_t` is restored, so the optimizer always updates the real parameters.
+    Real parameters are also restored before validation, testing, checkpointing and on exceptions.
+
+    Args:
+        horizon: ``"auto"`` reads the strategy's ``expected_staleness`` every step (an error is raised at
+            setup if the strategy has none: use an ``async_pred*`` strategy or pass a number); or a fixed
+            number ``>= 0`` of updates.
+        velocity: ``"last"`` (last applied update) or ``"ema"`` (moving average of updates).
+        ema_decay: decay ``beta`` of the ``"ema"`` velocity.
+        warmup_steps: ``gamma`` ramps linearly from 0 to 1 over this many updates.
+        log_every_n_steps: how often the horizon, ``gamma`` and the prediction error ratio
+            ``||w_hat - w_{t+h}|| / ||w_t - w_{t+h}||`` are measured and logged.
+    """
+
+    def __init__(
+        self,
+        horizon: HorizonSpec = "auto",
+        velocity: str = "last",
+        ema_decay: float = 0.9,
+        warmup_steps: int = 0,
+        log_every_n_steps: int = 50,
+    ) -> None:
+        if isinstance(horizon, str):
+            if horizon != "auto":
+                raise ValueError(f"horizon must be 'auto' or a number >= 0, got {horizon!r}")
+        elif isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not math.isfinite(horizon) or horizon < 0:
+            raise ValueError(f"horizon must be 'auto' or a number >= 0, got {horizon!r}")
+        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}")
+        self.horizon = horizon
+        self.velocity = check_velocity_mode(velocity)
+        self.ema_decay = ema_decay
+        self.warmup_steps = warmup_steps
+        self.log_every_n_steps = log_every_n_steps
+        self.predictor: Optional[LinearPredictor] = None
+        self.error_ratios: list[float] = []
+        self._last_count = 0
+        self._reported_ratio: Optional[float] = None
+        self._pending_state: Optional[dict[str, Any]] = None
+
+    # ------------------------------------------------------------ helpers
+    def current_horizon(self, trainer: "pl.Trainer") -> float:
+        if self.horizon == "auto":
+            return float(trainer.strategy.expected_staleness)
+        return float(self.horizon)
+
+    def _restore(self) -> bool:
+        return self.predictor.restore_() if self.predictor is not None else False
+
+    # -------------------------------------------------------------- hooks
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.horizon == "auto" and not hasattr(trainer.strategy, "expected_staleness"):
+            raise ValueError(
+                f"LinearPrediction(horizon='auto') needs a strategy that reports expected_staleness "
+                f"(async_pred, async_pred_allreduce, async_pred_sim), but the trainer uses "
+                f"{type(trainer.strategy).__name__}; pass a number, e.g. LinearPrediction(horizon=4)"
+            )
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        self.predictor = LinearPredictor(params, self.velocity, self.ema_decay, self.warmup_steps)
+        if self._pending_state is not None:
+            self._load_predictor_state(self._pending_state)
+            self._pending_state = None
+        self._last_count = _update_count(trainer)
+
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        if self.predictor is None:
+            return
+        probe = self.predictor.updates % self.log_every_n_steps == 0
+        self.predictor.predict_(self.current_horizon(trainer), probe=probe)
+
+    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._restore()
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.predictor is None:
+            return
+        self._restore()  # backward may have been skipped (training_step returned None)
+        count = _update_count(trainer)
+        if count != self._last_count:
+            self._last_count = count
+            self.predictor.observe()
+        ratio = self.predictor.last_error_ratio
+        if ratio is not None and ratio is not self._reported_ratio:
+            self._reported_ratio = ratio
+            if math.isfinite(ratio):
+                self.error_ratios.append(ratio)
+                pl_module.log("prediction/error_ratio", ratio, on_step=True, on_epoch=False)
+        if trainer.global_step % self.log_every_n_steps == 0:
+            pl_module.log("prediction/horizon", self.current_horizon(trainer), on_step=True, on_epoch=False)
+            pl_module.log("prediction/gamma", self.predictor.gamma(), on_step=True, on_epoch=False)
+
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._restore()
+
+    def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._restore()
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._restore()
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._restore()
+
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        # a checkpoint taken while w_hat is swapped in (e.g. trainer.save_checkpoint inside training_step)
+        # must still hold the real parameters
+        if self.predictor is not None and self.predictor.is_predicted:
+            real = dict(zip([id(p) for p in self.predictor.params], self.predictor.real_parameters()))
+            state = checkpoint.get("state_dict", {})
+            for name, p in pl_module.named_parameters():
+                if id(p) in real and name in state:
+                    state[name] = real[id(p)].clone()
+
+    # --------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        if self.predictor is None:
+            return {}
+        return {
+            "updates": self.predictor.updates,
+            "velocity": [v.detach().cpu().clone() for v in self.predictor.velocity],
+            "prev": [p.detach().cpu().clone() for p in self.predictor._prev],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.predictor is None:
+            self._pending_state = state_dict
+        else:
+            self._load_predictor_state(state_dict)
+
+    def _load_predictor_state(self, state: dict[str, Any]) -> None:
+        pred = self.predictor
+        if len(state["velocity"]) != len(pred.params):
+            raise ValueError(
+                f"LinearPrediction state holds {len(state['velocity'])} parameters, the model has {len(pred.params)}"
+            )
+        with torch.no_grad():
+            torch._foreach_copy_(pred._velocity, [v.to(p.device) for v, p in zip(state["velocity"], pred.params)])
+            torch._foreach_copy_(pred._prev, [v.to(p.device) for v, p in zip(state["prev"], pred.params)])
+        pred.updates = int(state["updates"])
+
+
+class StalenessMonitor(Callback):
+    """Log staleness statistics of an ``async_pred*`` strategy and plot its histogram at the end of fit.
+
+    Logs ``staleness/mean``, ``staleness/max``, ``staleness/last`` (also on the progress bar as
+    ``staleness``) and ``staleness/in_flight`` every ``log_every_n_steps``; at fit end writes a PNG
+    histogram to ``plot_path`` (default ``<trainer.log_dir>/staleness.png``) on rank 0.
+    """
+
+    def __init__(self, log_every_n_steps: int = 50, plot_path: Optional[str] = None) -> None:
+        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}")
+        self.log_every_n_steps = log_every_n_steps
+        self.plot_path = plot_path
+        self.written_plot: Optional[str] = None
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit" and not hasattr(trainer.strategy, "staleness_stats"):
+            raise ValueError(
+                f"StalenessMonitor needs an async_pred strategy (async_pred, async_pred_allreduce, "
+                f"async_pred_sim); the trainer uses {type(trainer.strategy).__name__}"
+            )
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+        strategy = trainer.strategy
+        last = strategy.last_staleness
+        if last is not None:
+            pl_module.log("staleness", float(last), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        if trainer.global_step % self.log_every_n_steps == 0:
+            stats = strategy.staleness_stats
+            pl_module.log_dict(
+                {
+                    "staleness/mean": float(stats.mean),
+                    "staleness/max": float(stats.max),
+                    "staleness/last": float(last if last is not None else 0),
+                    "staleness/in_flight": float(strategy.gradients_in_flight),
+                },
+                on_step=True,
+                on_epoch=False,
+            )
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not trainer.is_global_zero:
+            return
+        stats = trainer.strategy.staleness_stats
+        path = self.plot_path or os.path.join(trainer.log_dir or trainer.default_root_dir, "staleness.png")
+        self.written_plot = plot_histogram(stats.histogram, path, title=stats.summary())
+
+
+def plot_histogram(histogram: list[int], path: str, title: str = "") -> str:
+    """Write a bar chart of a staleness histogram to ``path`` (PNG) and return the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(range(len(histogram)), histogram, color="tab:blue")
+    ax.set_xlabel("staleness (updates)")
+    ax.set_ylabel("gradients applied")
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

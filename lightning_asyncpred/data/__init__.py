@@ -1,0 +1,5 @@
+"""Data modules."""
+
+from lightning_asyncpred.data.digits import DigitsDataModule
+
+__all__ = ["DigitsDataModule"]

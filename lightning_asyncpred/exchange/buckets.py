@@ -1,0 +1,81 @@
+"""Flatten gradients into a few large contiguous buckets and back (pure torch)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+class GradientBuckets:
+    """A fixed assignment of parameters to flat buckets of at most ``bucket_cap_mb`` MiB each.
+
+    Parameters are grouped in order by dtype and device; a single parameter larger than the cap gets a
+    bucket of its own. Every rank that builds it from the same model gets the same layout.
+    """
+
+    def __init__(self, params: Sequence[Tensor], bucket_cap_mb: float = 25.0) -> None:
+        if not isinstance(bucket_cap_mb, (int, float)) or isinstance(bucket_cap_mb, bool) or not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be a number > 0, got {bucket_cap_mb!r}")
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("GradientBuckets needs at least one parameter")
+        cap = float(bucket_cap_mb) * 2**20
+        self.groups: list[list[int]] = []
+        size = 0.0
+        for i, p in enumerate(self.params):
+            nbytes = p.numel() * p.element_size()
+            last = self.params[self.groups[-1][-1]] if self.groups else None
+            compatible = last is not None and last.dtype == p.dtype and last.device == p.device
+            if not compatible or size + nbytes > cap:
+                self.groups.append([])
+                size = 0.0
+            self.groups[-1].append(i)
+            size += nbytes
+        self.numels = [sum(self.params[i].numel() for i in g) for g in self.groups]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    @torch.no_grad()
+    def flatten_grads(self, scale: float = 1.0) -> list[Tensor]:
+        """New flat buffers holding ``scale * p.grad`` (zeros for parameters without a gradient)."""
+        out = []
+        for g in self.groups:
+            parts = []
+            for i in g:
+                p = self.params[i]
+                parts.append(p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
+            flat = torch.cat(parts)
+            if scale != 1.0:
+                flat.mul_(scale)
+            out.append(flat)
+        return out
+
+    @torch.no_grad()
+    def load_grads(self, buckets: Sequence[Tensor], scale: float = 1.0) -> None:
+        """Write ``scale * bucket`` into each parameter's ``.grad`` (allocating it if needed)."""
+        if len(buckets) != len(self.groups):
+            raise ValueError(f"expected {len(self.groups)} buckets, got {len(buckets)}")
+        for g, flat, numel in zip(self.groups, buckets, self.numels):
+            if flat.numel() != numel:
+                raise ValueError(f"bucket has {flat.numel()} elements, expected {numel}")
+            offset = 0
+            for i in g:
+                p = self.params[i]
+                view = flat[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+                if p.grad is None:
+                    p.grad = torch.empty_like(p)
+                p.grad.copy_(view)
+                if scale != 1.0:
+                    p.grad.mul_(scale)
+
+
+def sum_buckets(results: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """Elementwise sum of several bucket lists of the same layout."""
+    total = [b.clone() for b in results[0]]
+    for other in results[1:]:
+        torch._foreach_add_(total, list(other))
+    return total

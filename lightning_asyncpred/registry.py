@@ -1,0 +1,22 @@
+"""Register this package's strategies in Lightning's ``StrategyRegistry`` (on import, idempotent)."""
+
+from __future__ import annotations
+
+from pytorch_lightning.strategies import StrategyRegistry
+
+from lightning_asyncpred.strategies import SimulatedAsyncStrategy
+
+_STRATEGIES = {
+    "async_pred_sim": (SimulatedAsyncStrategy, "one device, simulated asynchronous staleness (lightning-asyncpred)", {}),
+}
+
+
+def register_strategies() -> list[str]:
+    """Register every strategy name not yet in the registry; returns the names this call registered."""
+    added = []
+    for name, (cls, description, params) in _STRATEGIES.items():
+        if name in StrategyRegistry:
+            continue
+        StrategyRegistry.register(name, cls, description=description, **params)
+        added.append(name)
+    return added

@@ -1,0 +1,6 @@
+"""Lightning strategies that apply gradients asynchronously through an exchange."""
+
+from lightning_asyncpred.strategies.base import AsyncUpdateMixin
+from lightning_asyncpred.strategies.simulated import SimulatedAsyncStrategy
+
+__all__ = ["AsyncUpdateMixin", "SimulatedAsyncStrategy"]

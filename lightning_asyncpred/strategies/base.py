@@ -1,0 +1,171 @@
+"""The asynchronous update path shared by every async strategy, independent of the transport.
+
+Per optimizer step (``strategy.optimizer_step``):
+
+1. run Lightning's closure (training_step, zero_grad, backward: gradient ``g_t`` at the parameters the
+   model held, the predicted ``w_hat`` when :class:`~lightning_asyncpred.LinearPrediction` is on);
+2. submit ``g_t`` (unscaled when a GradScaler is active) to the exchange;
+3. load the sum of the ready results into ``.grad`` (re-scaled by the current loss scale);
+4. step through the precision plugin (so ``on_before_optimizer_step``, clipping, AMP unscale/skip and
+   the optimizer all run as usual), with a closure that returns the result of step 1.
+
+If nothing is ready, no update is made this step. Results that become ready at the same step are summed
+into one update, so every submitted gradient contributes exactly once. A non-finite local gradient under
+a GradScaler is not submitted: it stays in ``.grad`` so the scaler skips the step and lowers the scale
+exactly as without this strategy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+import pytorch_lightning as pl
+from lightning_asyncpred.exchange import Exchange, GradientBuckets, ReadyGradient, sum_buckets
+from lightning_asyncpred.staleness import StalenessStats
+
+log = logging.getLogger(__name__)
+
+
+class AsyncUpdateMixin:
+    """Mixin for a Lightning ``Strategy``: routes every optimizer step through an :class:`Exchange`.
+
+    Subclasses implement :meth:`_create_exchange` and call :meth:`_init_async` from ``__init__``.
+    """
+
+    exchange: Optional[Exchange]
+
+    def _init_async(self, bucket_cap_mb: float) -> None:
+        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be a number > 0, got {bucket_cap_mb!r}")
+        self.bucket_cap_mb = float(bucket_cap_mb)
+        self.exchange = None
+        self._buckets: Optional[GradientBuckets] = None
+        self._optimizer: Optional[Optimizer] = None
+        self.applied_updates = 0  # gradients applied
+        self.applied_steps = 0  # optimizer steps taken with them
+        self.local_steps = 0
+        self._last_staleness: Optional[int] = None
+
+    # ----------------------------------------------------------- to implement
+    def _create_exchange(self) -> Exchange:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- public
+    @property
+    def expected_staleness(self) -> float:
+        """Expected staleness of the next gradient: the horizon for ``LinearPrediction(horizon="auto")``."""
+        if self.exchange is None:
+            return 0.0
+        return float(self.exchange.expected_staleness)
+
+    @property
+    def staleness_stats(self) -> StalenessStats:
+        return self.exchange.stats if self.exchange is not None else StalenessStats()
+
+    @property
+    def last_staleness(self) -> Optional[int]:
+        return self._last_staleness
+
+    @property
+    def gradients_in_flight(self) -> int:
+        return self.exchange.in_flight if self.exchange is not None else 0
+
+    # ------------------------------------------------------------- lifecycle
+    def _setup_exchange(self, trainer: "pl.Trainer") -> None:
+        """Create buckets and exchange once the optimizers exist (called from ``setup``)."""
+        if trainer.state.fn != "fit":
+            return
+        if len(self.optimizers) != 1:
+            raise ValueError(
+                f"{type(self).__name__} supports exactly one optimizer, got {len(self.optimizers)}; "
+                "combine parameter groups into one optimizer"
+            )
+        self._optimizer = self.optimizers[0]
+        params = [p for group in self._optimizer.param_groups for p in group["params"] if p.requires_grad]
+        self._buckets = GradientBuckets(params, self.bucket_cap_mb)
+        self.exchange = self._create_exchange()
+
+    def _close_exchange(self) -> None:
+        if getattr(self, "exchange", None) is not None:
+            self.exchange.close()
+
+    # ---------------------------------------------------------------- update
+    def _loss_scale(self) -> float:
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        return float(scaler.get_scale())
+
+    def optimizer_step(
+        self,
+        optimizer: Any,
+        closure: Callable[[], Any],
+        model: Optional[Any] = None,
+        **kwargs: Any,
+    ) -> Any:
+        if self.exchange is None or self._buckets is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.optimizer_step() before setup: the exchange does not exist yet"
+            )
+        model = model or self.lightning_module
+        closure_result = closure()
+        if closure_result is None and model.automatic_optimization:
+            return None  # training_step returned None: Lightning skips the step
+        scale = self._loss_scale()
+        local = self._buckets.flatten_grads(1.0 / scale)
+        if scale != 1.0 and not all(torch.isfinite(b).all() for b in local):
+            # let the GradScaler see the overflow in .grad and skip/lower the scale like DDP would
+            return self.precision_plugin.optimizer_step(optimizer, model=model, closure=lambda: closure_result, **kwargs)
+        self.exchange.submit(self.local_steps, local)
+        self.local_steps += 1
+        ready = self.exchange.ready()
+        if not ready:
+            return None
+        return self._apply(optimizer, model, ready, closure_result, scale, **kwargs)
+
+    def _apply(
+        self,
+        optimizer: Any,
+        model: Any,
+        ready: list[ReadyGradient],
+        closure_result: Any = None,
+        scale: float = 1.0,
+        **kwargs: Any,
+    ) -> Any:
+        """Load the sum of ``ready`` into ``.grad`` and step through the precision plugin."""
+        total = sum_buckets([r.buckets for r in ready])
+        self._buckets.load_grads(total, scale)
+        self._last_staleness = ready[-1].staleness
+        out = self.precision_plugin.optimizer_step(optimizer, model=model, closure=lambda: closure_result, **kwargs)
+        self.applied_updates += len(ready)
+        self.applied_steps += 1
+        return out
+
+    def drain_and_apply(self) -> int:
+        """Apply everything in flight (one update). Returns how many gradients were applied."""
+        if self.exchange is None or self.exchange.closed or self._optimizer is None:
+            return 0
+        ready = self.exchange.drain()
+        if not ready:
+            return 0
+        model = self.lightning_module
+        optimizer = self._optimizer
+        # a drained update is a real optimizer step: clipping and AMP still apply
+        self._apply(optimizer, model, ready, closure_result=torch.zeros(()), scale=self._loss_scale())
+        log.debug("drained and applied %d gradients", len(ready))
+        return len(ready)
+
+    # ------------------------------------------------------- lightning hooks
+    def lightning_module_state_dict(self) -> dict[str, Tensor]:
+        # a checkpoint holds real parameters with nothing in flight
+        self.drain_and_apply()
+        return super().lightning_module_state_dict()  # type: ignore[misc]
+
+    def on_train_end(self) -> None:
+        self.drain_and_apply()
+        super().on_train_end()  # type: ignore[misc]

@@ -1,0 +1,62 @@
+"""``SimulatedAsyncStrategy``: asynchronous staleness on one device, registered as ``async_pred_sim``."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+import pytorch_lightning as pl
+from pytorch_lightning.accelerators import CUDAAccelerator
+from pytorch_lightning.strategies import SingleDeviceStrategy
+from lightning_asyncpred.exchange import Exchange, SimulatedExchange
+from lightning_asyncpred.staleness import StalenessSpec, parse_staleness
+from lightning_asyncpred.strategies.base import AsyncUpdateMixin
+
+
+class SimulatedAsyncStrategy(AsyncUpdateMixin, SingleDeviceStrategy):
+    """Train on one device as if each gradient arrived ``tau`` updates late.
+
+    Args:
+        staleness: an integer ``tau >= 0`` or a distribution spec: ``"uniform:A:B"``, ``"geometric:MEAN"``.
+        max_staleness: bound of the in-flight queue (default: the largest value the spec produces; for
+            ``geometric`` ``4 * MEAN``).
+        seed: seed of the staleness draws.
+        bucket_cap_mb: size of the flat gradient buckets.
+        device: the device to train on (default: the accelerator's first device).
+    """
+
+    strategy_name = "async_pred_sim"
+
+    def __init__(
+        self,
+        staleness: StalenessSpec = 4,
+        max_staleness: Optional[int] = None,
+        seed: int = 0,
+        bucket_cap_mb: float = 25.0,
+        device: Optional[Union[str, torch.device]] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(device=device if device is not None else "cpu", **kwargs)
+        parse_staleness(staleness, max_staleness)  # validate early, with a clear message
+        self._device_given = device is not None
+        self.staleness = staleness
+        self.max_staleness = max_staleness
+        self.seed = seed
+        self._init_async(bucket_cap_mb)
+
+    def setup_environment(self) -> None:
+        if not self._device_given and isinstance(self.accelerator, CUDAAccelerator):
+            self._root_device = torch.device("cuda", torch.cuda.current_device())
+        super().setup_environment()
+
+    def _create_exchange(self) -> Exchange:
+        return SimulatedExchange(self.staleness, self.max_staleness, self.seed)
+
+    def setup(self, trainer: "pl.Trainer") -> None:
+        super().setup(trainer)
+        self._setup_exchange(trainer)
+
+    def teardown(self) -> None:
+        self._close_exchange()
+        super().teardown()
