@@ -164,7 +164,9 @@ class ImageClassifier(pl.LightningModule):
         if hp.lr_schedule == "constant" and not hp.warmup_epochs and not hp.warmup_steps:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
-        per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
+        batches = self.trainer.num_training_batches
+        # an iterable without len() has no epoch length: epochs-based settings then count the whole run
+        per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)) if math.isfinite(batches) else total
         warmup = int(round(hp.warmup_epochs * per_epoch)) + int(hp.warmup_steps)
         milestones = [int(m) * per_epoch for m in hp.lr_milestones]
 

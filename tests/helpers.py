@@ -1,0 +1,32 @@
+"""Small shared helpers for the Lightning-level tests."""
+
+import torch
+
+import pytorch_lightning as pl
+from lightning_asyncpred import DigitsDataModule, ImageClassifier
+
+
+def trainer(tmp_path, callbacks=(), **kwargs):
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=12,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        default_root_dir=str(tmp_path),
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **defaults)
+
+
+def model_and_data(lr=0.1, momentum=0.0, batch_size=16, **kwargs):
+    torch.manual_seed(0)
+    return ImageClassifier(arch="digits_cnn", lr=lr, momentum=momentum, **kwargs), DigitsDataModule(batch_size=batch_size)
+
+
+def real_params(module):
+    return [p.detach().clone() for p in module.parameters()]

@@ -1,0 +1,204 @@
+"""LinearPrediction and StalenessMonitor inside real Lightning fits."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+from lightning_asyncpred import ImageClassifier, LinearPrediction, SimulatedAsyncStrategy, StalenessMonitor
+from tests.helpers import model_and_data, real_params, trainer
+
+
+class Probe(Callback):
+    """Placed after LinearPrediction: checks what the model holds at each point of a step."""
+
+    def __init__(self, lp):
+        self.lp = lp
+        self.predicted_differs = 0
+        self.steps = []
+        self.val_predicted = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.real = [p.clone() for p in self.lp.predictor.real_parameters()]
+        now = real_params(pl_module)
+        if any(not torch.equal(a, b) for a, b in zip(now, self.real)):
+            self.predicted_differs += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # the optimizer sees the real parameters, with the gradient computed at the predicted ones
+        assert not self.lp.predictor.is_predicted
+        self.before = real_params(pl_module)
+        self.grad = [p.grad.clone() for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        assert not self.lp.predictor.is_predicted
+        self.steps.append((self.real, getattr(self, "before", None), getattr(self, "grad", None), real_params(pl_module)))
+        self.before = self.grad = None
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.val_predicted.append(self.lp.predictor.is_predicted)
+
+
+def test_optimizer_updates_real_parameters_and_gradient_is_taken_at_prediction(tmp_path):
+    lr = 0.1
+    model, data = model_and_data(lr=lr, momentum=0.0)
+    lp = LinearPrediction(horizon="auto", log_every_n_steps=1)
+    probe = Probe(lp)
+    t = trainer(tmp_path, [lp, probe], strategy=SimulatedAsyncStrategy(staleness=2), max_steps=12, val_check_interval=5)
+    t.fit(model, data)
+    assert probe.predicted_differs >= 8  # w_hat != w_t once a velocity exists
+    updated = 0
+    for real, before, grad, after in probe.steps:
+        if before is None:  # nothing ready yet: no update
+            assert all(torch.equal(a, b) for a, b in zip(after, real))
+            continue
+        updated += 1
+        assert all(torch.equal(a, b) for a, b in zip(before, real))  # stepped from the real w_t
+        for a, b, g in zip(after, real, grad):
+            torch.testing.assert_close(a, b - lr * g, rtol=1e-5, atol=1e-7)
+    assert updated == 10
+    assert probe.val_predicted and not any(probe.val_predicted)
+    assert lp.error_ratios and all(r >= 0 for r in lp.error_ratios)
+
+
+def test_checkpoints_hold_real_parameters(tmp_path):
+    model, data = model_and_data(lr=0.05, momentum=0.9)
+    lp = LinearPrediction(horizon=3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, save_on_train_epoch_end=False)
+    starts = {}
+
+    class AtStart(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            starts[trainer.global_step] = [p.clone() for p in lp.predictor.real_parameters()]
+            starts[f"pred{trainer.global_step}"] = real_params(pl_module)
+
+    t = trainer(tmp_path, [lp, AtStart(), ckpt], strategy=SimulatedAsyncStrategy(staleness=3), max_steps=13,
+                enable_checkpointing=True, limit_val_batches=0)
+    t.fit(model, data)
+    files = sorted(os.listdir(tmp_path / "ckpt"))
+    assert len(files) == 3
+    names = [n for n, _ in model.named_parameters()]
+    for f in files:
+        state = torch.load(tmp_path / "ckpt" / f, weights_only=False)
+        step = state["global_step"]
+        saved = [state["state_dict"][n] for n in names]
+        # what the checkpoint holds is exactly what the next step starts from (drained real params)
+        assert all(torch.equal(a, b) for a, b in zip(saved, starts[step]))
+        assert not all(torch.equal(a, b) for a, b in zip(saved, starts[f"pred{step}"]))
+        assert "LinearPrediction" in str(state["callbacks"].keys())
+
+
+def test_checkpoint_saved_inside_training_step_holds_real_parameters(tmp_path):
+    lp = LinearPrediction(horizon=4)
+    seen = {}
+
+    class SavesMidStep(ImageClassifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            if batch_idx == 6:
+                assert lp.predictor.is_predicted
+                seen["real"] = [p.clone() for p in lp.predictor.real_parameters()]
+                seen["pred"] = real_params(self)
+                self.trainer.save_checkpoint(tmp_path / "mid.ckpt")
+            return loss
+
+    torch.manual_seed(0)
+    model = SavesMidStep(arch="digits_cnn", lr=0.05)
+    _, data = model_and_data()
+    t = trainer(tmp_path, [lp], strategy=SimulatedAsyncStrategy(staleness=0), max_steps=8, limit_val_batches=0)
+    t.fit(model, data)
+    state = torch.load(tmp_path / "mid.ckpt", weights_only=False)["state_dict"]
+    saved = [state[n] for n, _ in model.named_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(saved, seen["real"]))
+    assert not all(torch.equal(a, b) for a, b in zip(saved, seen["pred"]))
+
+
+def test_exception_restores_real_parameters(tmp_path):
+    lp = LinearPrediction(horizon=4)
+    seen = {}
+
+    class Fails(ImageClassifier):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 5:
+                seen["real"] = [p.clone() for p in lp.predictor.real_parameters()]
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    model = Fails(arch="digits_cnn", lr=0.05)
+    _, data = model_and_data()
+    t = trainer(tmp_path, [lp], strategy=SimulatedAsyncStrategy(staleness=2), max_steps=8, limit_val_batches=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        t.fit(model, data)
+    assert not lp.predictor.is_predicted
+    assert all(torch.equal(a, b) for a, b in zip(real_params(model), seen["real"]))
+
+
+def test_auto_horizon_needs_an_async_strategy(tmp_path):
+    model, data = model_and_data()
+    t = trainer(tmp_path, [LinearPrediction(horizon="auto")], strategy="auto", max_steps=2)
+    with pytest.raises(ValueError, match="needs a strategy that reports expected_staleness .* SingleDeviceStrategy"):
+        t.fit(model, data)
+
+
+def test_fixed_horizon_works_under_any_strategy(tmp_path):
+    model, data = model_and_data()
+    lp = LinearPrediction(horizon=2, log_every_n_steps=2)
+    t = trainer(tmp_path, [lp], strategy="auto", max_steps=10, limit_val_batches=0)
+    t.fit(model, data)
+    assert lp.predictor.updates == 10 and lp.error_ratios
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"horizon": "soon"}, "horizon must be 'auto' or a number >= 0, got 'soon'"),
+        ({"horizon": -1}, "horizon must be 'auto' or a number >= 0, got -1"),
+        ({"velocity": "adam"}, "unknown velocity mode 'adam'"),
+        ({"log_every_n_steps": 0}, "log_every_n_steps must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LinearPrediction(**kwargs)
+
+
+def test_staleness_monitor_logs_and_plots(tmp_path):
+    from pytorch_lightning.loggers import CSVLogger
+
+    model, data = model_and_data()
+    mon = StalenessMonitor(log_every_n_steps=2)
+    t = trainer(tmp_path, [LinearPrediction(log_every_n_steps=2), mon], strategy=SimulatedAsyncStrategy(staleness="uniform:1:3"),
+                max_steps=10, logger=CSVLogger(tmp_path), log_every_n_steps=2, limit_val_batches=0)
+    t.fit(model, data)
+    assert mon.written_plot and os.path.getsize(mon.written_plot) > 1000
+    with open(os.path.join(t.logger.log_dir, "metrics.csv")) as f:
+        header = f.readline()
+    for key in ("staleness/mean", "staleness/in_flight", "prediction/horizon"):
+        assert key in header
+
+
+def test_staleness_monitor_rejects_plain_strategy(tmp_path):
+    model, data = model_and_data()
+    t = trainer(tmp_path, [StalenessMonitor()], strategy="auto", max_steps=2)
+    with pytest.raises(ValueError, match="StalenessMonitor needs an async_pred strategy"):
+        t.fit(model, data)
+
+
+def test_cli_fit_smoke(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [
+        sys.executable, "-m", "lightning_asyncpred.cli", "fit", "--config", os.path.join(root, "recipes", "digits_sim.yaml"),
+        "--trainer.max_steps", "30", "--trainer.max_epochs", "-1", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "strategy: SimulatedAsyncStrategy" in out.stdout
+    assert "test: test/acc1" in out.stdout
+    assert "staleness: mean 3." in out.stdout  # staleness 4 in steady state, less for the last drained ones
+    assert os.path.exists(tmp_path / "staleness.png")

@@ -1,0 +1,129 @@
+"""LinearPredictor: exactness, warm-up, error ratio, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_asyncpred.prediction import LinearPredictor
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+
+
+def test_exact_on_constant_velocity_trajectory():
+    params = _params()
+    w0 = [p.clone() for p in params]
+    v = [torch.full_like(p, 0.25) for p in params]
+    pred = LinearPredictor(params)
+    for t in range(1, 6):  # w_t = w_0 + t v
+        for p, a, b in zip(params, w0, v):
+            p.copy_(a + t * b)
+        pred.observe()
+    pred.predict_(horizon=3)
+    assert pred.is_predicted
+    for p, a, b in zip(params, w0, v):
+        torch.testing.assert_close(p, a + 8 * b)  # w_5 + 3 v = w_8
+    assert pred.restore_() is True
+    for p, a, b in zip(params, w0, v):
+        torch.testing.assert_close(p, a + 5 * b, rtol=0, atol=0)
+    assert pred.restore_() is False  # idempotent
+
+
+def test_ema_velocity_converges_to_constant_velocity():
+    params = _params()
+    pred = LinearPredictor(params, velocity="ema", ema_decay=0.5)
+    for _ in range(40):
+        for p in params:
+            p.add_(0.1)
+        pred.observe()
+    for v in pred.velocity:
+        torch.testing.assert_close(v, torch.full_like(v, 0.1), rtol=1e-5, atol=1e-6)
+
+
+def test_warmup_ramps_gamma_from_zero_to_one():
+    params = [torch.zeros(2)]
+    pred = LinearPredictor(params, warmup_steps=4)
+    assert pred.gamma() == 0.0
+    for t in range(1, 7):
+        params[0].add_(1.0)
+        pred.observe()
+        assert pred.gamma() == pytest.approx(min(1.0, t / 4))
+    pred.predict_(2)
+    torch.testing.assert_close(params[0], torch.full((2,), 6.0 + 2.0))
+
+
+def test_error_ratio_below_one_on_smooth_trajectory():
+    params = [torch.zeros(50)]
+    x = torch.linspace(0, 1, 50)
+
+    def w(t):  # smooth curved trajectory, decelerating like SGD near a minimum
+        return torch.sin(x + 0.05 * t) * (1 - math.exp(-0.02 * (t + 1)))
+
+    params[0].copy_(w(0))
+    pred = LinearPredictor(params)
+
+    ratios = []
+    for t in range(1, 80):
+        if t > 1 and pred._probe is None:  # once a velocity exists
+            pred.predict_(4, probe=True)
+            pred.restore_()
+        params[0].copy_(w(t))
+        pred.observe()
+        if pred.last_error_ratio is not None:
+            ratios.append(pred.last_error_ratio)
+            pred.last_error_ratio = None
+    assert len(ratios) > 5
+    assert max(ratios) < 1.0, ratios
+    assert sum(ratios) / len(ratios) < 0.5, ratios
+
+
+def test_error_ratio_above_one_when_prediction_points_the_wrong_way():
+    params = [torch.zeros(4)]
+    pred = LinearPredictor(params)
+    params[0].add_(1.0)
+    pred.observe()  # v = +1
+    pred.predict_(2, probe=True)
+    pred.restore_()
+    for _ in range(2):  # the trajectory turns around
+        params[0].sub_(1.0)
+        pred.observe()
+    assert pred.last_error_ratio == pytest.approx(4.0 / 2.0)  # |1+2-(-1)| / |1-(-1)|
+
+
+def test_only_given_parameters_are_touched():
+    layer = torch.nn.BatchNorm1d(3)
+    layer.running_mean.fill_(1.0)
+    pred = LinearPredictor([p for p in layer.parameters()])
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    pred.observe()
+    pred.predict_(5)
+    assert torch.equal(layer.running_mean, torch.ones(3))
+    pred.restore_()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"velocity": "momentum"}, "unknown velocity mode 'momentum'"),
+        ({"ema_decay": 1.0}, "ema_decay must be in"),
+        ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0, got -1"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LinearPredictor(_params(), **kwargs)
+
+
+def test_bad_horizon_and_double_predict():
+    pred = LinearPredictor(_params())
+    with pytest.raises(ValueError, match="horizon must be a finite number >= 0, got -1"):
+        pred.predict_(-1)
+    pred.predict_(1)
+    with pytest.raises(RuntimeError, match="twice"):
+        pred.predict_(1)
+    with pytest.raises(RuntimeError, match="restore_"):
+        pred.observe()
