@@ -35,5 +35,6 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 
 
 from lightning_asyncpred.models import digits  # noqa: E402,F401  (registers digits_cnn)
+from lightning_asyncpred.models import googlenet, nin, resnet  # noqa: E402,F401  (register googlenet, nin, resnet*)
 
 __all__ = ["available_models", "create_model", "register_model"]

@@ -1,0 +1,221 @@
+"""NVIDIA DALI pipelines for ImageNet-style folders and a loader that Lightning can iterate.
+
+Needs the ``[dali]`` extra (``pip install -e .[dali]``, i.e. ``nvidia-dali-cuda120``). Nothing here imports
+DALI at module import time; :func:`require_dali` gives the install hint.
+
+* train: ``fn.readers.file`` (global shuffle each epoch, sharded, ``pad_last_batch``) ->
+  ``fn.decoders.image_random_crop`` (area 0.08-1, aspect 3/4-4/3) -> ``fn.resize`` to ``image_size`` ->
+  ``fn.crop_mirror_normalize`` (flip p=0.5, ImageNet mean/std, CHW float32).
+* val: ``fn.decoders.image`` -> ``fn.resize(resize_shorter=val_resize)`` -> center crop ``image_size`` ->
+  normalize.
+* ``device="gpu"``: ``mixed`` decoding (nvJPEG) on GPU ``device_id``, the rest on the GPU;
+  ``device="cpu"``: everything on the CPU, pipeline built with ``device_id=None``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+
+from lightning_asyncpred.data.folder import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, find_undecodable
+
+DALI_INSTALL_HINT = (
+    "backend='dali' needs NVIDIA DALI, which is not installed: install the extra with "
+    "`pip install -e .[dali]` (or `pip install nvidia-dali-cuda120`), or use --data.backend torchvision"
+)
+READER_NAME = "Reader"
+
+
+def require_dali() -> None:
+    """Raise ``ImportError`` with the install command when DALI is missing."""
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(DALI_INSTALL_HINT) from exc
+
+
+def dali_available() -> bool:
+    try:
+        require_dali()
+    except ImportError:
+        return False
+    return True
+
+
+def build_pipeline(
+    files: Sequence[str],
+    labels: Sequence[int],
+    *,
+    train: bool,
+    batch_size: int,
+    num_threads: int,
+    device: str,
+    device_id: Optional[int],
+    shard_id: int,
+    num_shards: int,
+    image_size: int,
+    val_resize: int,
+    seed: int,
+) -> Any:
+    """Build (and return) the train or val DALI pipeline over ``files`` with ``labels``."""
+    require_dali()
+    from nvidia.dali import fn, pipeline_def, types
+
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"DALI device must be 'cpu' or 'gpu', got {device!r}")
+    decoder_device = "mixed" if device == "gpu" else "cpu"
+    # DeepLearningExamples' pre-allocation hints for nvJPEG (only meaningful for mixed decoding)
+    decoder_kwargs: dict[str, Any] = (
+        {"device_memory_padding": 211025920, "host_memory_padding": 140544512} if device == "gpu" else {}
+    )
+    mean = [255.0 * m for m in IMAGENET_MEAN]
+    std = [255.0 * s for s in IMAGENET_STD]
+
+    @pipeline_def(enable_conditionals=False)
+    def pipeline():
+        jpegs, label = fn.readers.file(
+            files=list(files),
+            labels=list(labels),
+            name=READER_NAME,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            pad_last_batch=True,
+            # a new global permutation every epoch; identical on every shard (same seed), so the shards
+            # partition it: each sample once per epoch over all ranks
+            shuffle_after_epoch=train,
+            random_shuffle=False,
+            seed=seed,
+        )
+        if train:
+            images = fn.decoders.image_random_crop(
+                jpegs,
+                device=decoder_device,
+                output_type=types.RGB,
+                random_area=[0.08, 1.0],
+                random_aspect_ratio=[3 / 4, 4 / 3],
+                num_attempts=100,
+                **decoder_kwargs,
+            )
+            images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR, antialias=True)
+            mirror = fn.random.coin_flip(probability=0.5)
+            crop: Optional[tuple[int, int]] = None
+        else:
+            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **decoder_kwargs)
+            images = fn.resize(images, resize_shorter=val_resize, interp_type=types.INTERP_LINEAR, antialias=True)
+            mirror = 0
+            crop = (image_size, image_size)
+        images = fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            crop=crop,
+            crop_pos_x=0.5,
+            crop_pos_y=0.5,
+            mean=mean,
+            std=std,
+            mirror=mirror,
+        )
+        return images, label
+
+    pipe = pipeline(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id if device == "gpu" else None,
+        seed=seed,
+        exec_dynamic=True,
+    )
+    pipe.build()
+    return pipe
+
+
+_FILE_IN_MESSAGE = re.compile(r"Failed to decode sample[^:]*:\s*(\S+)")
+
+
+class DALILoader:
+    """Iterate a DALI pipeline as ``(images, labels)`` tuples (labels ``torch.long`` of shape ``(N,)``).
+
+    ``len()`` is the number of batches of this shard per epoch (``reader_name`` + ``pad_last_batch``: the
+    same on every shard; the last batch is partial and holds no padding samples). ``iter()`` starts a new
+    epoch. If the previous epoch was left unfinished (Lightning's sanity check, ``limit_*_batches``), the
+    pipeline is rebuilt instead of resuming mid-epoch (the next seed is used, the same on all ranks).
+
+    A decode error inside the pipeline is re-raised as :class:`CorruptImageError` that names the file: from
+    DALI's message when it names it, else by decoding this shard's files with PIL to find it.
+    """
+
+    def __init__(self, build: Callable[[int], Any], files: Sequence[str], batch_size: int, num_threads: int = 2) -> None:
+        self._build = build
+        self._files = list(files)
+        self._batch_size = batch_size
+        self._num_threads = num_threads
+        self._iterator: Any = None
+        self._pipe: Any = None
+        self._builds = 0
+        self._mid_epoch = False
+        self._start()
+
+    def _start(self) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self.close()
+        self._pipe = self._build(self._builds)
+        self._builds += 1
+        self._iterator = DALIGenericIterator(
+            self._pipe,
+            ["images", "labels"],
+            reader_name=READER_NAME,
+            last_batch_policy=LastBatchPolicy.PARTIAL,
+            auto_reset=True,
+            prepare_first_batch=False,
+        )
+        self._mid_epoch = False
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def rebuilds(self) -> int:
+        """How many times the pipeline was rebuilt after an unfinished epoch."""
+        return self._builds - 1
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._iterator is None or self._mid_epoch:
+            self._start()
+        self._mid_epoch = True
+        while True:
+            try:
+                out = next(self._iterator)
+            except StopIteration:
+                self._mid_epoch = False
+                return
+            except RuntimeError as exc:
+                self._mid_epoch = True
+                raise self._corrupt_error(exc) from exc
+            data = out[0]
+            yield data["images"], data["labels"].reshape(-1).long()
+
+    def _corrupt_error(self, exc: RuntimeError) -> Exception:
+        message = str(exc)
+        if "decode" not in message.lower() and "nvImageCodec" not in message:
+            return exc
+        match = _FILE_IN_MESSAGE.search(message)
+        if match:
+            return CorruptImageError(f"DALI cannot decode image file {match.group(1)} (remove or replace it):\n{message}")
+        problems = find_undecodable(self._files, self._num_threads)
+        if problems:
+            return CorruptImageError(
+                "DALI failed to decode an image; PIL cannot decode these file(s) of this shard (remove or replace "
+                "them):\n  " + "\n  ".join(problems[:20]) + f"\nDALI said:\n{message}"
+            )
+        return CorruptImageError(f"DALI failed to decode an image of this shard (PIL decodes all of them):\n{message}")
+
+    def close(self) -> None:
+        self._iterator = None
+        self._pipe = None

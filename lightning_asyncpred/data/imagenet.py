@@ -1,0 +1,224 @@
+"""``ImageNetDataModule``: ImageNet-layout folders through NVIDIA DALI (GPU or CPU-only) or torchvision."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch.utils.data import DataLoader
+
+import pytorch_lightning as pl
+from lightning_asyncpred.data import dali as dali_backend
+from lightning_asyncpred.data.folder import (
+    VERIFY_MODES,
+    ImageFolderLayout,
+    ScannedImageFolder,
+    scan_layout,
+    train_transform,
+    val_transform,
+    verify_images,
+)
+
+BACKENDS = ("dali", "torchvision")
+DALI_DEVICES = ("auto", "gpu", "cpu")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+class ImageNetDataModule(pl.LightningDataModule):
+    """ImageNet (or any folder in its layout): ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``.
+
+    Labels are the class folders' indices in sorted order (as ``torchvision.datasets.ImageFolder``). The val
+    split serves ``validate``, ``test`` and ``predict``.
+
+    Args:
+        root: the folder holding ``train/`` and ``val/``.
+        backend: ``"dali"`` (needs ``pip install -e .[dali]``) or ``"torchvision"`` (``DataLoader`` with
+            ``num_threads`` worker processes; Lightning adds the ``DistributedSampler`` in distributed runs).
+        dali_device: ``"gpu"`` (``mixed`` nvJPEG decoding on the rank's local GPU), ``"cpu"`` (CPU-only
+            pipeline, ``device_id=None``) or ``"auto"`` (GPU when the trainer runs on CUDA, else CPU).
+        batch_size: per-device (per-rank) batch size; ``val_batch_size`` defaults to it.
+        num_threads: DALI CPU threads, or DataLoader workers for torchvision.
+        image_size: training crop and val center-crop side (224).
+        val_resize: the val shorter side before the center crop (256).
+        verify_images: up-front check of the files with PIL, so that an unreadable file is named before
+            training starts: ``"header"`` (default; ``Image.verify()``), ``"full"`` (decode everything) or
+            ``"none"``. Each rank checks ``1/world_size`` of the files. Decode errors during training are
+            also reported with the file's name (see ``data/folder.py`` and ``data/dali.py``).
+        seed: the DALI shuffling seed; must be the same on every rank (the shards partition one permutation).
+        pin_memory: torchvision backend only.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        backend: str = "dali",
+        dali_device: str = "auto",
+        batch_size: int = 256,
+        val_batch_size: Optional[int] = None,
+        num_threads: int = 4,
+        image_size: int = 224,
+        val_resize: int = 256,
+        verify_images: str = "header",
+        seed: int = 0,
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if dali_device not in DALI_DEVICES:
+            raise ValueError(f"dali_device must be one of {', '.join(DALI_DEVICES)}, got {dali_device!r}")
+        if verify_images not in VERIFY_MODES:
+            raise ValueError(f"verify_images must be one of {', '.join(VERIFY_MODES)}, got {verify_images!r}")
+        for name, value in (("batch_size", batch_size), ("num_threads", num_threads), ("image_size", image_size), ("val_resize", val_resize)):
+            _positive_int(name, value)
+        if val_batch_size is not None:
+            _positive_int("val_batch_size", val_batch_size)
+        if val_resize < image_size:
+            raise ValueError(f"val_resize ({val_resize}) must be >= image_size ({image_size}) for the center crop")
+        if backend == "dali":
+            dali_backend.require_dali()
+        self.save_hyperparameters()
+        self.root = root
+        self.backend = backend
+        self.dali_device = dali_device
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_threads = num_threads
+        self.image_size = image_size
+        self.val_resize = val_resize
+        self.verify_images = verify_images
+        self.seed = seed
+        self.pin_memory = pin_memory
+        self.layout: Optional[ImageFolderLayout] = None
+        self._loaders: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ topology
+    def _topology(self) -> tuple[int, int, int]:
+        """``(global_rank, world_size, local_rank)`` from the attached trainer, else ``(0, 1, 0)``."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1, 0
+        return trainer.global_rank, trainer.world_size, trainer.local_rank
+
+    def resolved_dali_device(self) -> str:
+        """``"gpu"`` or ``"cpu"``: what ``dali_device`` means for the attached trainer and this machine."""
+        import torch
+
+        if self.dali_device == "cpu":
+            return "cpu"
+        if self.dali_device == "gpu":
+            if not torch.cuda.is_available():
+                raise RuntimeError("dali_device='gpu' but no CUDA GPU is available; use dali_device='cpu' or 'auto'")
+            return "gpu"
+        trainer = self.trainer
+        on_cuda = torch.cuda.is_available()
+        if trainer is not None:
+            from pytorch_lightning.accelerators import CUDAAccelerator
+
+            on_cuda = on_cuda and isinstance(trainer.accelerator, CUDAAccelerator)
+        return "gpu" if on_cuda else "cpu"
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """Number of classes found (``None`` before ``setup``)."""
+        return None if self.layout is None else self.layout.num_classes
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.layout is None:
+            self.layout = scan_layout(self.root)
+            rank, world, _ = self._topology()
+            files = self.layout.train.files + self.layout.val.files
+            verify_images(files[rank::world], self.verify_images, self.num_threads)
+        self._check_model_classes()
+        wanted = ["train", "val"] if stage in (None, "fit") else ["val"]
+        for split in wanted:
+            if split not in self._loaders:
+                self._loaders[split] = self.build_loader(split)
+
+    def _check_model_classes(self) -> None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        model_classes = getattr(getattr(module, "hparams", None), "num_classes", None)
+        found = self.layout.num_classes
+        if isinstance(model_classes, int) and model_classes < found:
+            raise ValueError(
+                f"the data under {self.root!r} has {found} classes but the model has num_classes={model_classes}; "
+                f"set --model.num_classes {found}"
+            )
+
+    def build_loader(self, split: str, shard_id: Optional[int] = None, num_shards: Optional[int] = None) -> Any:
+        """The loader of ``split`` (``"train"``/``"val"``) for shard ``shard_id`` of ``num_shards``.
+
+        Defaults: the trainer's global rank and world size (DALI shards itself; for torchvision Lightning adds
+        the ``DistributedSampler``, so the returned DataLoader covers the whole split).
+        """
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if self.layout is None:
+            self.layout = scan_layout(self.root)
+        rank, world, local_rank = self._topology()
+        shard_id = rank if shard_id is None else shard_id
+        num_shards = world if num_shards is None else num_shards
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id must be in [0, {num_shards}), got {shard_id}")
+        data = self.layout.train if split == "train" else self.layout.val
+        train = split == "train"
+        batch = self.batch_size if train else self.val_batch_size
+        if self.backend == "torchvision":
+            transform = train_transform(self.image_size) if train else val_transform(self.image_size, self.val_resize)
+            dataset = ScannedImageFolder(data, self.layout.classes, transform=transform)
+            return DataLoader(
+                dataset,
+                batch_size=batch,
+                shuffle=train,
+                num_workers=self.num_threads,
+                pin_memory=self.pin_memory,
+                persistent_workers=self.num_threads > 0,
+                drop_last=False,
+            )
+        device = self.resolved_dali_device()
+        files, labels = data.files, data.labels
+
+        def build(generation: int) -> Any:
+            return dali_backend.build_pipeline(
+                files,
+                labels,
+                train=train,
+                batch_size=batch,
+                num_threads=self.num_threads,
+                device=device,
+                device_id=local_rank if device == "gpu" else None,
+                shard_id=shard_id,
+                num_shards=num_shards,
+                image_size=self.image_size,
+                val_resize=self.val_resize,
+                seed=self.seed + 1000 * generation,
+            )
+
+        return dali_backend.DALILoader(build, files, batch_size=batch, num_threads=self.num_threads)
+
+    def train_dataloader(self) -> Any:
+        if "train" not in self._loaders:
+            self.setup("fit")
+        return self._loaders["train"]
+
+    def val_dataloader(self) -> Any:
+        if "val" not in self._loaders:
+            self.setup("validate")
+        return self._loaders["val"]
+
+    def test_dataloader(self) -> Any:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> Any:
+        return self.val_dataloader()
+
+    def teardown(self, stage: Optional[str] = None) -> None:
+        for loader in self._loaders.values():
+            close = getattr(loader, "close", None)
+            if close is not None:
+                close()
+        self._loaders.clear()
