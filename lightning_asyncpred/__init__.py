@@ -11,12 +11,18 @@ from lightning_asyncpred.prediction import LinearPredictor
 from lightning_asyncpred.registry import register_strategies
 from lightning_asyncpred.staleness import BoundedStalenessQueue, StalenessStats, parse_staleness
 from lightning_asyncpred.strategies import SimulatedAsyncStrategy
+from lightning_asyncpred.strategies import AsyncPredStrategy, ModelMismatchError
+from lightning_asyncpred.exchange import AllReduceExchange, PeerLostError
 
 __version__ = "0.1.0"
 
 register_strategies()
 
 __all__ = [
+    "AllReduceExchange",
+    "AsyncPredStrategy",
+    "ModelMismatchError",
+    "PeerLostError",
     "BoundedStalenessQueue",
     "DigitsDataModule",
     "ImageClassifier",

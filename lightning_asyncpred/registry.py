@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from pytorch_lightning.strategies import StrategyRegistry
 
-from lightning_asyncpred.strategies import SimulatedAsyncStrategy
+from lightning_asyncpred.strategies import AsyncPredStrategy, SimulatedAsyncStrategy
 
 _STRATEGIES = {
     "async_pred_sim": (SimulatedAsyncStrategy, "one device, simulated asynchronous staleness (lightning-asyncpred)", {}),
+    "async_pred_allreduce": (
+        AsyncPredStrategy,
+        "multi-process asynchronous SGD, stale-synchronous all_reduce transport (lightning-asyncpred)",
+        {"transport": "allreduce"},
+    ),
+    # alias until the point-to-point transport exists
+    "async_pred": (
+        AsyncPredStrategy,
+        "multi-process asynchronous SGD (lightning-asyncpred); currently the all_reduce transport",
+        {"transport": "allreduce"},
+    ),
 }
 
 

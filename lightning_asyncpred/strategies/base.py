@@ -10,9 +10,16 @@ Per optimizer step (``strategy.optimizer_step``):
    the optimizer all run as usual), with a closure that returns the result of step 1.
 
 If nothing is ready, no update is made this step. Results that become ready at the same step are summed
-into one update, so every submitted gradient contributes exactly once. A non-finite local gradient under
-a GradScaler is not submitted: it stays in ``.grad`` so the scaler skips the step and lowers the scale
-exactly as without this strategy.
+into one update, so every submitted gradient contributes exactly once.
+
+Non-finite gradients under a GradScaler: a one-process transport (``_submit_nonfinite = False``) does not
+submit a non-finite local gradient; it stays in ``.grad`` so the scaler skips the step and lowers the
+scale exactly as without this strategy. A collective transport (``_submit_nonfinite = True``) must submit
+on every rank at every step (collectives are matched in program order), so it submits it: the reduced
+gradient is then non-finite on every rank, and when it is applied every rank's scaler skips that step and
+lowers the scale identically (as DDP does).
+
+Checkpoints carry the strategy's counters and staleness histogram under ``checkpoint["async_pred"]``.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class AsyncUpdateMixin:
     """
 
     exchange: Optional[Exchange]
+    _submit_nonfinite: bool = False
 
     def _init_async(self, bucket_cap_mb: float) -> None:
         if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
@@ -50,6 +58,7 @@ class AsyncUpdateMixin:
         self.applied_steps = 0  # optimizer steps taken with them
         self.local_steps = 0
         self._last_staleness: Optional[int] = None
+        self._pending_async_state: Optional[dict[str, Any]] = None
 
     # ----------------------------------------------------------- to implement
     def _create_exchange(self) -> Exchange:  # pragma: no cover - abstract
@@ -89,6 +98,9 @@ class AsyncUpdateMixin:
         params = [p for group in self._optimizer.param_groups for p in group["params"] if p.requires_grad]
         self._buckets = GradientBuckets(params, self.bucket_cap_mb)
         self.exchange = self._create_exchange()
+        if self._pending_async_state is not None:
+            self.exchange.stats.load_state_dict(self._pending_async_state.get("staleness", {}))
+            self._pending_async_state = None
 
     def _close_exchange(self) -> None:
         if getattr(self, "exchange", None) is not None:
@@ -114,11 +126,13 @@ class AsyncUpdateMixin:
             )
         model = model or self.lightning_module
         closure_result = closure()
-        if closure_result is None and model.automatic_optimization:
+        if closure_result is None and model.automatic_optimization and not self._submit_nonfinite:
             return None  # training_step returned None: Lightning skips the step
+        # (a collective transport still submits, whatever .grad holds: every rank must issue the same
+        # collectives in the same order, or the peers would wait forever)
         scale = self._loss_scale()
         local = self._buckets.flatten_grads(1.0 / scale)
-        if scale != 1.0 and not all(torch.isfinite(b).all() for b in local):
+        if not self._submit_nonfinite and scale != 1.0 and not all(torch.isfinite(b).all() for b in local):
             # let the GradScaler see the overflow in .grad and skip/lower the scale like DDP would
             return self.precision_plugin.optimizer_step(optimizer, model=model, closure=lambda: closure_result, **kwargs)
         self.exchange.submit(self.local_steps, local)
@@ -159,6 +173,36 @@ class AsyncUpdateMixin:
         self._apply(optimizer, model, ready, closure_result=torch.zeros(()), scale=self._loss_scale())
         log.debug("drained and applied %d gradients", len(ready))
         return len(ready)
+
+    # ------------------------------------------------------------ checkpoint
+    def async_state_dict(self) -> dict[str, Any]:
+        """Counters and staleness histogram (saved under ``checkpoint["async_pred"]``)."""
+        return {
+            "applied_updates": self.applied_updates,
+            "applied_steps": self.applied_steps,
+            "local_steps": self.local_steps,
+            "last_staleness": self._last_staleness,
+            "staleness": self.staleness_stats.state_dict(),
+        }
+
+    def load_async_state_dict(self, state: dict[str, Any]) -> None:
+        self.applied_updates = int(state.get("applied_updates", 0))
+        self.applied_steps = int(state.get("applied_steps", 0))
+        self.local_steps = int(state.get("local_steps", 0))
+        self._last_staleness = state.get("last_staleness")
+        if self.exchange is not None:
+            self.exchange.stats.load_state_dict(state.get("staleness", {}))
+        else:
+            self._pending_async_state = state
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        checkpoint["async_pred"] = self.async_state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        super().load_model_state_dict(checkpoint, strict=strict)  # type: ignore[misc]
+        if "async_pred" in checkpoint:
+            self.load_async_state_dict(checkpoint["async_pred"])
 
     # ------------------------------------------------------- lightning hooks
     def lightning_module_state_dict(self) -> dict[str, Tensor]:

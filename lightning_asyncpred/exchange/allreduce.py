@@ -1,0 +1,258 @@
+"""Stale-synchronous transport: one ``all_reduce(async_op=True)`` per gradient bucket (pure torch, no Lightning).
+
+Every rank submits its local gradient ``g_t^{(r)}`` at every step ``t``; the exchange issues
+``all_reduce(g_t^{(r)} / N)`` on each flat bucket without waiting, so the reduction of step ``t`` runs
+in the background while the ranks compute steps ``t + 1, t + 2, ...``. Collectives are issued in program
+order on every rank, so they are safe beside Lightning's own collectives on the same process group.
+
+Modes:
+
+- ``fixed``: the mean gradient ``(1/N) sum_r g_t^{(r)}`` submitted at step ``t`` is handed out at step
+  ``t + s`` (``s = max_staleness``), i.e. step ``t`` applies the reduction of step ``t - s`` and the first
+  ``s`` steps apply nothing. Every result has staleness exactly ``s``, every rank applies the same
+  reductions at the same steps, so replicas stay bit-identical. ``s = 0`` is synchronous SGD.
+- ``eager``: a reduction is handed out as soon as it has completed (polled with ``Work.is_completed()``),
+  and at the latest ``s`` steps after its submission (the bound). Only where completion can be polled
+  (NCCL): Gloo's ``Work.is_completed()`` stays ``False`` until ``wait()``, so Gloo only runs ``fixed``.
+  Replicas may differ slightly in eager mode (ranks may apply a reduction at different steps).
+
+Every wait on a peer has a timeout. When a wait fails or times out, :class:`PeerMonitor` (one heartbeat
+counter per rank in the c10d store, bumped by a daemon thread) finds which ranks stopped beating, and a
+:class:`PeerLostError` naming them is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_asyncpred.exchange.base import Exchange, ReadyGradient
+from lightning_asyncpred.staleness import BoundedStalenessQueue, Released
+
+log = logging.getLogger(__name__)
+
+MODES = ("fixed", "eager")
+TimeoutSpec = Union[timedelta, int, float]
+
+
+def check_mode(mode: Any, backend: Optional[str] = None) -> str:
+    """Validate an allreduce ``mode`` (and, when known, that ``backend`` supports it). Returns the mode."""
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"unknown allreduce mode {mode!r}; allowed: {', '.join(repr(m) for m in MODES)}")
+    if mode == "eager" and backend is not None and "nccl" not in str(backend).lower():
+        raise ValueError(
+            f"mode='eager' needs a backend whose Work completion can be polled (NCCL), but the process group "
+            f"backend is {backend!r}: Gloo reports completion only after wait(). Use mode='fixed' with {backend!r}"
+        )
+    return mode
+
+
+def to_timedelta(timeout: TimeoutSpec, what: str = "timeout") -> timedelta:
+    """``timeout`` as a positive ``timedelta`` (numbers are seconds)."""
+    if isinstance(timeout, timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+    else:
+        raise ValueError(f"{what} must be a number of seconds > 0 or a datetime.timedelta, got {timeout!r}")
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError(f"{what} must be a number of seconds > 0 or a datetime.timedelta, got {timeout!r}")
+    return timedelta(seconds=seconds)
+
+
+class PeerLostError(RuntimeError):
+    """A peer rank stopped responding (killed, crashed or hung). ``lost_ranks`` names it/them."""
+
+    def __init__(self, message: str, lost_ranks: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.lost_ranks = list(lost_ranks)
+
+
+class PeerMonitor:
+    """Liveness of the ranks through heartbeat counters in the c10d store.
+
+    A daemon thread adds 1 to the key ``<prefix><rank>`` every ``interval`` seconds (``store.add`` never
+    blocks on a missing key). :meth:`lost_ranks` reads every counter twice, ``probe`` seconds apart: a rank
+    whose counter did not move is lost. If the store itself is unreachable, the rank that hosts it is
+    reported (rank 0 with Lightning's launchers; torchrun's agent hosts it outside the workers).
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        rank: int,
+        world_size: int,
+        interval: float = 1.0,
+        prefix: str = "asyncpred/heartbeat/",
+        store_host_rank: Optional[int] = 0,
+    ) -> None:
+        if not interval > 0:
+            raise ValueError(f"heartbeat interval must be > 0 seconds, got {interval!r}")
+        self.store = store
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.interval = float(interval)
+        self.prefix = prefix
+        self.store_host_rank = store_host_rank
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _key(self, rank: int) -> str:
+        return f"{self.prefix}{rank}"
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self.store.add(self._key(self.rank), 1)
+        self._thread = threading.Thread(target=self._beat, name=f"asyncpred-heartbeat-{self.rank}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.store.add(self._key(self.rank), 1)
+            except Exception:  # the store host is gone: nothing left to report to
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2 * self.interval + 1)
+        self._thread = None
+
+    def read(self) -> list[int]:
+        return [int(self.store.add(self._key(r), 0)) for r in range(self.world_size)]
+
+    def lost_ranks(self, probe: Optional[float] = None) -> list[int]:
+        """Ranks whose heartbeat did not advance during ``probe`` seconds (default ``2.5 * interval``)."""
+        probe = 2.5 * self.interval if probe is None else probe
+        try:
+            before = self.read()
+            time.sleep(probe)
+            after = self.read()
+        except Exception:
+            host = self.store_host_rank
+            return [host] if host is not None and host != self.rank else []
+        return [r for r in range(self.world_size) if r != self.rank and after[r] == before[r]]
+
+
+def describe_peer_failure(
+    cause: BaseException, monitor: Optional[PeerMonitor], rank: int, what: str, timeout: timedelta
+) -> PeerLostError:
+    """A :class:`PeerLostError` for ``cause`` naming the ranks ``monitor`` finds lost."""
+    lost = monitor.lost_ranks() if monitor is not None else []
+    who = (
+        f"lost rank {', '.join(str(r) for r in lost)}"
+        if lost
+        else "a peer did not respond (no rank stopped its heartbeat: a peer may be hung or slow)"
+    )
+    return PeerLostError(
+        f"rank {rank}: {who} during {what} (timeout {timeout.total_seconds():g}s): {type(cause).__name__}: {cause}",
+        lost,
+    )
+
+
+class _PollingQueue(BoundedStalenessQueue):
+    """:class:`BoundedStalenessQueue` that can also release its head early once a predicate holds."""
+
+    def release_while(self, predicate: Callable[[Any], bool]) -> list[Released]:
+        while self._pending and predicate(self._pending[0][2]):
+            self._release_head()
+        return self._take()
+
+
+_Item = tuple[int, list[Tensor], list[Any]]  # (step, reduced buckets, works)
+
+
+class AllReduceExchange(Exchange):
+    """Stale-synchronous exchange over ``all_reduce(async_op=True)`` (see the module docstring).
+
+    Args:
+        max_staleness: ``s >= 0``: in ``fixed`` mode the exact staleness, in ``eager`` mode the bound.
+        mode: ``"fixed"`` or ``"eager"`` (NCCL only).
+        group: the process group (default: the default group).
+        timeout: how long a wait on a reduction may block before the peers are declared lost.
+        monitor: a started :class:`PeerMonitor` used to name lost ranks (optional).
+    """
+
+    name = "allreduce"
+
+    def __init__(
+        self,
+        max_staleness: int,
+        mode: str = "fixed",
+        group: Optional[Any] = None,
+        timeout: TimeoutSpec = timedelta(minutes=30),
+        monitor: Optional[PeerMonitor] = None,
+    ) -> None:
+        super().__init__(max_staleness)
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("AllReduceExchange needs an initialized torch.distributed process group")
+        self.group = group
+        self.backend = str(dist.get_backend(group))
+        self.mode = check_mode(mode, self.backend)
+        self.timeout = to_timedelta(timeout)
+        self.monitor = monitor
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.queue: _PollingQueue = _PollingQueue(self.max_staleness)
+        self.abandoned = 0
+        self.wait_seconds = 0.0  # time spent blocked on peers (for throughput analysis)
+
+    @property
+    def expected_staleness(self) -> float:
+        if self.mode == "fixed":
+            return float(self.max_staleness)
+        return super().expected_staleness
+
+    def _submit(self, step: int, buckets: list[Tensor]) -> None:
+        reduced, works = [], []
+        for b in buckets:
+            # a new buffer holding g / N: the caller's tensor is never reduced in place; the sum is the mean
+            flat = b.detach().contiguous().div(self.world_size)
+            if self.world_size > 1:
+                works.append(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+            reduced.append(flat)
+        # fixed: released exactly s submissions later; eager: at the latest then (earlier once completed)
+        self.queue.submit((step, reduced, works), self.max_staleness)
+
+    def _wait(self, item: _Item) -> None:
+        t0 = time.perf_counter()
+        for work in item[2]:
+            try:
+                work.wait(timeout=self.timeout)
+            except Exception as exc:  # timed out or a peer's connection broke
+                raise describe_peer_failure(exc, self.monitor, self.rank, f"the all_reduce of step {item[0]}", self.timeout) from exc
+        self.wait_seconds += time.perf_counter() - t0
+
+    def _convert(self, released: list[Released]) -> list[ReadyGradient]:
+        out = []
+        for r in released:
+            self._wait(r.item)
+            out.append(ReadyGradient(r.item[0], r.staleness, self.world_size, r.item[1]))
+        return out
+
+    @staticmethod
+    def _completed(item: _Item) -> bool:
+        return all(w.is_completed() for w in item[2])
+
+    def _ready(self) -> list[ReadyGradient]:
+        released = self.queue.ready()
+        if self.mode == "eager":
+            released += self.queue.release_while(self._completed)
+        return self._convert(released)
+
+    def _drain(self) -> list[ReadyGradient]:
+        return self._convert(self.queue.drain())
+
+    def _close(self) -> None:
+        """Abandon what is in flight without waiting on peers (they may be gone)."""
+        pending = self.queue.drain()
+        self.abandoned += len(pending)

@@ -1,0 +1,360 @@
+"""``AsyncPredStrategy``: multi-process asynchronous data parallelism over ``torch.distributed``.
+
+Registered as ``async_pred_allreduce`` and, until the point-to-point transport exists, ``async_pred``.
+
+Each rank trains a full replica on its shard of the data (Lightning adds the ``DistributedSampler``).
+Per optimizer step the fresh local gradient ``g_t^{(r)}`` goes into the exchange and the mean gradient
+that is ready (for the ``allreduce`` transport in ``fixed`` mode: the one submitted ``s = max_staleness``
+steps ago) is loaded into ``.grad`` and stepped through the precision plugin (see
+:class:`~lightning_asyncpred.strategies.base.AsyncUpdateMixin`). With ``s = 0`` this is synchronous SGD.
+
+Launch: ``Trainer(accelerator="cpu", devices=2, strategy="async_pred")`` (Lightning's subprocess
+launcher), ``torchrun --nproc_per_node=2 train.py`` or SLURM ``srun`` (Lightning's cluster environments).
+NCCL on CUDA, Gloo on CPU. The NCCL and Gloo paths are identical except for the backend and, in
+``eager`` mode, the completion poll.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import timedelta
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import pytorch_lightning as pl
+from lightning_fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning_fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning_fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning_fabric.utilities.distributed import group as _group
+from lightning_fabric.utilities.seed import reset_seed
+from pytorch_lightning.plugins.precision import Precision
+from pytorch_lightning.strategies import ParallelStrategy
+from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from lightning_asyncpred.exchange import (
+    TRANSPORTS,
+    Exchange,
+    PeerLostError,
+    PeerMonitor,
+    check_mode,
+    create_exchange,
+    describe_peer_failure,
+    to_timedelta,
+)
+from lightning_asyncpred.staleness import _parse_int
+from lightning_asyncpred.strategies.base import AsyncUpdateMixin
+
+log = logging.getLogger(__name__)
+
+_FAILURE_HINTS = ("connection", "timed out", "timeout", "gloo", "nccl", "peer", "broken pipe", "reset by")
+
+
+class ModelMismatchError(RuntimeError):
+    """The ranks do not hold the same model (parameter names, shapes, dtypes or values)."""
+
+
+class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
+    """Asynchronous data-parallel training with a bounded-staleness gradient exchange.
+
+    Args:
+        max_staleness: ``s >= 0``. ``fixed`` mode: step ``t`` applies the mean gradient of step ``t - s``
+            (the first ``s`` steps make no update); ``eager``: the bound on staleness.
+        mode: ``"fixed"`` (deterministic, bit-identical replicas) or ``"eager"`` (apply as soon as a
+            reduction completes; NCCL only).
+        bucket_cap_mb: size cap of the flat gradient buckets (one collective per bucket). The cap must be
+            a whole number of gradient elements.
+        process_group_backend: ``"gloo"`` or ``"nccl"`` (default: NCCL on CUDA, Gloo on CPU).
+        timeout: seconds (or a ``timedelta``) any wait on a peer may block; also the process group's
+            timeout. A lost peer ends every other rank with :class:`PeerLostError` within about this time.
+        transport: a transport registered in :data:`lightning_asyncpred.exchange.TRANSPORTS`.
+        heartbeat_interval: seconds between liveness heartbeats in the c10d store (used to name a lost rank).
+    """
+
+    strategy_name = "async_pred_allreduce"
+    _submit_nonfinite = True
+
+    def __init__(
+        self,
+        max_staleness: int = 1,
+        mode: str = "fixed",
+        bucket_cap_mb: float = 25.0,
+        process_group_backend: Optional[str] = None,
+        timeout: Union[timedelta, int, float] = default_pg_timeout,
+        transport: str = "allreduce",
+        heartbeat_interval: float = 1.0,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
+            raise ValueError(f"max_staleness must be an integer >= 0, got {max_staleness!r}")
+        if process_group_backend is not None and process_group_backend not in ("gloo", "nccl", "mpi", "ucc"):
+            raise ValueError(
+                f"process_group_backend must be 'gloo', 'nccl', 'mpi', 'ucc' or None (auto), got {process_group_backend!r}"
+            )
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r}; registered: {', '.join(sorted(TRANSPORTS))}")
+        self.max_staleness = _parse_int(max_staleness, "max_staleness", max_staleness)
+        self.mode = check_mode(mode, process_group_backend)
+        self.transport = transport
+        self._timeout = to_timedelta(timeout)
+        if not (isinstance(heartbeat_interval, (int, float)) and not isinstance(heartbeat_interval, bool) and heartbeat_interval > 0):
+            raise ValueError(f"heartbeat_interval must be a number of seconds > 0, got {heartbeat_interval!r}")
+        self.heartbeat_interval = float(heartbeat_interval)
+        self._process_group_backend = process_group_backend
+        self._num_nodes = 1
+        self._monitor: Optional[PeerMonitor] = None
+        self._failed = False
+        self._init_async(bucket_cap_mb)
+
+    # ------------------------------------------------------------ topology
+    @property
+    def is_distributed(self) -> bool:
+        return True
+
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
+
+    @property
+    def process_group_backend(self) -> Optional[str]:
+        return self._process_group_backend
+
+    @property
+    def timeout(self) -> timedelta:
+        return self._timeout
+
+    @property
+    def exchange_wait_seconds(self) -> float:
+        """Seconds this rank spent blocked waiting for peers' gradients."""
+        return float(getattr(self.exchange, "wait_seconds", 0.0))
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    # ---------------------------------------------------------- environment
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        self.set_world_ranks()
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        check_mode(self.mode, backend)
+        self._process_group_backend = backend
+        self._check_world_size()
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if self.root_device.type != "cpu":
+            kwargs["device_id"] = self.root_device
+        _init_dist_connection(self.cluster_environment, backend, **kwargs)
+        if dist.get_world_size() != self.num_nodes * self.num_processes:
+            raise ValueError(self._mismatch_message(dist.get_world_size()))
+        self._start_monitor()
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is None:
+            return
+        self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+        self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = self.global_rank
+        from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+
+        fabric_rank_zero_only.rank = self.global_rank
+
+    def _mismatch_message(self, world_size: int) -> str:
+        env = type(self.cluster_environment).__name__
+        return (
+            f"devices mismatch: the Trainer is configured for num_nodes={self.num_nodes} x devices={self.num_processes} "
+            f"= {self.num_nodes * self.num_processes} processes, but the launcher ({env}) started a world of "
+            f"{world_size}; set Trainer(devices=..., num_nodes=...) to match the launcher (torchrun "
+            f"--nproc_per_node / --nnodes, SLURM --ntasks-per-node / --nodes)"
+        )
+
+    def _check_world_size(self) -> None:
+        assert self.cluster_environment is not None
+        world = self.cluster_environment.world_size()
+        if world != self.num_nodes * self.num_processes:
+            raise ValueError(self._mismatch_message(world))
+        if not 0 <= self.global_rank < world:
+            raise ValueError(f"global rank {self.global_rank} is outside the world of {world} processes")
+
+    def _start_monitor(self) -> None:
+        if self._monitor is not None or dist.get_world_size() < 2:
+            return
+        store = dist.distributed_c10d._get_default_store()
+        self._monitor = PeerMonitor(store, dist.get_rank(), dist.get_world_size(), interval=self.heartbeat_interval)
+        self._monitor.start()
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, trainer: "pl.Trainer") -> None:
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING and self._layer_sync:
+            self.model = self._layer_sync.apply(self.model)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.sync_model()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            from lightning_fabric.utilities.optimizer import _optimizers_to_device
+
+            _optimizers_to_device(self.optimizers, self.root_device)
+            self._setup_exchange(trainer)
+            self._check_bucket_layout()
+
+    def _create_exchange(self) -> Exchange:
+        return create_exchange(
+            self.transport,
+            max_staleness=self.max_staleness,
+            mode=self.mode,
+            group=None,
+            timeout=self._timeout,
+            monitor=self._monitor,
+            buckets=self._buckets,
+        )
+
+    def _check_bucket_layout(self) -> None:
+        assert self._buckets is not None
+        cap_bytes = self.bucket_cap_mb * 2**20
+        for p in self._buckets.params:
+            size = p.element_size()
+            if not float(cap_bytes).is_integer() or int(cap_bytes) % size:
+                raise ValueError(
+                    f"bucket_cap_mb={self.bucket_cap_mb!r} gives a cap of {cap_bytes!r} bytes, not a whole number of "
+                    f"{p.dtype} gradient elements ({size} bytes each); choose a cap divisible by {size} bytes, "
+                    f"e.g. bucket_cap_mb=0.25 or 25"
+                )
+        layout = [len(self._buckets)] + list(self._buckets.numels)
+        self._all_ranks_agree(layout, "gradient bucket layout (bucket_cap_mb and trainable parameters)")
+
+    @torch.no_grad()
+    def sync_model(self) -> None:
+        """Check every rank builds the same model, broadcast rank 0's parameters and buffers, verify a checksum.
+
+        Raises:
+            ModelMismatchError: naming the ranks and the first differing entry.
+        """
+        if not _distributed_is_initialized() or dist.get_world_size() < 2:
+            return
+        module = self.lightning_module
+        assert module is not None
+        state = [(n, t) for n, t in list(module.named_parameters()) + list(module.named_buffers())]
+        signature = [(n, tuple(t.shape), str(t.dtype)) for n, t in state]
+        self._all_ranks_agree(signature, "model structure (parameter/buffer names, shapes, dtypes)")
+        for _, t in state:
+            if t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.bool, torch.uint8):
+                dist.broadcast(t.data, src=0)
+        digest = hashlib.sha256()
+        for n, t in state:
+            digest.update(n.encode())
+            digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        self._all_ranks_agree(digest.hexdigest(), "parameter checksum after the broadcast from rank 0")
+
+    def _all_ranks_agree(self, value: Any, what: str) -> None:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, value)
+        bad = [r for r, v in enumerate(gathered) if v != gathered[0]]
+        if bad:
+            detail = ""
+            if isinstance(value, list) and isinstance(gathered[0], list):
+                other = gathered[bad[0]]
+                diff = next(
+                    (f"rank 0 has {a!r}, rank {bad[0]} has {b!r}" for a, b in zip(gathered[0], other) if a != b),
+                    f"rank 0 has {len(gathered[0])} entries, rank {bad[0]} has {len(other)}",
+                )
+                detail = f": {diff}"
+            raise ModelMismatchError(
+                f"{type(self).__name__}: ranks {bad} differ from rank 0 in the {what}{detail}; every rank must build "
+                f"the same model (same code, arguments and seed-independent structure)"
+            )
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    # ---------------------------------------------------------- collectives
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if not _distributed_is_initialized():
+            return
+        if dist.get_backend() == "nccl" and self.root_device.type == "cuda":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        objs = [obj]
+        dist.broadcast_object_list(objs, src, group=_group.WORLD)
+        return objs[0]
+
+    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
+        """Reduce a tensor over the ranks (``reduce_op``: a ``ReduceOp`` or ``"mean"``/``"sum"``...)."""
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    # ------------------------------------------------------------- teardown
+    def on_exception(self, exception: BaseException) -> None:
+        """Abandon in-flight work (peers may be gone) and name lost ranks in the error message."""
+        self._failed = True
+        if getattr(self, "exchange", None) is not None:
+            self.exchange.close()
+        if not isinstance(exception, PeerLostError) and self._looks_like_peer_failure(exception):
+            err = describe_peer_failure(exception, self._monitor, self.global_rank, "a collective", self._timeout)
+            if err.lost_ranks:
+                exception.args = (f"{err}",) + tuple(exception.args[1:])
+        self._stop_monitor()
+
+    @staticmethod
+    def _looks_like_peer_failure(exception: BaseException) -> bool:
+        text = f"{type(exception).__name__} {exception}".lower()
+        return isinstance(exception, (RuntimeError, dist.DistError)) and any(h in text for h in _FAILURE_HINTS)
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            self._monitor.stop()
+            self._monitor = None
+
+    def teardown(self) -> None:
+        """Idempotent; safe after a failed setup. In-flight gradients are abandoned, never waited on."""
+        self._close_exchange()
+        self._stop_monitor()
+        super().teardown()

@@ -1,0 +1,176 @@
+"""Standalone 2-process training run for the multi-process tests (launched by torchrun or Trainer(devices=N)).
+
+Every rank writes ``<out>/rank<k>.json`` (strategy type, world size, accounting, staleness) and
+``<out>/rank<k>.pt`` (final parameters). Options inject a SIGKILL on one rank, checkpoint and resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+
+torch.set_num_threads(1)
+
+import pytorch_lightning as pl  # noqa: E402
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
+
+import lightning_asyncpred as la  # noqa: E402
+
+
+class Killer(Callback):
+    """SIGKILL this process at ``step`` on ``rank`` (a lost peer)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step >= self.step:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.observed_staleness: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        s = trainer.strategy.last_staleness
+        if s is not None:
+            self.observed_staleness.append(int(s))
+
+
+class ManualClassifier(la.ImageClassifier):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        self.log("train/loss", loss, sync_dist=True)
+        return loss
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--strategy", default="async_pred")
+    p.add_argument("--max-staleness", type=int, default=2)
+    p.add_argument("--mode", default="fixed")
+    p.add_argument("--bucket-cap-mb", type=float, default=0.25)
+    p.add_argument("--max-steps", type=int, default=40)
+    p.add_argument("--max-epochs", type=int, default=-1)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--kill-rank", type=int, default=None)
+    p.add_argument("--kill-step", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--clip", type=float, default=None)
+    p.add_argument("--manual", action="store_true")
+    p.add_argument("--prediction", action="store_true")
+    p.add_argument("--early-stopping", action="store_true")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed-offset-by-rank", action="store_true", help="different init per rank (broadcast test)")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+
+    seed = 0 + (int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) if args.seed_offset_by_rank else 0)
+    pl.seed_everything(seed, workers=True)
+    if args.strategy == "async_pred":
+        strategy = la.AsyncPredStrategy(
+            max_staleness=args.max_staleness, mode=args.mode, bucket_cap_mb=args.bucket_cap_mb,
+            timeout=args.timeout, heartbeat_interval=0.5,
+        )
+    else:
+        strategy = args.strategy
+    cls = ManualClassifier if args.manual else la.ImageClassifier
+    model = cls(arch="digits_cnn", lr=args.lr, momentum=0.9, lr_schedule="cosine")
+    data = la.DigitsDataModule(batch_size=32)
+    recorder = Recorder()
+    callbacks = [recorder]
+    if args.prediction:
+        callbacks.append(la.LinearPrediction(horizon="auto", log_every_n_steps=5))
+        callbacks.append(la.StalenessMonitor(log_every_n_steps=5, plot_path=os.path.join(args.out, "staleness.png")))
+    if args.kill_rank is not None:
+        callbacks.append(Killer(args.kill_rank, args.kill_step))
+    if args.ckpt_every:
+        callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=args.ckpt_every,
+                                         save_top_k=-1, filename="{step}"))
+    if args.early_stopping:
+        from pytorch_lightning.callbacks import EarlyStopping
+
+        callbacks.append(EarlyStopping(monitor="val/acc1", mode="max", patience=1, min_delta=0.5))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=strategy,
+        max_steps=args.max_steps,
+        max_epochs=args.max_epochs,
+        precision=args.precision,
+        accumulate_grad_batches=args.accumulate,
+        gradient_clip_val=args.clip,
+        callbacks=callbacks,
+        logger=pl.loggers.CSVLogger(args.out, name="logs"),
+        enable_checkpointing=bool(args.ckpt_every),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1.0,
+        val_check_interval=None,
+        check_val_every_n_epoch=1,
+        log_every_n_steps=5,
+        deterministic=True,
+    )
+    rank = trainer.global_rank if trainer.world_size > 1 else int(os.environ.get("RANK", 0))
+    t0 = time.time()
+    result: dict = {}
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=args.resume)
+    except BaseException as exc:  # noqa: BLE001 - recorded for the test
+        rank = trainer.global_rank
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["error_type"] = type(exc).__name__
+        result["elapsed"] = time.time() - t0
+        with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+        os._exit(3)
+    s = trainer.strategy
+    ex = getattr(s, "exchange", None)
+    result.update(
+        rank=trainer.global_rank,
+        world_size=trainer.world_size,
+        strategy=type(s).__name__,
+        global_step=trainer.global_step,
+        elapsed=time.time() - t0,
+        observed_staleness=recorder.observed_staleness,
+        applied_updates=getattr(s, "applied_updates", None),
+        applied_steps=getattr(s, "applied_steps", None),
+        local_steps=getattr(s, "local_steps", None),
+        submitted=getattr(ex, "submitted", None),
+        applied=getattr(ex, "applied", None),
+        in_flight=getattr(ex, "in_flight", None),
+        staleness_mean=float(s.staleness_stats.mean) if hasattr(s, "staleness_stats") else None,
+        staleness_hist=list(s.staleness_stats.histogram) if hasattr(s, "staleness_stats") else None,
+        logged={k: float(v) for k, v in trainer.callback_metrics.items()},
+        sampler=type(trainer.train_dataloader.sampler).__name__ if trainer.train_dataloader is not None else None,
+    )
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(args.out, f"rank{rank}.pt"))
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
