@@ -95,5 +95,5 @@ class Exchange(abc.ABC):
     @abc.abstractmethod
     def _drain(self) -> list[ReadyGradient]: ...
 
-    def _close(self) -> None:
+    def _close(self) -> None:  # noqa: B027  (optional hook, no-op by default)
         """Release transport resources. Called once."""
