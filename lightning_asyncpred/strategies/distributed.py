@@ -357,4 +357,6 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         """Idempotent; safe after a failed setup. In-flight gradients are abandoned, never waited on."""
         self._close_exchange()
         self._stop_monitor()
+        if self.accelerator is None or self.cluster_environment is None:
+            return  # never attached to a Trainer: Lightning has nothing to tear down
         super().teardown()

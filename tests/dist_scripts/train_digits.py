@@ -75,6 +75,7 @@ def main() -> None:
     p.add_argument("--kill-rank", type=int, default=None)
     p.add_argument("--kill-step", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--ckpt-epochs", action="store_true", help="checkpoint at the end of every epoch")
     p.add_argument("--resume", default=None)
     p.add_argument("--precision", default="32-true")
     p.add_argument("--accumulate", type=int, default=1)
@@ -83,6 +84,7 @@ def main() -> None:
     p.add_argument("--prediction", action="store_true")
     p.add_argument("--early-stopping", action="store_true")
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--width-by-rank", action="store_true", help="a different model on each rank (mismatch test)")
     p.add_argument("--seed-offset-by-rank", action="store_true", help="different init per rank (broadcast test)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -97,7 +99,9 @@ def main() -> None:
     else:
         strategy = args.strategy
     cls = ManualClassifier if args.manual else la.ImageClassifier
-    model = cls(arch="digits_cnn", lr=args.lr, momentum=0.9, lr_schedule="cosine")
+    env_rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    arch_kwargs = {"width": 16 + 8 * env_rank} if args.width_by_rank else None
+    model = cls(arch="digits_cnn", arch_kwargs=arch_kwargs, lr=args.lr, momentum=0.9, lr_schedule="cosine")
     data = la.DigitsDataModule(batch_size=32)
     recorder = Recorder()
     callbacks = [recorder]
@@ -109,6 +113,9 @@ def main() -> None:
     if args.ckpt_every:
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=args.ckpt_every,
                                          save_top_k=-1, filename="{step}"))
+    if args.ckpt_epochs:
+        callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_epochs=1, save_top_k=-1,
+                                         save_on_train_epoch_end=True, filename="{epoch}"))
     if args.early_stopping:
         from pytorch_lightning.callbacks import EarlyStopping
 
@@ -124,7 +131,7 @@ def main() -> None:
         gradient_clip_val=args.clip,
         callbacks=callbacks,
         logger=pl.loggers.CSVLogger(args.out, name="logs"),
-        enable_checkpointing=bool(args.ckpt_every),
+        enable_checkpointing=bool(args.ckpt_every or args.ckpt_epochs),
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,

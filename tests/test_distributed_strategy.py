@@ -1,0 +1,143 @@
+"""AsyncPredStrategy in one process: registration, Lightning wiring and clear errors on bad input."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch.distributed as dist
+
+import pytorch_lightning as pl
+import lightning_asyncpred as la
+from lightning_asyncpred import AsyncPredStrategy
+from lightning_asyncpred.registry import register_strategies
+from pytorch_lightning.strategies import StrategyRegistry
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_leak():
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _trainer(strategy, **kw):
+    return pl.Trainer(
+        accelerator="cpu", devices=1, strategy=strategy, max_steps=3, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, **kw,
+    )
+
+
+def test_registered_names_and_idempotent_registration():
+    for name in ("async_pred", "async_pred_allreduce", "async_pred_sim"):
+        assert name in StrategyRegistry
+    assert register_strategies() == []  # a second import registers nothing and raises nothing
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="async_pred", logger=False)
+    s = trainer.strategy
+    assert isinstance(s, AsyncPredStrategy) and s.transport == "allreduce"
+    assert s.is_distributed and s.world_size == 2
+    assert s.distributed_sampler_kwargs == {"num_replicas": 2, "rank": 0}
+    assert isinstance(pl.Trainer(accelerator="cpu", devices=2, strategy="async_pred_allreduce", logger=False).strategy, AsyncPredStrategy)
+
+
+def test_init_has_no_side_effects():
+    AsyncPredStrategy(max_staleness=4, timeout=5)
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True, None])
+def test_bad_max_staleness(bad):
+    with pytest.raises(ValueError, match=r"max_staleness must be an integer >= 0, got"):
+        AsyncPredStrategy(max_staleness=bad)
+
+
+def test_unknown_mode():
+    with pytest.raises(ValueError, match=r"unknown allreduce mode 'async'; allowed: 'fixed', 'eager'"):
+        AsyncPredStrategy(mode="async")
+
+
+def test_eager_with_explicit_gloo():
+    with pytest.raises(ValueError, match=r"mode='eager' needs .*NCCL.*'gloo'"):
+        AsyncPredStrategy(mode="eager", process_group_backend="gloo")
+
+
+def test_eager_on_cpu_fails_before_any_process_group(monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    trainer = _trainer(AsyncPredStrategy(mode="eager"))
+    with pytest.raises(ValueError, match=r"mode='eager' needs .*'gloo'"):
+        trainer.fit(la.ImageClassifier(), la.DigitsDataModule())
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"bucket_cap_mb": 0}, r"bucket_cap_mb must be a number > 0, got 0"),
+        ({"bucket_cap_mb": "big"}, r"bucket_cap_mb must be a number > 0, got 'big'"),
+        ({"process_group_backend": "mpich"}, r"process_group_backend must be .* got 'mpich'"),
+        ({"timeout": -3}, r"timeout must be a number of seconds > 0 .* got -3"),
+        ({"transport": "p2q"}, r"unknown transport 'p2q'; registered: allreduce"),
+        ({"heartbeat_interval": 0}, r"heartbeat_interval must be a number of seconds > 0"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AsyncPredStrategy(**kwargs)
+
+
+def test_non_divisible_bucket_cap(monkeypatch):
+    # 0.1 MiB = 104857.6 bytes: not a whole number of float32 elements
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    trainer = _trainer(AsyncPredStrategy(bucket_cap_mb=0.1, timeout=10))
+    with pytest.raises(ValueError, match=r"bucket_cap_mb=0.1 gives a cap of 104857.6 bytes, not a whole number of torch.float32"):
+        trainer.fit(la.ImageClassifier(), la.DigitsDataModule())
+    # teardown / on_exception after the failed setup: idempotent, nothing raised
+    trainer.strategy.on_exception(RuntimeError("again"))
+    trainer.strategy.teardown()
+    trainer.strategy.teardown()
+
+
+def test_devices_mismatch_with_the_launcher(monkeypatch):
+    # torchrun started a world of 2, but the Trainer was told devices=1
+    for k, v in {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0",
+                 "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(k, v)
+    trainer = _trainer(AsyncPredStrategy(timeout=10))
+    # Lightning's TorchElasticEnvironment reports it; other environments get the strategy's own check
+    with pytest.raises(ValueError, match=r"`devices=1` and `num_nodes=1` .* does not match the world size \(2\)|devices mismatch"):
+        trainer.fit(la.ImageClassifier(), la.DigitsDataModule())
+    assert not dist.is_initialized()
+
+
+def test_single_process_world_trains_synchronously(monkeypatch):
+    """devices=1 is a world of one: s = 0 is plain SGD, every step applies its own gradient."""
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    strategy = AsyncPredStrategy(max_staleness=0, bucket_cap_mb=0.25, timeout=10)
+    trainer = _trainer(strategy)
+    trainer.fit(la.ImageClassifier(), la.DigitsDataModule())
+    assert strategy.applied_steps == 3 and strategy.exchange.submitted == strategy.exchange.applied == 3
+    assert strategy.staleness_stats.histogram == [3]
+    strategy.teardown()  # idempotent
+    strategy.teardown()
+
+
+def test_teardown_after_failed_setup_is_safe():
+    s = AsyncPredStrategy()
+    s.teardown()
+    s.on_exception(RuntimeError("boom"))
+    s.teardown()
+
+
+def test_devices_mismatch_message_of_the_strategy():
+    s = AsyncPredStrategy()
+    s._num_nodes = 1
+    s.parallel_devices = [None, None]  # devices=2
+    msg = s._mismatch_message(4)
+    assert "devices mismatch: the Trainer is configured for num_nodes=1 x devices=2 = 2 processes" in msg
+    assert "started a world of 4" in msg and "--nproc_per_node" in msg

@@ -1,0 +1,161 @@
+"""AllReduceExchange and PeerMonitor in one process (world of 1, Gloo) plus argument validation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_asyncpred.exchange import (
+    TRANSPORTS,
+    AllReduceExchange,
+    PeerLostError,
+    PeerMonitor,
+    check_mode,
+    create_exchange,
+    describe_peer_failure,
+    register_transport,
+    to_timedelta,
+)
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _buckets(step: int) -> list[torch.Tensor]:
+    return [torch.full((3,), float(step)), torch.full((2,), -float(step))]
+
+
+@pytest.mark.parametrize("s", [0, 1, 3])
+def test_fixed_mode_applies_step_t_minus_s(world_of_one, s):
+    ex = AllReduceExchange(s, mode="fixed", timeout=5)
+    seen = []
+    for t in range(8):
+        ex.submit(t, _buckets(t))
+        ready = ex.ready()
+        if t < s:
+            assert ready == []
+        else:
+            assert [r.step for r in ready] == [t - s]
+            assert ready[0].staleness == s and ready[0].count == 1
+            assert torch.equal(ready[0].buckets[0], torch.full((3,), float(t - s)))
+        seen += [r.step for r in ready]
+        assert ex.submitted == ex.applied + ex.in_flight
+        assert ex.in_flight == min(t + 1, s)
+    assert ex.expected_staleness == float(s)
+    drained = ex.drain()
+    seen += [r.step for r in drained]
+    assert seen == list(range(8))  # every submitted gradient handed out exactly once, in order
+    assert ex.in_flight == 0 and ex.submitted == ex.applied == 8
+    ex.close()
+    ex.close()  # idempotent
+    assert ex.drain() == []
+
+
+def test_submit_does_not_alias_the_callers_buffers(world_of_one):
+    ex = AllReduceExchange(1, timeout=5)
+    b = [torch.ones(4)]
+    ex.submit(0, b)
+    b[0].fill_(7.0)
+    ex.submit(1, [torch.zeros(4)])
+    (r,) = ex.ready()
+    assert torch.equal(r.buckets[0], torch.ones(4))
+
+
+def test_close_abandons_in_flight_without_waiting(world_of_one):
+    ex = AllReduceExchange(4, timeout=5)
+    for t in range(3):
+        ex.submit(t, _buckets(t))
+    ex.close()
+    assert ex.abandoned == 3
+    with pytest.raises(RuntimeError, match="after close"):
+        ex.submit(3, _buckets(3))
+
+
+def test_eager_is_refused_on_gloo(world_of_one):
+    with pytest.raises(ValueError, match="mode='eager' needs .*NCCL.*'gloo'"):
+        AllReduceExchange(2, mode="eager")
+
+
+def test_transport_registry(world_of_one):
+    assert "allreduce" in TRANSPORTS
+    ex = create_exchange("allreduce", max_staleness=1, mode="fixed", group=None, timeout=5, monitor=None)
+    assert isinstance(ex, AllReduceExchange)
+    with pytest.raises(ValueError, match="unknown transport 'p2q'; registered: allreduce"):
+        create_exchange("p2q")
+    with pytest.raises(ValueError, match="already registered"):
+        register_transport("allreduce", lambda **kw: None)
+
+
+def test_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="initialized torch.distributed process group"):
+        AllReduceExchange(1)
+
+
+@pytest.mark.parametrize("mode", ["Fixed", "async", None, 3])
+def test_unknown_mode(mode):
+    with pytest.raises(ValueError, match="unknown allreduce mode .*allowed: 'fixed', 'eager'"):
+        check_mode(mode)
+
+
+def test_check_mode_backends():
+    assert check_mode("eager", "nccl") == "eager"
+    assert check_mode("fixed", "gloo") == "fixed"
+    with pytest.raises(ValueError, match="Gloo reports completion only after wait"):
+        check_mode("eager", "gloo")
+
+
+@pytest.mark.parametrize("bad", [0, -1, "10", float("nan"), True, timedelta(0)])
+def test_bad_timeout(bad):
+    with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
+        to_timedelta(bad)
+
+
+def test_timeout_numbers_are_seconds():
+    assert to_timedelta(2.5) == timedelta(seconds=2.5)
+    assert to_timedelta(timedelta(minutes=1)) == timedelta(seconds=60)
+
+
+def test_peer_monitor_names_the_rank_that_stopped_beating():
+    store = dist.HashStore()
+    monitors = [PeerMonitor(store, r, 3, interval=0.05) for r in range(3)]
+    for m in monitors:
+        m.start()
+    time.sleep(0.2)
+    monitors[2].stop()  # rank 2 "dies": its heartbeat stops
+    try:
+        assert monitors[0].lost_ranks() == [2]
+        assert monitors[1].lost_ranks() == [2]
+        err = describe_peer_failure(RuntimeError("Connection reset by peer"), monitors[0], 0, "the all_reduce of step 7", timedelta(seconds=3))
+        assert isinstance(err, PeerLostError) and err.lost_ranks == [2]
+        assert "rank 0: lost rank 2 during the all_reduce of step 7" in str(err)
+        assert "Connection reset by peer" in str(err)
+    finally:
+        for m in monitors:
+            m.stop()
+    assert not [t for t in threading.enumerate() if t.name.startswith("asyncpred-heartbeat")]
+
+
+def test_peer_monitor_unreachable_store_blames_its_host():
+    class DeadStore:
+        def add(self, key, value):
+            raise RuntimeError("Connection refused")
+
+    assert PeerMonitor(DeadStore(), 1, 2, interval=0.05).lost_ranks() == [0]
+    assert PeerMonitor(DeadStore(), 0, 2, interval=0.05, store_host_rank=None).lost_ranks() == []
+
+
+def test_peer_monitor_rejects_bad_interval():
+    with pytest.raises(ValueError, match="heartbeat interval must be > 0"):
+        PeerMonitor(dist.HashStore(), 0, 2, interval=0)
