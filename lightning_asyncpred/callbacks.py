@@ -216,10 +216,11 @@ class StalenessMonitor(Callback):
             )
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # trainer.log_dir broadcasts from rank 0: every rank must call it, or the ranks' collectives diverge
+        path = self.plot_path or os.path.join(trainer.log_dir or trainer.default_root_dir, "staleness.png")
         if not trainer.is_global_zero:
             return
         stats = trainer.strategy.staleness_stats
-        path = self.plot_path or os.path.join(trainer.log_dir or trainer.default_root_dir, "staleness.png")
         self.written_plot = plot_histogram(stats.histogram, path, title=stats.summary())
 
 
