@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional
 
 from torch.utils.data import DataLoader
@@ -27,6 +28,17 @@ def _positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def pad_to_multiple(items: list, num_shards: int) -> list:
+    """``items`` plus its first ``(-len) % num_shards`` items again, as ``DistributedSampler`` pads.
+
+    DALI's reader splits ``N`` samples into shards of ``floor``/``ceil`` sizes; with equal shard sizes every
+    rank gets the same number of batches and no rank ever gets an empty last batch. At most
+    ``num_shards - 1`` samples are seen twice per epoch (none on one rank).
+    """
+    pad = (-len(items)) % num_shards
+    return list(items) + list(items[:pad])
+
+
 class ImageNetDataModule(pl.LightningDataModule):
     """ImageNet (or any folder in its layout): ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``.
 
@@ -49,6 +61,8 @@ class ImageNetDataModule(pl.LightningDataModule):
             also reported with the file's name (see ``data/folder.py`` and ``data/dali.py``).
         seed: the DALI shuffling seed; must be the same on every rank (the shards partition one permutation).
         pin_memory: torchvision backend only.
+        worker_start_method: torchvision backend only: how DataLoader workers start (``"auto"``: the
+            platform default, but ``"forkserver"`` when DALI is loaded in the same process).
     """
 
     def __init__(
@@ -64,6 +78,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         verify_images: str = "header",
         seed: int = 0,
         pin_memory: bool = True,
+        worker_start_method: str = "auto",
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
@@ -78,6 +93,8 @@ class ImageNetDataModule(pl.LightningDataModule):
             _positive_int("val_batch_size", val_batch_size)
         if val_resize < image_size:
             raise ValueError(f"val_resize ({val_resize}) must be >= image_size ({image_size}) for the center crop")
+        if worker_start_method not in ("auto", "fork", "forkserver", "spawn"):
+            raise ValueError(f"worker_start_method must be auto, fork, forkserver or spawn, got {worker_start_method!r}")
         if backend == "dali":
             dali_backend.require_dali()
         self.save_hyperparameters()
@@ -92,6 +109,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.verify_images = verify_images
         self.seed = seed
         self.pin_memory = pin_memory
+        self.worker_start_method = worker_start_method
         self.layout: Optional[ImageFolderLayout] = None
         self._loaders: dict[str, Any] = {}
 
@@ -178,9 +196,10 @@ class ImageNetDataModule(pl.LightningDataModule):
                 pin_memory=self.pin_memory,
                 persistent_workers=self.num_threads > 0,
                 drop_last=False,
+                multiprocessing_context=self._worker_start_method(),
             )
         device = self.resolved_dali_device()
-        files, labels = data.files, data.labels
+        files, labels = pad_to_multiple(data.files, num_shards), pad_to_multiple(data.labels, num_shards)
 
         def build(generation: int) -> Any:
             return dali_backend.build_pipeline(
@@ -198,7 +217,15 @@ class ImageNetDataModule(pl.LightningDataModule):
                 seed=self.seed + 1000 * generation,
             )
 
-        return dali_backend.DALILoader(build, files, batch_size=batch, num_threads=self.num_threads)
+        return dali_backend.DALILoader(build, data.files, batch_size=batch, num_threads=self.num_threads)
+
+    def _worker_start_method(self) -> Optional[str]:
+        """The DataLoader workers' start method: ``worker_start_method``; ``"auto"`` is the platform default,
+        except ``"forkserver"`` once DALI is loaded in this process (forking while DALI's threads decode can
+        leave a worker deadlocked)."""
+        if self.worker_start_method != "auto":
+            return self.worker_start_method
+        return "forkserver" if "nvidia.dali.backend_impl" in sys.modules else None
 
     def train_dataloader(self) -> Any:
         if "train" not in self._loaders:
