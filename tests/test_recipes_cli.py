@@ -1,0 +1,103 @@
+"""The ImageNet recipes through the CLI (`asyncpred fit --config recipes/<x>.yaml`) on a generated folder.
+
+Only what a CPU needs is overridden: accelerator/devices/precision, the data root, a tiny image size
+(64: NiN needs >= 55), 3 classes, 2 steps, no logger or checkpoints. The recipes' own strategy
+(``lightning_asyncpred.AsyncPredStrategy``, max_staleness 1) and ``LinearPrediction`` run as written.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import yaml
+
+from lightning_asyncpred.cli import main
+from lightning_asyncpred.data import dali as dali_backend
+from tests.imagenet_fixtures import make_imagenet_folder
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = {"nin": "nin.yaml", "resnet50": "resnet50.yaml", "googlenet": "googlenet.yaml"}
+needs_dali = pytest.mark.skipif(not dali_backend.dali_available(), reason="needs the [dali] extra")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_imagenet_folder(tmp_path_factory.mktemp("imagenet"), num_classes=3, n_train=6, n_val=2)
+
+
+def cpu_args(recipe, root, run_dir, *extra):
+    return [
+        "fit",
+        "--config", os.path.join(REPO, "recipes", recipe),
+        "--data.root", str(root),
+        "--data.image_size", "64",
+        "--data.val_resize", "72",
+        "--data.batch_size", "4",
+        "--data.num_threads", "1",
+        "--model.num_classes", "3",
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1",
+        "--trainer.precision", "32-true",
+        "--trainer.max_steps", "2",
+        "--trainer.logger", "false",
+        "--trainer.enable_checkpointing", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(run_dir),
+        *extra,
+    ]
+
+
+@needs_dali
+@pytest.mark.parametrize("name", ["nin", "resnet50", "googlenet"])
+def test_recipe_fit_through_cli(folder, tmp_path, capsys, name):
+    main(cpu_args(RECIPES[name], folder, tmp_path, "--test_after_fit", "true"))
+    out = capsys.readouterr().out
+    assert "strategy: AsyncPredStrategy, world size 1, steps 2" in out
+    assert "test: test/acc1" in out  # the DALI val pipeline ran through the CLI as well
+    assert "prediction error ratio" in out or "staleness" in out
+
+
+def test_nin_recipe_torchvision_backend(folder, tmp_path, capsys):
+    main(cpu_args("nin.yaml", folder, tmp_path, "--data.backend", "torchvision", "--data.pin_memory", "false"))
+    assert "steps 2" in capsys.readouterr().out
+
+
+def test_recipe_reports_too_few_model_classes(folder, tmp_path):
+    args = cpu_args("nin.yaml", folder, tmp_path, "--data.backend", "torchvision", "--model.num_classes", "2")
+    with pytest.raises(ValueError, match="has 3 classes but the model has num_classes=2"):
+        main(args)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_contents(name):
+    with open(os.path.join(REPO, "recipes", RECIPES[name])) as fh:
+        cfg = yaml.safe_load(fh)
+    trainer, model, data = cfg["trainer"], cfg["model"], cfg["data"]
+    assert trainer["strategy"]["class_path"] == "lightning_asyncpred.AsyncPredStrategy"
+    assert trainer["precision"] == "bf16-mixed" and trainer["accelerator"] == "gpu"
+    callbacks = {cb["class_path"]: cb.get("init_args", {}) for cb in trainer["callbacks"]}
+    assert callbacks["lightning_asyncpred.LinearPrediction"]["horizon"] == "auto"
+    assert model["arch"] == name and model["num_classes"] == 1000
+    assert model["lr_base_batch"] > 0  # lr scaled to the global batch
+    assert data["class_path"] == "lightning_asyncpred.data.ImageNetDataModule"
+    assert data["init_args"]["backend"] == "dali" and data["init_args"]["image_size"] == 224
+    published = {
+        "resnet50": dict(lr=0.256, lr_base_batch=256, lr_schedule="cosine", warmup_epochs=8, label_smoothing=0.1, batch=256),
+        "googlenet": dict(lr=0.01, lr_base_batch=32, lr_schedule="poly", poly_power=0.5, weight_decay=2e-4, batch=32),
+        "nin": dict(lr=0.01, lr_schedule="step", momentum=0.9, weight_decay=5e-4, batch=128),
+    }[name]
+    assert data["init_args"]["batch_size"] == published.pop("batch")
+    for key, value in published.items():
+        assert model[key] == value, key
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "slurm.sbatch"])
+def test_launch_scripts_are_valid_bash(script):
+    path = os.path.join(REPO, "recipes", "launch", script)
+    subprocess.run(["bash", "-n", path], check=True)
+    text = open(path).read()
+    assert "asyncpred" in text or "lightning_asyncpred.cli" in text
