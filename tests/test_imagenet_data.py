@@ -175,7 +175,7 @@ def test_dali_auto_device_is_cpu_without_gpu(folder):
 def test_dali_gpu_mixed(folder):  # pragma: no cover - no GPU in CI
     dm = datamodule(folder, dali_device="gpu")
     dm.setup("fit")
-    for x, y in dm.train_dataloader():
+    for x, _y in dm.train_dataloader():
         assert x.is_cuda and x.shape[1:] == (3, SIZE, SIZE)
     xs, ys = epoch(dm.val_dataloader())
     assert torch.equal(dominant_channel(torch.cat(xs)).cpu(), torch.cat(ys).cpu() % 3)

@@ -137,8 +137,10 @@ _FILE_IN_MESSAGE = re.compile(r"Failed to decode sample[^:]*:\s*(\S+)")
 class DALILoader:
     """Iterate a DALI pipeline as ``(images, labels)`` tuples (labels ``torch.long`` of shape ``(N,)``).
 
-    ``len()`` is the number of batches of this shard per epoch (``reader_name`` + ``pad_last_batch``: the
-    same on every shard; the last batch is partial and holds no padding samples). ``iter()`` starts a new
+    ``len()`` is the number of batches of this shard per epoch (``reader_name``; the last batch is partial
+    and holds no reader padding). With equal shard sizes (``ImageNetDataModule`` pads the file list to a
+    multiple of the number of shards, see ``pad_to_multiple``) every shard has the same number of batches and
+    none is empty. ``iter()`` starts a new
     epoch. If the previous epoch was left unfinished (Lightning's sanity check, ``limit_*_batches``), the
     pipeline is rebuilt instead of resuming mid-epoch (the next seed is used, the same on all ranks).
 

@@ -199,6 +199,10 @@ class ImageNetDataModule(pl.LightningDataModule):
                 multiprocessing_context=self._worker_start_method(),
             )
         device = self.resolved_dali_device()
+        device_id = local_rank
+        root = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
+        if device == "gpu" and root is not None and root.type == "cuda" and root.index is not None:
+            device_id = root.index  # the GPU this rank trains on (equals local_rank unless devices are remapped)
         files, labels = pad_to_multiple(data.files, num_shards), pad_to_multiple(data.labels, num_shards)
 
         def build(generation: int) -> Any:
@@ -209,7 +213,7 @@ class ImageNetDataModule(pl.LightningDataModule):
                 batch_size=batch,
                 num_threads=self.num_threads,
                 device=device,
-                device_id=local_rank if device == "gpu" else None,
+                device_id=device_id if device == "gpu" else None,
                 shard_id=shard_id,
                 num_shards=num_shards,
                 image_size=self.image_size,
