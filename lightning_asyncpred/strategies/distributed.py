@@ -238,6 +238,38 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
             self._setup_exchange(trainer)
             self._check_bucket_layout()
+            self._replace_sigterm_broadcast(trainer)
+
+    # Lightning (2.5+) broadcasts a SIGTERM flag from rank 0 before every training batch. A collective per
+    # step is a barrier per step: no rank could run ahead of the slowest, which defeats asynchrony (and,
+    # issued behind the in-flight all_reduces, it would wait for them too). On this strategy the flag
+    # travels through the c10d store instead: a rank that received SIGTERM sets a key, every rank reads it
+    # before each batch (one non-blocking store round trip) and raises SIGTERMException like Lightning.
+    _SIGTERM_KEY = "asyncpred/sigterm"
+
+    def _replace_sigterm_broadcast(self, trainer: "pl.Trainer") -> None:
+        loop = trainer.fit_loop.epoch_loop
+        if hasattr(type(loop), "_broadcast_sigterm_tensor") and self._monitor is not None:
+            loop._broadcast_sigterm_tensor = lambda: self._check_sigterm(trainer)
+            self._patched_loop = loop
+
+    def _check_sigterm(self, trainer: "pl.Trainer") -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        store = self._monitor.store if self._monitor is not None else None
+        local = bool(getattr(trainer, "received_sigterm", False))
+        if store is None:
+            flagged = local
+        else:
+            flagged = int(store.add(self._SIGTERM_KEY, 1 if local else 0)) > 0
+        if flagged:
+            raise SIGTERMException()
+
+    def _restore_sigterm_broadcast(self) -> None:
+        loop = getattr(self, "_patched_loop", None)
+        if loop is not None:
+            loop.__dict__.pop("_broadcast_sigterm_tensor", None)
+            self._patched_loop = None
 
     def _create_exchange(self) -> Exchange:
         return create_exchange(
@@ -356,6 +388,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
     def teardown(self) -> None:
         """Idempotent; safe after a failed setup. In-flight gradients are abandoned, never waited on."""
         self._close_exchange()
+        self._restore_sigterm_broadcast()
         self._stop_monitor()
         if self.accelerator is None or self.cluster_environment is None:
             return  # never attached to a Trainer: Lightning has nothing to tear down
