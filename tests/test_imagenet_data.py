@@ -24,9 +24,10 @@ SIZE, RESIZE, BATCH = 32, 36, 4
 LOW = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
 HIGH = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
 # Deterministic val path, DALI vs torchvision on the same JPEGs: mean absolute difference of the normalized
-# tensors. The two decoders (libjpeg-turbo in both, different IDCT/upsampling settings) and the two
-# antialiased bilinear resizers differ by a few grey levels; 0.05 in normalized units is ~3 levels of 255.
-VAL_AGREEMENT_TOL = 0.05
+# tensors. The two JPEG decoders and the two antialiased bilinear resizers differ slightly: measured 0.0064
+# here (0.0052 at 224/256; max single value 0.09). Tolerance 0.02 in normalized units (std ~0.225), i.e.
+# about 1.2 grey levels of 255 on average.
+VAL_AGREEMENT_TOL = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_dali_val_is_deterministic(folder):
 
 
 @needs_dali
-def test_dali_train_is_random_and_flips(folder):
+def test_dali_train_reshuffles_every_epoch(folder):
     dm = datamodule(folder, seed=3)
     dm.setup("fit")
     first = torch.cat(epoch(dm.train_dataloader())[1])
