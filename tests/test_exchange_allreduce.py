@@ -159,3 +159,54 @@ def test_peer_monitor_unreachable_store_blames_its_host():
 def test_peer_monitor_rejects_bad_interval():
     with pytest.raises(ValueError, match="heartbeat interval must be > 0"):
         PeerMonitor(dist.HashStore(), 0, 2, interval=0)
+
+
+class _FakeWork:
+    """A Work whose completion the test controls (what NCCL's is_completed() reports)."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = False
+
+    def is_completed(self) -> bool:
+        return self.done
+
+    def wait(self, timeout=None) -> bool:
+        self.waited = True
+        self.done = True
+        return True
+
+
+def test_eager_mode_releases_completed_prefix_within_the_bound(world_of_one, monkeypatch):
+    """Eager (the NCCL path, polled here with fake Works): a reduction is applied as soon as it and every
+    earlier one completed, and at the latest ``max_staleness`` submissions later."""
+    works: list[_FakeWork] = []
+
+    def fake_all_reduce(tensor, op=None, group=None, async_op=False):
+        works.append(_FakeWork())
+        return works[-1]
+
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    ex = AllReduceExchange(3, mode="fixed", timeout=5)
+    ex.mode, ex.world_size = "eager", 2  # as on NCCL with 2 ranks
+    def complete(step):  # _buckets() has 2 buckets: one Work each
+        for w in works[2 * step : 2 * step + 2]:
+            w.done = True
+
+    ex.submit(0, _buckets(0))
+    assert ex.ready() == []  # not completed yet
+    complete(0)
+    ex.submit(1, _buckets(1))
+    (r,) = ex.ready()
+    assert (r.step, r.staleness, r.count) == (0, 1, 2)
+    ex.submit(2, _buckets(2))
+    complete(2)  # step 2 done but step 1 is not: results leave in order, so nothing yet
+    assert ex.ready() == []
+    ex.submit(3, _buckets(3))
+    ex.submit(4, _buckets(4))  # step 1 is now 3 submissions old: released by the bound (waited), then 2
+    out = ex.ready()
+    assert [(x.step, x.staleness) for x in out] == [(1, 3), (2, 2)]
+    assert all(w.waited for w in works[2:4])
+    assert ex.expected_staleness == pytest.approx(2.0)  # measured mean in eager mode: (1 + 3 + 2) / 3
+    assert [x.step for x in ex.drain()] == [3, 4]
+    assert ex.submitted == ex.applied == 5 and ex.in_flight == 0

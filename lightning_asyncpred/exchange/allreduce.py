@@ -29,7 +29,6 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Optional, Sequence, Union
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 

@@ -261,7 +261,12 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         if store is None:
             flagged = local
         else:
-            flagged = int(store.add(self._SIGTERM_KEY, 1 if local else 0)) > 0
+            try:
+                flagged = int(store.add(self._SIGTERM_KEY, 1 if local else 0)) > 0
+            except Exception as exc:  # the store's host (rank 0 / the launcher) is gone
+                raise describe_peer_failure(
+                    exc, self._monitor, self.global_rank, "the SIGTERM flag check in the c10d store", self._timeout
+                ) from exc
         if flagged:
             raise SIGTERMException()
 
