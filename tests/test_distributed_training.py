@@ -166,3 +166,18 @@ def test_different_models_on_the_ranks_are_refused(tmp_path):
         assert x["error_type"] == "ModelMismatchError"
         assert "ranks [1] differ from rank 0 in the model structure" in x["error"]
         assert "model.features.0.weight" in x["error"]
+
+
+def test_fp16_grad_scaler_overflow_on_one_rank_is_handled_identically_everywhere(tmp_path):
+    """16-mixed with a GradScaler (CPU float16 autocast): rank 1's gradient overflows at step 5. The
+    unscaled non-finite gradient is still submitted (collectives stay matched), the reduction is
+    non-finite on both ranks, and at step 5 + s both scalers skip that update and halve the scale."""
+    out = tmp_path / "run"
+    _run(out, "--max-staleness", "2", "--max-steps", "14", "--fp16-overflow-rank", "1")
+    res = _results(out)
+    _assert_really_distributed(res)
+    _assert_balanced(res)
+    _assert_identical_replicas(out)
+    assert res[0]["scales"] == res[1]["scales"]
+    assert res[0]["scales"][:7] == [1024.0] * 7 and res[0]["scales"][7:] == [512.0] * 7  # skipped at step 7 = 5 + 2
+    assert all(torch.isfinite(v.float()).all() for v in _params(out, 0).values())

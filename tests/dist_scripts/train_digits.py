@@ -35,6 +35,21 @@ class Killer(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class Overflow(Callback):
+    """Make one rank's local gradient non-finite at one step (a fp16 overflow on that rank only)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+        self.scales: list[float] = []
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            next(pl_module.parameters()).grad.view(-1)[0] = float("inf")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.scales.append(float(trainer.precision_plugin.scaler.get_scale()))
+
+
 class Recorder(Callback):
     def __init__(self) -> None:
         self.observed_staleness: list[int] = []
@@ -78,6 +93,8 @@ def main() -> None:
     p.add_argument("--ckpt-epochs", action="store_true", help="checkpoint at the end of every epoch")
     p.add_argument("--resume", default=None)
     p.add_argument("--precision", default="32-true")
+    p.add_argument("--fp16-overflow-rank", type=int, default=None,
+                   help="16-mixed with a GradScaler on CPU; overflow this rank's gradient at step 5")
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--clip", type=float, default=None)
     p.add_argument("--manual", action="store_true")
@@ -120,13 +137,22 @@ def main() -> None:
         from pytorch_lightning.callbacks import EarlyStopping
 
         callbacks.append(EarlyStopping(monitor="val/acc1", mode="max", patience=1, min_delta=0.5))
+    plugins = None
+    overflow = None
+    if args.fp16_overflow_rank is not None:
+        from pytorch_lightning.plugins.precision import MixedPrecision
+
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))]
+        overflow = Overflow(args.fp16_overflow_rank, 5)
+        callbacks.append(overflow)
     trainer = pl.Trainer(
+        plugins=plugins,
         accelerator="cpu",
         devices=args.devices,
         strategy=strategy,
         max_steps=args.max_steps,
         max_epochs=args.max_epochs,
-        precision=args.precision,
+        precision=None if plugins else args.precision,
         accumulate_grad_batches=args.accumulate,
         gradient_clip_val=args.clip,
         callbacks=callbacks,
@@ -172,6 +198,7 @@ def main() -> None:
         staleness_mean=float(s.staleness_stats.mean) if hasattr(s, "staleness_stats") else None,
         staleness_hist=list(s.staleness_stats.histogram) if hasattr(s, "staleness_stats") else None,
         logged={k: float(v) for k, v in trainer.callback_metrics.items()},
+        scales=overflow.scales if overflow is not None else None,
         sampler=type(trainer.train_dataloader.sampler).__name__ if trainer.train_dataloader is not None else None,
     )
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(args.out, f"rank{rank}.pt"))
