@@ -90,7 +90,7 @@ def _assert_identical_replicas(out: Path) -> None:
 
 def test_torchrun_fixed_mode_prediction_identical_replicas(tmp_path):
     out = tmp_path / "run"
-    _run(out, "--max-staleness", "2", "--max-steps", "40", "--prediction", "--seed-offset-by-rank")
+    _run(out, "--max-staleness", "2", "--max-steps", "40", "--prediction", "--seed-offset-by-rank", "--throughput")
     res = _results(out)
     _assert_really_distributed(res)
     _assert_balanced(res)
@@ -104,6 +104,9 @@ def test_torchrun_fixed_mode_prediction_identical_replicas(tmp_path):
             assert key in x["logged"], key
     assert res[0]["logged"]["val/loss"] == res[1]["logged"]["val/loss"]  # sync_dist=True metric
     assert (out / "staleness.png").exists()
+    header = (out / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for key in ("train/device/samples_per_sec", "staleness/mean", "prediction/error_ratio"):  # through the logger
+        assert key in header, key
 
 
 def test_amp_accumulation_clipping_scheduler(tmp_path):

@@ -100,6 +100,7 @@ def main() -> None:
     p.add_argument("--manual", action="store_true")
     p.add_argument("--prediction", action="store_true")
     p.add_argument("--early-stopping", action="store_true")
+    p.add_argument("--throughput", action="store_true", help="add Lightning's ThroughputMonitor")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--width-by-rank", action="store_true", help="a different model on each rank (mismatch test)")
     p.add_argument("--seed-offset-by-rank", action="store_true", help="different init per rank (broadcast test)")
@@ -133,6 +134,10 @@ def main() -> None:
     if args.ckpt_epochs:
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_epochs=1, save_top_k=-1,
                                          save_on_train_epoch_end=True, filename="{epoch}"))
+    if args.throughput:
+        from pytorch_lightning.callbacks import ThroughputMonitor
+
+        callbacks.append(ThroughputMonitor(batch_size_fn=lambda batch: batch[0].size(0), window_size=5))
     if args.early_stopping:
         from pytorch_lightning.callbacks import EarlyStopping
 
