@@ -116,8 +116,12 @@ def test_nin_recipe_two_ranks_shards_dali(folder, tmp_path):
     # channels_last is off here only because AsyncPredStrategy's replica check cannot yet hash 1x1-conv weights
     # in channels_last layout (reported to the strategy's owner); the recipes keep it on
     args += ["--trainer.max_epochs", "1", "--model.channels_last", "false"]
+    # in-process fits before this test leave Lightning's launch variables (MASTER_PORT, LOCAL_RANK, ...) in
+    # os.environ and their process group's store bound to MASTER_PORT: start the 2 ranks from a clean env
+    launch_vars = {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"}
+    env = {k: v for k, v in os.environ.items() if k not in launch_vars and not k.startswith("PL_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_asyncpred.cli", *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "lightning_asyncpred.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "strategy: AsyncPredStrategy, world size 2, steps 3" in proc.stdout
