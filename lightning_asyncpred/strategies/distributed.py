@@ -12,6 +12,11 @@ Launch: ``Trainer(accelerator="cpu", devices=2, strategy="async_pred")`` (Lightn
 launcher), ``torchrun --nproc_per_node=2 train.py`` or SLURM ``srun`` (Lightning's cluster environments).
 NCCL on CUDA, Gloo on CPU. The NCCL and Gloo paths are identical except for the backend and, in
 ``eager`` mode, the completion poll.
+
+Collectives run in program order on the default process group, so any collective issued every step
+(``self.log(..., sync_dist=True)`` in ``training_step``, a barrier) waits for the in-flight reductions and
+re-synchronizes the ranks: log with ``sync_dist=True`` in validation/test, not per training step.
+Lightning's own per-step SIGTERM broadcast is replaced by a flag in the c10d store for the same reason.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from lightning_fabric.utilities.distributed import (
     _sync_ddp_if_available,
 )
 from lightning_fabric.utilities.distributed import group as _group
+from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning_fabric.utilities.seed import reset_seed
 from pytorch_lightning.plugins.precision import Precision
 from pytorch_lightning.strategies import ParallelStrategy
@@ -191,10 +197,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             return
         self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
         self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = self.global_rank
-        from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
-
-        fabric_rank_zero_only.rank = self.global_rank
+        rank_zero_only.rank = fabric_rank_zero_only.rank = self.global_rank
 
     def _mismatch_message(self, world_size: int) -> str:
         env = type(self.cluster_environment).__name__
