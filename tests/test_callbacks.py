@@ -109,12 +109,29 @@ def test_checkpoint_saved_inside_training_step_holds_real_parameters(tmp_path):
     torch.manual_seed(0)
     model = SavesMidStep(arch="digits_cnn", lr=0.05)
     _, data = model_and_data()
+    # staleness 0: nothing is in flight between steps, so the save needs no drain (see the next test)
     t = trainer(tmp_path, [lp], strategy=SimulatedAsyncStrategy(staleness=0), max_steps=8, limit_val_batches=0)
     t.fit(model, data)
     state = torch.load(tmp_path / "mid.ckpt", weights_only=False)["state_dict"]
     saved = [state[n] for n, _ in model.named_parameters()]
     assert all(torch.equal(a, b) for a, b in zip(saved, seen["real"]))
     assert not all(torch.equal(a, b) for a, b in zip(saved, seen["pred"]))
+
+
+def test_checkpoint_inside_training_step_with_gradients_in_flight_is_a_clear_error(tmp_path):
+    class SavesMidStep(ImageClassifier):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 4:
+                self.trainer.save_checkpoint(tmp_path / "mid.ckpt")
+            return super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    lp = LinearPrediction(horizon=2)
+    _, data = model_and_data()
+    t = trainer(tmp_path, [lp], strategy=SimulatedAsyncStrategy(staleness=2), max_steps=8, limit_val_batches=0)
+    with pytest.raises(RuntimeError, match="inside training_step while 2 gradients are in flight"):
+        t.fit(SavesMidStep(arch="digits_cnn", lr=0.05), data)
+    assert not lp.predictor.is_predicted
 
 
 def test_exception_restores_real_parameters(tmp_path):

@@ -113,9 +113,8 @@ def test_nin_recipe_two_ranks_shards_dali(folder, tmp_path):
     args = cpu_args("nin.yaml", folder, tmp_path, "--test_after_fit", "true")
     args[args.index("--trainer.devices") + 1] = "2"
     args[args.index("--trainer.max_steps") + 1] = "-1"
-    # channels_last is off here only because AsyncPredStrategy's replica check cannot yet hash 1x1-conv weights
-    # in channels_last layout (reported to the strategy's owner); the recipes keep it on
-    args += ["--trainer.max_epochs", "1", "--model.channels_last", "false"]
+    # the recipe's channels_last stays on: the replica checksum must hash 1x1-conv weights in that layout
+    args += ["--trainer.max_epochs", "1"]
     # in-process fits before this test leave Lightning's launch variables (MASTER_PORT, LOCAL_RANK, ...) in
     # os.environ and their process group's store bound to MASTER_PORT: start the 2 ranks from a clean env
     launch_vars = {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"}

@@ -59,6 +59,7 @@ class AsyncUpdateMixin:
         self.local_steps = 0
         self._last_staleness: Optional[int] = None
         self._pending_async_state: Optional[dict[str, Any]] = None
+        self._in_training_step = False
 
     # ----------------------------------------------------------- to implement
     def _create_exchange(self) -> Exchange:  # pragma: no cover - abstract
@@ -164,6 +165,14 @@ class AsyncUpdateMixin:
         """Apply everything in flight (one update). Returns how many gradients were applied."""
         if self.exchange is None or self.exchange.closed or self._optimizer is None:
             return 0
+        if self._in_training_step and self.exchange.in_flight:
+            # an optimizer step here would modify parameters the pending backward still needs
+            raise RuntimeError(
+                f"{type(self).__name__}: a checkpoint was requested inside training_step while "
+                f"{self.exchange.in_flight} gradients are in flight; draining them would update the parameters "
+                "before this step's backward. Save checkpoints from a callback (e.g. ModelCheckpoint, or "
+                "trainer.save_checkpoint in on_train_batch_end) instead"
+            )
         ready = self.exchange.drain()
         if not ready:
             return 0
@@ -205,6 +214,13 @@ class AsyncUpdateMixin:
             self.load_async_state_dict(checkpoint["async_pred"])
 
     # ------------------------------------------------------- lightning hooks
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._in_training_step = True
+        try:
+            return super().training_step(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._in_training_step = False
+
     def lightning_module_state_dict(self) -> dict[str, Tensor]:
         # a checkpoint holds real parameters with nothing in flight
         self.drain_and_apply()

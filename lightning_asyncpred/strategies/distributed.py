@@ -324,7 +324,8 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         digest = hashlib.sha256()
         for n, t in state:
             digest.update(n.encode())
-            digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            # reshape(-1) copies in logical order: the same bytes whatever the memory format (channels_last)
+            digest.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         self._all_ranks_agree(digest.hexdigest(), "parameter checksum after the broadcast from rank 0")
 
     def _all_ranks_agree(self, value: Any, what: str) -> None:
