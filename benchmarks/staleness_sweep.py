@@ -33,8 +33,9 @@ def run_arm(job: tuple[str, int, float, int, int]) -> dict:
     warnings.filterwarnings("ignore")
     import pytorch_lightning as pl
 
-    for name in ("pytorch_lightning", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in list(logging.root.manager.loggerDict):  # Lightning sets levels on its child loggers too
+        if name.startswith(("pytorch_lightning", "lightning_fabric")):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
     from lightning_asyncpred import DigitsDataModule, ImageClassifier, LinearPrediction, SimulatedAsyncStrategy
 
