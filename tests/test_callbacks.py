@@ -208,8 +208,9 @@ def test_staleness_monitor_rejects_plain_strategy(tmp_path):
 
 def test_cli_fit_smoke(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the installed console script, next to this interpreter (checks the entry point too)
     cmd = [
-        sys.executable, "-m", "lightning_asyncpred.cli", "fit", "--config", os.path.join(root, "recipes", "digits_sim.yaml"),
+        os.path.join(os.path.dirname(sys.executable), "asyncpred"), "fit", "--config", os.path.join(root, "recipes", "digits_sim.yaml"),
         "--trainer.max_steps", "30", "--trainer.max_epochs", "-1", "--trainer.enable_progress_bar", "false",
         "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
     ]
