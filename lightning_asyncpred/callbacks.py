@@ -12,6 +12,7 @@ import torch
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from lightning_asyncpred.prediction import LinearPredictor, check_velocity_mode
+from lightning_asyncpred.validation import check_int
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,11 @@ class LinearPrediction(Callback):
                 raise ValueError(f"horizon must be 'auto' or a number >= 0, got {horizon!r}")
         elif isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not math.isfinite(horizon) or horizon < 0:
             raise ValueError(f"horizon must be 'auto' or a number >= 0, got {horizon!r}")
-        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}")
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1)
         self.horizon = horizon
         self.velocity = check_velocity_mode(velocity)
         self.ema_decay = ema_decay
         self.warmup_steps = warmup_steps
-        self.log_every_n_steps = log_every_n_steps
         self.predictor: Optional[LinearPredictor] = None
         self.error_ratios: list[float] = []
         self._last_count = 0
@@ -184,9 +183,7 @@ class StalenessMonitor(Callback):
     """
 
     def __init__(self, log_every_n_steps: int = 50, plot_path: Optional[str] = None) -> None:
-        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}")
-        self.log_every_n_steps = log_every_n_steps
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1)
         self.plot_path = plot_path
         self.written_plot: Optional[str] = None
 

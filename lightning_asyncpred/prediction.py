@@ -28,6 +28,8 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
+from lightning_asyncpred.validation import check_int
+
 VELOCITY_MODES = ("last", "ema")
 
 
@@ -71,8 +73,7 @@ class LinearPredictor:
         self.velocity_mode = check_velocity_mode(velocity)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        check_int("warmup_steps", warmup_steps, 0)
         self.ema_decay = ema_decay
         self.warmup_steps = warmup_steps
         with torch.no_grad():

@@ -18,14 +18,10 @@ from lightning_asyncpred.data.folder import (
     val_transform,
     verify_images,
 )
+from lightning_asyncpred.validation import check_int
 
 BACKENDS = ("dali", "torchvision")
 DALI_DEVICES = ("auto", "gpu", "cpu")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def pad_to_multiple(items: list, num_shards: int) -> list:
@@ -88,9 +84,9 @@ class ImageNetDataModule(pl.LightningDataModule):
         if verify_images not in VERIFY_MODES:
             raise ValueError(f"verify_images must be one of {', '.join(VERIFY_MODES)}, got {verify_images!r}")
         for name, value in (("batch_size", batch_size), ("num_threads", num_threads), ("image_size", image_size), ("val_resize", val_resize)):
-            _positive_int(name, value)
+            check_int(name, value, 1)
         if val_batch_size is not None:
-            _positive_int("val_batch_size", val_batch_size)
+            check_int("val_batch_size", val_batch_size, 1)
         if val_resize < image_size:
             raise ValueError(f"val_resize ({val_resize}) must be >= image_size ({image_size}) for the center crop")
         if worker_start_method not in ("auto", "fork", "forkserver", "spawn"):

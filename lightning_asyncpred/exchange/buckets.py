@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from lightning_asyncpred.validation import check_positive_number
+
 
 class GradientBuckets:
     """A fixed assignment of parameters to flat buckets of at most ``bucket_cap_mb`` MiB each.
@@ -16,12 +18,10 @@ class GradientBuckets:
     """
 
     def __init__(self, params: Sequence[Tensor], bucket_cap_mb: float = 25.0) -> None:
-        if not isinstance(bucket_cap_mb, (int, float)) or isinstance(bucket_cap_mb, bool) or not bucket_cap_mb > 0:
-            raise ValueError(f"bucket_cap_mb must be a number > 0, got {bucket_cap_mb!r}")
         self.params = list(params)
         if not self.params:
             raise ValueError("GradientBuckets needs at least one parameter")
-        cap = float(bucket_cap_mb) * 2**20
+        cap = check_positive_number("bucket_cap_mb", bucket_cap_mb) * 2**20
         self.groups: list[list[int]] = []
         size = 0.0
         for i, p in enumerate(self.params):

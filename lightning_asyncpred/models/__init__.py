@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from lightning_asyncpred.validation import check_int
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -29,8 +31,7 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """Build the architecture ``name`` with ``num_classes`` outputs."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    check_int("num_classes", num_classes, 1)
     return _REGISTRY[name](num_classes=num_classes, **kwargs)
 
 

@@ -34,6 +34,7 @@ from torch.optim import Optimizer
 import pytorch_lightning as pl
 from lightning_asyncpred.exchange import Exchange, GradientBuckets, ReadyGradient, sum_buckets
 from lightning_asyncpred.staleness import StalenessStats
+from lightning_asyncpred.validation import check_positive_number
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,7 @@ class AsyncUpdateMixin:
     _submit_nonfinite: bool = False
 
     def _init_async(self, bucket_cap_mb: float) -> None:
-        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
-            raise ValueError(f"bucket_cap_mb must be a number > 0, got {bucket_cap_mb!r}")
-        self.bucket_cap_mb = float(bucket_cap_mb)
+        self.bucket_cap_mb = check_positive_number("bucket_cap_mb", bucket_cap_mb)
         self.exchange = None
         self._buckets: Optional[GradientBuckets] = None
         self._optimizer: Optional[Optimizer] = None

@@ -57,8 +57,8 @@ from lightning_asyncpred.exchange import (
     describe_peer_failure,
     to_timedelta,
 )
-from lightning_asyncpred.staleness import _parse_int
 from lightning_asyncpred.strategies.base import AsyncUpdateMixin
+from lightning_asyncpred.validation import check_int
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +111,13 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
-            raise ValueError(f"max_staleness must be an integer >= 0, got {max_staleness!r}")
         if process_group_backend is not None and process_group_backend not in ("gloo", "nccl", "mpi", "ucc"):
             raise ValueError(
                 f"process_group_backend must be 'gloo', 'nccl', 'mpi', 'ucc' or None (auto), got {process_group_backend!r}"
             )
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; registered: {', '.join(sorted(TRANSPORTS))}")
-        self.max_staleness = _parse_int(max_staleness, "max_staleness", max_staleness)
+        self.max_staleness = check_int("max_staleness", max_staleness, 0)
         self.mode = check_mode(mode, process_group_backend)
         self.transport = transport
         self._timeout = to_timedelta(timeout)
@@ -293,12 +291,12 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
     def _check_bucket_layout(self) -> None:
         assert self._buckets is not None
         cap_bytes = self.bucket_cap_mb * 2**20
-        for p in self._buckets.params:
-            size = p.element_size()
+        # the check depends only on the element size: once per distinct dtype, in parameter order
+        for dtype, size in dict((p.dtype, p.element_size()) for p in self._buckets.params).items():
             if not float(cap_bytes).is_integer() or int(cap_bytes) % size:
                 raise ValueError(
                     f"bucket_cap_mb={self.bucket_cap_mb!r} gives a cap of {cap_bytes!r} bytes, not a whole number of "
-                    f"{p.dtype} gradient elements ({size} bytes each); choose a cap divisible by {size} bytes, "
+                    f"{dtype} gradient elements ({size} bytes each); choose a cap divisible by {size} bytes, "
                     f"e.g. bucket_cap_mb=0.25 or 25"
                 )
         layout = [len(self._buckets)] + list(self._buckets.numels)
