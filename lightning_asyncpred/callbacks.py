@@ -7,7 +7,6 @@ import math
 import os
 from typing import Any, Optional, Union
 
-import torch
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
@@ -90,10 +89,10 @@ class LinearPrediction(Callback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         params = [p for p in pl_module.parameters() if p.requires_grad]
         self.predictor = LinearPredictor(params, self.velocity, self.ema_decay, self.warmup_steps)
+        self._last_count = _update_count(trainer)
         if self._pending_state is not None:
             self._load_predictor_state(self._pending_state)
             self._pending_state = None
-        self._last_count = _update_count(trainer)
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         if self.predictor is None:
@@ -146,13 +145,12 @@ class LinearPrediction(Callback):
 
     # --------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """The predictor's state (see :meth:`LinearPredictor.state_dict`) and the update count it last observed:
+        consistent with the parameters saved beside them, so a resumed run predicts exactly what the
+        uninterrupted one would have."""
         if self.predictor is None:
             return {}
-        return {
-            "updates": self.predictor.updates,
-            "velocity": [v.detach().cpu().clone() for v in self.predictor.velocity],
-            "prev": [p.detach().cpu().clone() for p in self.predictor._prev],
-        }
+        return {**self.predictor.state_dict(), "last_count": self._last_count}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -163,15 +161,10 @@ class LinearPrediction(Callback):
             self._load_predictor_state(state_dict)
 
     def _load_predictor_state(self, state: dict[str, Any]) -> None:
-        pred = self.predictor
-        if len(state["velocity"]) != len(pred.params):
-            raise ValueError(
-                f"LinearPrediction state holds {len(state['velocity'])} parameters, the model has {len(pred.params)}"
-            )
-        with torch.no_grad():
-            torch._foreach_copy_(pred._velocity, [v.to(p.device) for v, p in zip(state["velocity"], pred.params)])
-            torch._foreach_copy_(pred._prev, [v.to(p.device) for v, p in zip(state["prev"], pred.params)])
-        pred.updates = int(state["updates"])
+        self.predictor.load_state_dict(state)
+        if "last_count" in state:  # (checkpoints of lightning-asyncpred 0.1 lack it: keep the strategy's count)
+            self._last_count = int(state["last_count"])
+        self._reported_ratio = self.predictor.last_error_ratio  # already logged by the run that saved it
 
 
 class StalenessMonitor(Callback):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -156,6 +156,49 @@ class LinearPredictor:
     def real_parameters(self) -> list[Tensor]:
         """The real parameters ``w_t`` (the saved copy while predicted ones are swapped in)."""
         return self._saved if self._saved is not None else [p.detach() for p in self.params]
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """``w_{t-1}``, ``v_t``, the update count, the last error ratio and a pending probe (tensors on the CPU).
+
+        The real ``w_t`` is not part of it: it is the model's own state.
+        """
+
+        def cpu(tensors: list[Tensor]) -> list[Tensor]:
+            return [t.detach().to("cpu", copy=True) for t in tensors]
+
+        probe = self._probe
+        return {
+            "updates": self.updates,
+            "velocity": cpu(self._velocity),
+            "prev": cpu(self._prev),
+            "last_error_ratio": self.last_error_ratio,
+            "probe": None if probe is None else {"due": probe.due, "real": cpu(probe.real), "predicted": cpu(probe.predicted)},
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` onto this predictor's parameters (their devices and dtypes).
+
+        Raises:
+            ValueError: if the state holds another number of parameters or other shapes.
+        """
+        shapes = [tuple(t.shape) for t in state["velocity"]]
+        if shapes != [tuple(p.shape) for p in self.params]:
+            raise ValueError(
+                f"LinearPredictor state holds {len(shapes)} parameters that do not match the model's "
+                f"{len(self.params)} trainable parameters (count or shapes differ): resume with the same model"
+            )
+
+        def placed(tensors: list[Tensor]) -> list[Tensor]:
+            return [t.to(p.device, p.dtype) for t, p in zip(tensors, self.params)]
+
+        self._velocity = placed(state["velocity"])
+        self._prev = placed(state["prev"])
+        self.updates = int(state["updates"])
+        self.last_error_ratio = state.get("last_error_ratio")
+        probe = state.get("probe")
+        self._probe = None if probe is None else _Probe(int(probe["due"]), placed(probe["real"]), placed(probe["predicted"]))
 
     def reset(self) -> None:
         """Forget the trajectory (velocity 0, ``w_{t-1} = w_t``), e.g. after loading a checkpoint."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Generic, Iterable, TypeVar, Union
+from typing import Any, Callable, Generic, Iterable, TypeVar, Union
 
 import torch
 
@@ -210,6 +210,38 @@ class BoundedStalenessQueue(Generic[T]):
         out, self._out = self._out, []
         self.released += len(out)
         return out
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self, encode: Callable[[T], Any] = lambda item: item) -> dict[str, Any]:
+        """The counters, the items released but not yet taken (``"out"``: index, staleness, item) and every
+        pending item (``"pending"``: index, due point, item), oldest first; each item as ``encode(item)``.
+
+        Nothing is released: saving never changes what the queue hands out next.
+        """
+        return {
+            "submitted": self.submitted,
+            "released": self.released,
+            "out": [{"index": r.index, "staleness": r.staleness, "item": encode(r.item)} for r in self._out],
+            "pending": [{"index": i, "due": d, "item": encode(x)} for i, d, x in self._pending],
+        }
+
+    def load_state_dict(self, state: dict[str, Any], decode: Callable[[Any], T] = lambda item: item) -> None:
+        """Put back what :meth:`state_dict` saved, each item as ``decode(saved)``.
+
+        Raises:
+            ValueError: if the counters and the items do not balance (a corrupt state).
+        """
+        submitted, released = int(state["submitted"]), int(state["released"])
+        out, pending = list(state.get("out", [])), list(state["pending"])
+        indices = [int(e["index"]) for e in out + pending]
+        if indices != list(range(released, submitted)):
+            raise ValueError(
+                f"inconsistent queue state: submitted={submitted}, released={released}, in-flight indices {indices} "
+                f"(expected {list(range(released, submitted))})"
+            )
+        self._out = [Released(int(e["index"]), int(e["staleness"]), decode(e["item"])) for e in out]
+        self._pending = deque((int(e["index"]), int(e["due"]), decode(e["item"])) for e in pending)
+        self.submitted, self.released = submitted, released
 
 
 class StalenessStats:

@@ -30,3 +30,12 @@ def model_and_data(lr=0.1, momentum=0.0, batch_size=16, **kwargs):
 
 def real_params(module):
     return [p.detach().clone() for p in module.parameters()]
+
+
+class EpochSchedulerClassifier(ImageClassifier):
+    """SGD with a StepLR that halves the learning rate after every epoch (a scheduler with interval "epoch")."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

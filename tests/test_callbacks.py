@@ -118,19 +118,42 @@ def test_checkpoint_saved_inside_training_step_holds_real_parameters(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(saved, seen["pred"]))
 
 
-def test_checkpoint_inside_training_step_with_gradients_in_flight_is_a_clear_error(tmp_path):
-    class SavesMidStep(ImageClassifier):
-        def training_step(self, batch, batch_idx):
-            if batch_idx == 4:
-                self.trainer.save_checkpoint(tmp_path / "mid.ckpt")
-            return super().training_step(batch, batch_idx)
+class _SavesAtBatch(ImageClassifier):
+    """Saves a checkpoint from inside training_step at batch ``save_at`` (predicted parameters swapped in)."""
 
+    save_at, path = 4, None
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == self.save_at:
+            self.trainer.save_checkpoint(self.path)
+        return super().training_step(batch, batch_idx)
+
+
+def test_checkpoint_inside_training_step_with_gradients_in_flight_stores_them(tmp_path):
     torch.manual_seed(0)
+    model = _SavesAtBatch(arch="digits_cnn", lr=0.05)
+    model.path = tmp_path / "mid.ckpt"
+    _, data = model_and_data()
+    t = trainer(tmp_path, [LinearPrediction(horizon=2)], strategy=SimulatedAsyncStrategy(staleness=2), max_steps=8,
+                limit_val_batches=0)
+    t.fit(model, data)
+    state = torch.load(model.path, weights_only=False)["async_pred"]
+    # 4 steps done, the gradients of steps 2 and 3 in flight: stored with their steps, not applied
+    assert state["applied_updates"] == 2 and state["local_steps"] == 4
+    queue = state["exchange"]["in_flight"]["queue"]
+    assert [e["item"]["step"] for e in queue["pending"]] == [2, 3]
+
+
+def test_drain_on_save_inside_training_step_with_gradients_in_flight_is_a_clear_error(tmp_path):
+    torch.manual_seed(0)
+    model = _SavesAtBatch(arch="digits_cnn", lr=0.05)
+    model.path = tmp_path / "mid.ckpt"
     lp = LinearPrediction(horizon=2)
     _, data = model_and_data()
-    t = trainer(tmp_path, [lp], strategy=SimulatedAsyncStrategy(staleness=2), max_steps=8, limit_val_batches=0)
+    t = trainer(tmp_path, [lp], strategy=SimulatedAsyncStrategy(staleness=2, drain_on_save=True), max_steps=8,
+                limit_val_batches=0)
     with pytest.raises(RuntimeError, match="inside training_step while 2 gradients are in flight"):
-        t.fit(SavesMidStep(arch="digits_cnn", lr=0.05), data)
+        t.fit(model, data)
     assert not lp.predictor.is_predicted
 
 

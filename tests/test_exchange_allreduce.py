@@ -210,3 +210,33 @@ def test_eager_mode_releases_completed_prefix_within_the_bound(world_of_one, mon
     assert ex.expected_staleness == pytest.approx(2.0)  # measured mean in eager mode: (1 + 3 + 2) / 3
     assert [x.step for x in ex.drain()] == [3, 4]
     assert ex.submitted == ex.applied == 5 and ex.in_flight == 0
+
+
+@pytest.mark.parametrize("s", [1, 3])
+def test_state_dict_completes_in_flight_without_applying_and_restores_it(world_of_one, s):
+    """Save after 5 steps, restore into a fresh exchange: it hands out what the original would have."""
+    original = AllReduceExchange(s, timeout=5)
+    for t in range(5):
+        original.submit(t, _buckets(t))
+        original.ready()
+    state = original.state_dict()
+    assert original.in_flight == s and state["submitted"] - state["applied"] == s  # nothing released by saving
+    assert all(b.device.type == "cpu" for e in state["in_flight"]["queue"]["pending"] for b in e["item"]["buckets"])
+    restored = AllReduceExchange(s, timeout=5)
+    restored.load_state_dict(state)
+    assert restored.in_flight == s and restored.stats.histogram == original.stats.histogram
+    for t in range(5, 9):
+        for ex in (original, restored):
+            ex.submit(t, _buckets(t))
+        a, b = original.ready(), restored.ready()
+        assert [(r.step, r.staleness) for r in a] == [(r.step, r.staleness) for r in b] == [(t - s, s)]
+        assert all(torch.equal(x, y) for x, y in zip(a[0].buckets, b[0].buckets))
+    assert [r.step for r in restored.drain()] == [r.step for r in original.drain()]
+    assert restored.submitted == restored.applied == 9
+
+
+def test_state_dict_after_close_is_an_error(world_of_one):
+    ex = AllReduceExchange(1, timeout=5)
+    ex.close()
+    with pytest.raises(RuntimeError, match="state_dict\\(\\) after close\\(\\)"):
+        ex.state_dict()

@@ -126,6 +126,39 @@ def test_dali_two_shards_cover_the_data(folder, split, n_files):
 
 
 @needs_dali
+def test_dali_train_loader_resumes_mid_epoch_on_every_shard_from_rank_0s_state(folder):
+    """Lightning saves rank 0's loader state and every rank loads it: each shard must continue exactly."""
+    dms = [datamodule(folder, seed=5) for _ in range(2)]
+    loaders = [dm.build_loader("train", shard_id=k, num_shards=2) for k, dm in enumerate(dms)]
+    assert all(isinstance(loader, dali_backend.ResumableDALILoader) for loader in loaders)
+
+    def batches(loader, n=None):
+        out = []
+        for images, labels in loader:
+            out.append((images.sum().item(), labels.tolist()))
+            if n is not None and len(out) == n:
+                break
+        return out
+
+    n = len(loaders[0])
+    assert n >= 3
+    streams, state = [], None
+    for k, loader in enumerate(loaders):
+        stream = batches(loader)  # epoch 0
+        it = iter(loader)  # epoch 1: stop after 2 batches, as a checkpoint between batches sees it
+        stream += [(x.sum().item(), y.tolist()) for x, y in (next(it), next(it))]
+        if k == 0:
+            state = loader.state_dict()
+        stream += [(x.sum().item(), y.tolist()) for x, y in it] + batches(loader)  # rest of epoch 1, epoch 2
+        streams.append(stream)
+    for k in range(2):
+        resumed = datamodule(folder, seed=5).build_loader("train", shard_id=k, num_shards=2)
+        resumed.load_state_dict(state)
+        rest = batches(resumed) + batches(resumed)  # rest of epoch 1, then epoch 2
+        assert len(rest) == 2 * n - 2 and rest == streams[k][n + 2:], f"shard {k}"
+
+
+@needs_dali
 def test_datamodule_shards_via_build_loader(folder):
     dm = datamodule(folder)
     dm.setup("fit")

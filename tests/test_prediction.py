@@ -127,3 +127,38 @@ def test_bad_horizon_and_double_predict():
         pred.predict_(1)
     with pytest.raises(RuntimeError, match="restore_"):
         pred.observe()
+
+
+def test_state_round_trip_predicts_and_probes_identically():
+    """A predictor restored from state_dict (with a probe pending) continues exactly like the original."""
+    g = torch.Generator().manual_seed(3)
+    steps = [[torch.randn(3, 4, generator=g), torch.randn(5, generator=g)] for _ in range(12)]
+    a_params, b_params = _params(), _params()
+    a = LinearPredictor(a_params, velocity="ema", ema_decay=0.7, warmup_steps=5)
+    for delta in steps[:4]:
+        for p, d in zip(a_params, delta):
+            p.add_(d)
+        a.observe()
+    a.predict_(horizon=3, probe=True)  # probe pending, due after 3 more updates
+    a.restore_()
+    for p, q in zip(b_params, a_params):
+        p.copy_(q)  # the model's own state travels separately
+    b = LinearPredictor(b_params, velocity="ema", ema_decay=0.7, warmup_steps=5)
+    b.load_state_dict(a.state_dict())
+    for delta in steps[4:]:
+        for pred, params in ((a, a_params), (b, b_params)):
+            for p, d in zip(params, delta):
+                p.add_(d)
+            pred.observe()
+            pred.predict_(horizon=2)
+        assert all(torch.equal(x, y) for x, y in zip(a_params, b_params))  # same w_hat
+        a.restore_(), b.restore_()
+        assert a.last_error_ratio == b.last_error_ratio and a.updates == b.updates
+    assert a.last_error_ratio is not None
+
+
+def test_state_of_another_model_is_refused():
+    a = LinearPredictor(_params())
+    b = LinearPredictor([torch.zeros(3, 4)])
+    with pytest.raises(ValueError, match="holds 2 parameters that do not match the model's 1 trainable parameters"):
+        b.load_state_dict(a.state_dict())

@@ -59,8 +59,14 @@ def build_pipeline(
     image_size: int,
     val_resize: int,
     seed: int,
+    checkpointing: bool = False,
+    checkpoint: Optional[str] = None,
 ) -> Any:
-    """Build (and return) the train or val DALI pipeline over ``files`` with ``labels``."""
+    """Build (and return) the train or val DALI pipeline over ``files`` with ``labels``.
+
+    ``checkpointing=True`` enables DALI's own checkpointing (reader position and shuffling, random operators'
+    states); ``checkpoint`` restores a pipeline from one (see :class:`ResumableDALILoader`).
+    """
     require_dali()
     from nvidia.dali import fn, pipeline_def, types
 
@@ -126,6 +132,8 @@ def build_pipeline(
         device_id=device_id if device == "gpu" else None,
         seed=seed,
         exec_dynamic=True,
+        enable_checkpointing=checkpointing or checkpoint is not None,
+        checkpoint=checkpoint,
     )
     pipe.build()
     return pipe
@@ -148,7 +156,7 @@ class DALILoader:
     DALI's message when it names it, else by decoding this shard's files with PIL to find it.
     """
 
-    def __init__(self, build: Callable[[int], Any], files: Sequence[str], batch_size: int, num_threads: int = 2) -> None:
+    def __init__(self, build: Callable[..., Any], files: Sequence[str], batch_size: int, num_threads: int = 2) -> None:
         self._build = build
         self._files = list(files)
         self._batch_size = batch_size
@@ -159,12 +167,13 @@ class DALILoader:
         self._mid_epoch = False
         self._start()
 
-    def _start(self) -> None:
+    def _start(self, generation: Optional[int] = None, checkpoint: Optional[str] = None) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.close()
-        self._pipe = self._build(self._builds)
-        self._builds += 1
+        generation = self._builds if generation is None else generation
+        self._pipe = self._build(generation) if checkpoint is None else self._build(generation, checkpoint)
+        self._builds = generation + 1
         self._iterator = DALIGenericIterator(
             self._pipe,
             ["images", "labels"],
@@ -221,3 +230,26 @@ class DALILoader:
     def close(self) -> None:
         self._iterator = None
         self._pipe = None
+
+
+class ResumableDALILoader(DALILoader):
+    """A :class:`DALILoader` that Lightning resumes mid-epoch (it has ``state_dict``/``load_state_dict``).
+
+    Its state is DALI's own checkpoint of the pipeline after the batches consumed so far (the reader's
+    position and epoch shuffling, the random operators' states; ``DALIGenericIterator.checkpoints()``
+    excludes what DALI prefetched) with the pipeline's build generation. ``build(generation, checkpoint)``
+    must build the pipeline with ``checkpointing=True`` and restore ``checkpoint`` when one is given.
+
+    A Lightning checkpoint holds rank 0's state, which every rank loads: DALI's reader state is a position
+    in the shard and the operators' seeds are the same on every rank, so with equal shard sizes each rank
+    continues its own shard from it (tested in ``tests/test_imagenet_data.py``).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._iterator is None:
+            self._start()
+        return {"generation": self._builds - 1, "checkpoint": self._iterator.checkpoints()[0]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self._start(int(state["generation"]), state["checkpoint"])

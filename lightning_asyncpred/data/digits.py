@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import pytorch_lightning as pl
+from lightning_asyncpred.data.resumable import resumable_train_loader
 from lightning_asyncpred.validation import check_int
 
 
@@ -17,6 +18,10 @@ class DigitsDataModule(pl.LightningDataModule):
     The test split (``test_fraction`` of the data) is fixed: it depends on nothing but the data. The
     validation split (``val_fraction`` of the rest) is carved from the training data with ``split_seed``,
     so hyperparameters can be chosen without ever looking at the test split.
+
+    The training loader is resumable mid-epoch (see :mod:`lightning_asyncpred.data.resumable`): epoch ``e``
+    is shuffled with ``shuffle_seed + e`` (default: the ``seed_everything`` seed), on one device as under a
+    distributed strategy.
     """
 
     num_classes = 10
@@ -28,6 +33,7 @@ class DigitsDataModule(pl.LightningDataModule):
         test_fraction: float = 0.2,
         split_seed: int = 0,
         num_workers: int = 0,
+        shuffle_seed: Optional[int] = None,
     ) -> None:
         super().__init__()
         check_int("batch_size", batch_size, 1)
@@ -40,6 +46,7 @@ class DigitsDataModule(pl.LightningDataModule):
         self.test_fraction = test_fraction
         self.split_seed = split_seed
         self.num_workers = num_workers
+        self.shuffle_seed = shuffle_seed
         self.train_set: Optional[TensorDataset] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -61,7 +68,9 @@ class DigitsDataModule(pl.LightningDataModule):
         self.test_set = TensorDataset(x[test_idx], y[test_idx])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers)
+        return resumable_train_loader(
+            self.train_set, self.batch_size, self.shuffle_seed, drop_last=True, num_workers=self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=256, num_workers=self.num_workers)

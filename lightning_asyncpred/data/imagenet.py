@@ -18,6 +18,7 @@ from lightning_asyncpred.data.folder import (
     val_transform,
     verify_images,
 )
+from lightning_asyncpred.data.resumable import resumable_train_loader
 from lightning_asyncpred.validation import check_int
 
 BACKENDS = ("dali", "torchvision")
@@ -55,7 +56,9 @@ class ImageNetDataModule(pl.LightningDataModule):
             training starts: ``"header"`` (default; ``Image.verify()``), ``"full"`` (decode everything) or
             ``"none"``. Each rank checks ``1/world_size`` of the files. Decode errors during training are
             also reported with the file's name (see ``data/folder.py`` and ``data/dali.py``).
-        seed: the DALI shuffling seed; must be the same on every rank (the shards partition one permutation).
+        seed: the shuffling seed; must be the same on every rank (the shards partition one permutation). DALI
+            and the torchvision backend on one device use it; under a distributed strategy Lightning's
+            ``DistributedSampler`` shuffles the torchvision loader with the ``seed_everything`` seed.
         pin_memory: torchvision backend only.
         worker_start_method: torchvision backend only: how DataLoader workers start (``"auto"``: the
             platform default, but ``"forkserver"`` when DALI is loaded in the same process).
@@ -184,16 +187,16 @@ class ImageNetDataModule(pl.LightningDataModule):
         if self.backend == "torchvision":
             transform = train_transform(self.image_size) if train else val_transform(self.image_size, self.val_resize)
             dataset = ScannedImageFolder(data, self.layout.classes, transform=transform)
-            return DataLoader(
-                dataset,
-                batch_size=batch,
-                shuffle=train,
+            loader_kwargs = dict(
                 num_workers=self.num_threads,
                 pin_memory=self.pin_memory,
                 persistent_workers=self.num_threads > 0,
                 drop_last=False,
                 multiprocessing_context=self._worker_start_method(),
             )
+            if train:  # resumable mid-epoch (torchdata's StatefulDataLoader, order a function of seed and epoch)
+                return resumable_train_loader(dataset, batch, self.seed, **loader_kwargs)
+            return DataLoader(dataset, batch_size=batch, shuffle=False, **loader_kwargs)
         device = self.resolved_dali_device()
         device_id = local_rank
         root = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
@@ -201,7 +204,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             device_id = root.index  # the GPU this rank trains on (equals local_rank unless devices are remapped)
         files, labels = pad_to_multiple(data.files, num_shards), pad_to_multiple(data.labels, num_shards)
 
-        def build(generation: int) -> Any:
+        def build(generation: int, checkpoint: Optional[str] = None) -> Any:
             return dali_backend.build_pipeline(
                 files,
                 labels,
@@ -215,9 +218,13 @@ class ImageNetDataModule(pl.LightningDataModule):
                 image_size=self.image_size,
                 val_resize=self.val_resize,
                 seed=self.seed + 1000 * generation,
+                checkpointing=train,
+                checkpoint=checkpoint,
             )
 
-        return dali_backend.DALILoader(build, data.files, batch_size=batch, num_threads=self.num_threads)
+        # training: resumable mid-epoch through DALI's own checkpointing
+        loader_cls = dali_backend.ResumableDALILoader if train else dali_backend.DALILoader
+        return loader_cls(build, data.files, batch_size=batch, num_threads=self.num_threads)
 
     def _worker_start_method(self) -> Optional[str]:
         """The DataLoader workers' start method: ``worker_start_method``; ``"auto"`` is the platform default,

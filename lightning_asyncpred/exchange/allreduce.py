@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_asyncpred.exchange.base import Exchange, ReadyGradient
+from lightning_asyncpred.exchange.base import Exchange, ReadyGradient, saved_gradient
 from lightning_asyncpred.staleness import BoundedStalenessQueue, Released
 
 log = logging.getLogger(__name__)
@@ -250,6 +250,18 @@ class AllReduceExchange(Exchange):
 
     def _drain(self) -> list[ReadyGradient]:
         return self._convert(self.queue.drain())
+
+    def _state_dict(self) -> dict:
+        def complete(item: _Item) -> dict:
+            self._wait(item)  # the reduction finishes; the result stays queued for its due step
+            return saved_gradient(item[0], item[1])
+
+        return {"queue": self.queue.state_dict(complete)}
+
+    def _load_state_dict(self, state: dict, place) -> int:
+        # restored reductions are complete: no Work to wait for (eager mode releases them at the next step)
+        self.queue.load_state_dict(state["queue"], lambda e: (int(e["step"]), place(e["buckets"]), []))
+        return self.queue.in_flight
 
     def _close(self) -> None:
         """Abandon what is in flight without waiting on peers (they may be gone)."""

@@ -8,6 +8,11 @@ for what is ready to apply. Ready results come back in a fixed order, identical 
   submissions are in flight.
 - ``drain()``: everything still in flight (checkpoint, end of fit, teardown).
 - ``close()``: idempotent, also after a failed setup.
+- ``state_dict()`` / ``load_state_dict(state, place)``: a checkpoint of the exchange. Saving *completes*
+  every gradient in flight (waits for its communication) but applies nothing and releases nothing, so a
+  checkpoint never changes the run; the completed gradients are stored (on the CPU) with their steps,
+  submission indices and due points, and loading puts them back so the run continues exactly where it
+  was. The saved state holds about ``in_flight`` gradient copies (``s`` in steady state).
 
 Accounting: ``submitted == applied + in_flight`` always, where ``applied`` counts results handed out by
 ``ready()``/``drain()``; nothing submitted is lost and nothing is handed out twice.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 from torch import Tensor
 
@@ -36,6 +42,11 @@ class ReadyGradient:
     staleness: int
     count: int
     buckets: list[Tensor]
+
+
+def saved_gradient(step: int, buckets: Sequence[Tensor]) -> dict[str, Any]:
+    """A gradient in flight as a checkpoint stores it: its step and a CPU copy of its buckets."""
+    return {"step": int(step), "buckets": [b.detach().to("cpu", copy=True) for b in buckets]}
 
 
 class Exchange(abc.ABC):
@@ -80,6 +91,51 @@ class Exchange(abc.ABC):
         if not self.closed:
             self.closed = True
             self._close()
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, staleness statistics and the in-flight gradients, completed but not applied."""
+        if self.closed:
+            raise RuntimeError(f"{type(self).__name__}.state_dict() after close()")
+        return {
+            "transport": self.name,
+            "submitted": self.submitted,
+            "applied": self.applied,
+            "staleness": self.stats.state_dict(),
+            "in_flight": self._state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], place: Callable[[Sequence[Tensor]], list[Tensor]] = list) -> None:
+        """Restore :meth:`state_dict`; ``place`` checks a saved bucket list and moves it to the buckets' devices.
+
+        Raises:
+            ValueError: the state was saved by another transport with gradients in flight, or it is inconsistent.
+        """
+        if self.closed:
+            raise RuntimeError(f"{type(self).__name__}.load_state_dict() after close()")
+        submitted, applied = int(state["submitted"]), int(state["applied"])
+        if state.get("transport") != self.name and submitted != applied:
+            raise ValueError(
+                f"the checkpoint holds {submitted - applied} gradients in flight of the {state.get('transport')!r} "
+                f"transport, but this run uses {self.name!r}: resume with the same transport, or write the "
+                "checkpoint with drain_on_save=True (which applies them before saving)"
+            )
+        same = state.get("transport") == self.name
+        restored = self._load_state_dict(state["in_flight"], place) if same else 0
+        if restored != submitted - applied:
+            raise ValueError(
+                f"inconsistent exchange state: submitted={submitted}, applied={applied}, but {restored} gradients in flight"
+            )
+        self.submitted, self.applied = submitted, applied
+        self.stats.load_state_dict(state.get("staleness", {}))
+
+    def _state_dict(self) -> Any:
+        """The transport's in-flight state, completed (waited for), on the CPU."""
+        raise NotImplementedError(f"the {self.name!r} transport cannot save its in-flight gradients")
+
+    def _load_state_dict(self, state: Any, place: Callable[[Sequence[Tensor]], list[Tensor]]) -> int:
+        """Put back :meth:`_state_dict`; returns how many gradients are in flight again."""
+        raise NotImplementedError(f"the {self.name!r} transport cannot restore in-flight gradients")
 
     def _account(self, results: list[ReadyGradient]) -> list[ReadyGradient]:
         self.applied += len(results)

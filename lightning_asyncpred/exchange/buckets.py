@@ -53,6 +53,28 @@ class GradientBuckets:
             out.append(flat)
         return out
 
+    def place(self, buckets: Sequence[Tensor]) -> list[Tensor]:
+        """Saved buckets (e.g. from a checkpoint) checked against this layout and moved to its devices and dtypes.
+
+        Raises:
+            ValueError: naming the bucket whose count or size does not match (a different model or ``bucket_cap_mb``).
+        """
+        if len(buckets) != len(self.groups):
+            raise ValueError(
+                f"the saved gradient has {len(buckets)} buckets, this model's layout has {len(self.groups)}: "
+                "resume with the same model and bucket_cap_mb"
+            )
+        out = []
+        for k, (flat, g, numel) in enumerate(zip(buckets, self.groups, self.numels)):
+            if flat.numel() != numel:
+                raise ValueError(
+                    f"saved gradient bucket {k} has {flat.numel()} elements, this model's layout has {numel}: "
+                    "resume with the same model and bucket_cap_mb"
+                )
+            first = self.params[g[0]]
+            out.append(flat.to(device=first.device, dtype=first.dtype))
+        return out
+
     @torch.no_grad()
     def load_grads(self, buckets: Sequence[Tensor], scale: float = 1.0) -> None:
         """Write ``scale * bucket`` into each parameter's ``.grad`` (allocating it if needed)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_asyncpred.exchange.base import Exchange, ReadyGradient
+from lightning_asyncpred.exchange.base import Exchange, ReadyGradient, saved_gradient
 from lightning_asyncpred.staleness import BoundedStalenessQueue, Released, StalenessSpec, parse_staleness
 
 
@@ -40,6 +40,17 @@ class SimulatedExchange(Exchange):
 
     def _drain(self) -> list[ReadyGradient]:
         return self._convert(self.queue.drain())
+
+    def _state_dict(self) -> dict:
+        return {
+            "queue": self.queue.state_dict(lambda item: saved_gradient(*item)),
+            "generator": self.generator.get_state(),  # the staleness draws continue where they were
+        }
+
+    def _load_state_dict(self, state: dict, place) -> int:
+        self.queue.load_state_dict(state["queue"], lambda e: (int(e["step"]), place(e["buckets"])))
+        self.generator.set_state(state["generator"])
+        return self.queue.in_flight
 
     def _close(self) -> None:
         self.queue.drain()

@@ -19,7 +19,12 @@ on every rank at every step (collectives are matched in program order), so it su
 gradient is then non-finite on every rank, and when it is applied every rank's scaler skips that step and
 lowers the scale identically (as DDP does).
 
-Checkpoints carry the strategy's counters and staleness histogram under ``checkpoint["async_pred"]``.
+Checkpoints (``checkpoint["async_pred"]``): the strategy's counters and the exchange's state, i.e. its
+staleness histogram and every gradient still in flight, completed (waited for) but not applied. Saving
+therefore never changes the run, and loading puts the in-flight gradients back, so a resumed run continues
+exactly where the saved one was. The model ``state_dict`` holds the real parameters as they are: a plain
+state dict that loads into any Lightning strategy. With ``drain_on_save=True`` a save first applies
+everything in flight (a smaller checkpoint, but every save bends the trajectory). End of fit always drains.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 import pytorch_lightning as pl
+from lightning_fabric.utilities.data import _set_sampler_epoch
 from lightning_asyncpred.exchange import Exchange, GradientBuckets, ReadyGradient, sum_buckets
 from lightning_asyncpred.staleness import StalenessStats
 from lightning_asyncpred.validation import check_positive_number
@@ -48,8 +54,11 @@ class AsyncUpdateMixin:
     exchange: Optional[Exchange]
     _submit_nonfinite: bool = False
 
-    def _init_async(self, bucket_cap_mb: float) -> None:
+    def _init_async(self, bucket_cap_mb: float, drain_on_save: bool = False) -> None:
         self.bucket_cap_mb = check_positive_number("bucket_cap_mb", bucket_cap_mb)
+        if not isinstance(drain_on_save, bool):
+            raise ValueError(f"drain_on_save must be True or False, got {drain_on_save!r}")
+        self.drain_on_save = drain_on_save
         self.exchange = None
         self._buckets: Optional[GradientBuckets] = None
         self._optimizer: Optional[Optimizer] = None
@@ -99,7 +108,7 @@ class AsyncUpdateMixin:
         self._buckets = GradientBuckets(params, self.bucket_cap_mb)
         self.exchange = self._create_exchange()
         if self._pending_async_state is not None:
-            self.exchange.stats.load_state_dict(self._pending_async_state.get("staleness", {}))
+            self._restore_exchange(self._pending_async_state)
             self._pending_async_state = None
 
     def _close_exchange(self) -> None:
@@ -161,7 +170,10 @@ class AsyncUpdateMixin:
         return out
 
     def drain_and_apply(self) -> int:
-        """Apply everything in flight (one update). Returns how many gradients were applied."""
+        """Apply everything in flight (one update; end of fit, or a save with ``drain_on_save``).
+
+        Returns how many gradients were applied.
+        """
         if self.exchange is None or self.exchange.closed or self._optimizer is None:
             return 0
         if self._in_training_step and self.exchange.in_flight:
@@ -170,7 +182,7 @@ class AsyncUpdateMixin:
                 f"{type(self).__name__}: a checkpoint was requested inside training_step while "
                 f"{self.exchange.in_flight} gradients are in flight; draining them would update the parameters "
                 "before this step's backward. Save checkpoints from a callback (e.g. ModelCheckpoint, or "
-                "trainer.save_checkpoint in on_train_batch_end) instead"
+                "trainer.save_checkpoint in on_train_batch_end) instead, or leave drain_on_save=False"
             )
         ready = self.exchange.drain()
         if not ready:
@@ -184,24 +196,36 @@ class AsyncUpdateMixin:
 
     # ------------------------------------------------------------ checkpoint
     def async_state_dict(self) -> dict[str, Any]:
-        """Counters and staleness histogram (saved under ``checkpoint["async_pred"]``)."""
-        return {
+        """Counters and the exchange's state (saved under ``checkpoint["async_pred"]``).
+
+        The exchange's in-flight gradients are completed and copied, never applied (see the module docstring).
+        """
+        state: dict[str, Any] = {
             "applied_updates": self.applied_updates,
             "applied_steps": self.applied_steps,
             "local_steps": self.local_steps,
             "last_staleness": self._last_staleness,
-            "staleness": self.staleness_stats.state_dict(),
         }
+        if self.exchange is not None and not self.exchange.closed:
+            state["exchange"] = self.exchange.state_dict()
+        return state
 
     def load_async_state_dict(self, state: dict[str, Any]) -> None:
         self.applied_updates = int(state.get("applied_updates", 0))
         self.applied_steps = int(state.get("applied_steps", 0))
         self.local_steps = int(state.get("local_steps", 0))
         self._last_staleness = state.get("last_staleness")
-        if self.exchange is not None:
-            self.exchange.stats.load_state_dict(state.get("staleness", {}))
-        else:
+        if self.exchange is not None and not self.exchange.closed:
+            self._restore_exchange(state)
+        else:  # the exchange is built in setup(), after Lightning restored the model
             self._pending_async_state = state
+
+    def _restore_exchange(self, state: dict[str, Any]) -> None:
+        assert self.exchange is not None and self._buckets is not None
+        if "exchange" in state:
+            self.exchange.load_state_dict(state["exchange"], place=self._buckets.place)
+        else:  # a checkpoint without in-flight state (lightning-asyncpred 0.1): statistics only
+            self.exchange.stats.load_state_dict(state.get("staleness", {}))
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         checkpoint["async_pred"] = self.async_state_dict()
@@ -213,6 +237,14 @@ class AsyncUpdateMixin:
             self.load_async_state_dict(checkpoint["async_pred"])
 
     # ------------------------------------------------------- lightning hooks
+    def process_dataloader(self, dataloader: object) -> object:
+        # Lightning 2.5.3-2.6 creates the training iterator before it sets the sampler's epoch (Lightning issue
+        # #21938): the first epoch of a resumed run would replay epoch 0's order. Set it before the iterator exists.
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        if trainer is not None and trainer.state.fn == "fit":
+            _set_sampler_epoch(dataloader, trainer.fit_loop.epoch_progress.current.processed)
+        return super().process_dataloader(dataloader)  # type: ignore[misc]
+
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._in_training_step = True
         try:
@@ -221,8 +253,9 @@ class AsyncUpdateMixin:
             self._in_training_step = False
 
     def lightning_module_state_dict(self) -> dict[str, Tensor]:
-        # a checkpoint holds real parameters with nothing in flight
-        self.drain_and_apply()
+        # the real parameters as they are; in-flight gradients go to checkpoint["async_pred"] (save_checkpoint)
+        if self.drain_on_save:
+            self.drain_and_apply()
         return super().lightning_module_state_dict()  # type: ignore[misc]
 
     def on_train_end(self) -> None:

@@ -84,6 +84,8 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             timeout. A lost peer ends every other rank with :class:`PeerLostError` within about this time.
         transport: a transport registered in :data:`lightning_asyncpred.exchange.TRANSPORTS`.
         heartbeat_interval: seconds between liveness heartbeats in the c10d store (used to name a lost rank).
+        drain_on_save: apply the gradients in flight before saving a checkpoint instead of storing them in
+            it (smaller checkpoints, but every save then changes the run). Default ``False``.
     """
 
     strategy_name = "async_pred_allreduce"
@@ -98,6 +100,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         timeout: Union[timedelta, int, float] = default_pg_timeout,
         transport: str = "allreduce",
         heartbeat_interval: float = 1.0,
+        drain_on_save: bool = False,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -128,7 +131,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         self._num_nodes = 1
         self._monitor: Optional[PeerMonitor] = None
         self._failed = False
-        self._init_async(bucket_cap_mb)
+        self._init_async(bucket_cap_mb, drain_on_save)
 
     # ------------------------------------------------------------ topology
     @property

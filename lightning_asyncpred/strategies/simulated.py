@@ -23,6 +23,8 @@ class SimulatedAsyncStrategy(AsyncUpdateMixin, SingleDeviceStrategy):
             ``geometric`` ``4 * MEAN``).
         seed: seed of the staleness draws.
         bucket_cap_mb: size of the flat gradient buckets.
+        drain_on_save: apply the gradients in flight before saving a checkpoint instead of storing them in
+            it (smaller checkpoints, but every save then changes the run). Default ``False``.
         device: the device to train on (default: the accelerator's first device).
     """
 
@@ -34,6 +36,7 @@ class SimulatedAsyncStrategy(AsyncUpdateMixin, SingleDeviceStrategy):
         max_staleness: Optional[int] = None,
         seed: int = 0,
         bucket_cap_mb: float = 25.0,
+        drain_on_save: bool = False,
         device: Optional[Union[str, torch.device]] = None,
         **kwargs: Any,
     ) -> None:
@@ -43,7 +46,7 @@ class SimulatedAsyncStrategy(AsyncUpdateMixin, SingleDeviceStrategy):
         self.staleness = staleness
         self.max_staleness = max_staleness
         self.seed = seed
-        self._init_async(bucket_cap_mb)
+        self._init_async(bucket_cap_mb, drain_on_save)
 
     def setup_environment(self) -> None:
         if not self._device_given and isinstance(self.accelerator, CUDAAccelerator):

@@ -22,6 +22,9 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
 import lightning_asyncpred as la  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from tests.helpers import EpochSchedulerClassifier  # noqa: E402
+
 
 class Killer(Callback):
     """SIGKILL this process at ``step`` on ``rank`` (a lost peer)."""
@@ -60,6 +63,17 @@ class Recorder(Callback):
             self.observed_staleness.append(int(s))
 
 
+class ValLossRecorder(Callback):
+    """``val/loss`` after every validation run (the value the run logged)."""
+
+    def __init__(self) -> None:
+        self.val_losses: list[float] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if "val/loss" in trainer.callback_metrics:
+            self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
+
+
 class ManualClassifier(la.ImageClassifier):
     def __init__(self, **kw):
         super().__init__(**kw)
@@ -92,6 +106,8 @@ def main() -> None:
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--ckpt-epochs", action="store_true", help="checkpoint at the end of every epoch")
     p.add_argument("--resume", default=None)
+    p.add_argument("--drain-on-save", action="store_true")
+    p.add_argument("--epoch-scheduler", action="store_true", help="StepLR(1, 0.5) stepped every epoch")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--fp16-overflow-rank", type=int, default=None,
                    help="16-mixed with a GradScaler on CPU; overflow this rank's gradient at step 5")
@@ -112,17 +128,17 @@ def main() -> None:
     if args.strategy == "async_pred":
         strategy = la.AsyncPredStrategy(
             max_staleness=args.max_staleness, mode=args.mode, bucket_cap_mb=args.bucket_cap_mb,
-            timeout=args.timeout, heartbeat_interval=0.5,
+            timeout=args.timeout, heartbeat_interval=0.5, drain_on_save=args.drain_on_save,
         )
     else:
         strategy = args.strategy
-    cls = ManualClassifier if args.manual else la.ImageClassifier
+    cls = ManualClassifier if args.manual else EpochSchedulerClassifier if args.epoch_scheduler else la.ImageClassifier
     env_rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
     arch_kwargs = {"width": 16 + 8 * env_rank} if args.width_by_rank else None
     model = cls(arch="digits_cnn", arch_kwargs=arch_kwargs, lr=args.lr, momentum=0.9, lr_schedule="cosine")
     data = la.DigitsDataModule(batch_size=32)
-    recorder = Recorder()
-    callbacks = [recorder]
+    recorder, val_recorder = Recorder(), ValLossRecorder()
+    callbacks = [recorder, val_recorder]
     if args.prediction:
         callbacks.append(la.LinearPrediction(horizon="auto", log_every_n_steps=5))
         callbacks.append(la.StalenessMonitor(log_every_n_steps=5, plot_path=os.path.join(args.out, "staleness.png")))
@@ -187,6 +203,9 @@ def main() -> None:
         os._exit(3)
     s = trainer.strategy
     ex = getattr(s, "exchange", None)
+    # the sampler that draws the indices (Lightning puts its DistributedSampler inside the batch sampler)
+    loader = trainer.train_dataloader
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
     result.update(
         rank=trainer.global_rank,
         world_size=trainer.world_size,
@@ -194,6 +213,7 @@ def main() -> None:
         global_step=trainer.global_step,
         elapsed=time.time() - t0,
         observed_staleness=recorder.observed_staleness,
+        val_losses=val_recorder.val_losses,
         applied_updates=getattr(s, "applied_updates", None),
         applied_steps=getattr(s, "applied_steps", None),
         local_steps=getattr(s, "local_steps", None),
@@ -204,7 +224,9 @@ def main() -> None:
         staleness_hist=list(s.staleness_stats.histogram) if hasattr(s, "staleness_stats") else None,
         logged={k: float(v) for k, v in trainer.callback_metrics.items()},
         scales=overflow.scales if overflow is not None else None,
-        sampler=type(trainer.train_dataloader.sampler).__name__ if trainer.train_dataloader is not None else None,
+        sampler=type(sampler).__name__ if sampler is not None else None,
+        sampler_shuffle=getattr(sampler, "shuffle", None),
+        loader=type(trainer.train_dataloader).__name__ if trainer.train_dataloader is not None else None,
     )
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(args.out, f"rank{rank}.pt"))
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
