@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+import torch
 import torch.distributed as dist
 
 import pytorch_lightning as pl
@@ -28,10 +29,9 @@ def _free_port() -> int:
 
 
 def _trainer(strategy, **kw):
-    return pl.Trainer(
-        accelerator="cpu", devices=1, strategy=strategy, max_steps=3, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, **kw,
-    )
+    args = dict(accelerator="cpu", devices=1, strategy=strategy, max_steps=3, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    return pl.Trainer(**{**args, **kw})
 
 
 def test_registered_names_and_idempotent_registration():
@@ -127,6 +127,38 @@ def test_single_process_world_trains_synchronously(monkeypatch):
     strategy.teardown()
 
 
+def test_fp16_step_whose_training_step_returned_none_still_applies_the_ready_gradient(monkeypatch):
+    """World of one (Lightning allows a skipped training_step there), 16-mixed: at step 3 training_step returns
+    None, so Lightning's mixed-precision plugin would skip the step; the gradient of step 2 that is ready
+    then must still be applied (a collective transport submitted this step like every other)."""
+    from pytorch_lightning.callbacks import Callback
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    class SkipsStep3(la.ImageClassifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return None if self.trainer.global_step == 3 else loss
+
+    changed = {}
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = [p.detach().clone() for p in pl_module.parameters()]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            after = list(pl_module.parameters())
+            changed[trainer.global_step - 1] = any(not torch.equal(a, b) for a, b in zip(self.before, after))
+
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    strategy = AsyncPredStrategy(max_staleness=1, bucket_cap_mb=0.25, timeout=10)
+    precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    trainer = _trainer(strategy, max_steps=6, plugins=[precision], callbacks=[Watch()])
+    torch.manual_seed(0)
+    trainer.fit(SkipsStep3(lr=0.05), la.DigitsDataModule())
+    assert changed == {0: False, 1: True, 2: True, 3: True, 4: True, 5: True}  # step 3 applied step 2's gradient
+    assert strategy.exchange.submitted == strategy.exchange.applied == 6
+
+
 def test_teardown_after_failed_setup_is_safe():
     s = AsyncPredStrategy()
     s.teardown()
@@ -141,24 +173,3 @@ def test_devices_mismatch_message_of_the_strategy():
     msg = s._mismatch_message(4)
     assert "devices mismatch: the Trainer is configured for num_nodes=1 x devices=2 = 2 processes" in msg
     assert "started a world of 4" in msg and "--nproc_per_node" in msg
-
-
-def test_sigterm_flag_travels_through_the_store_not_a_collective():
-    """Lightning's per-step SIGTERM broadcast is replaced by a store flag: one rank's SIGTERM stops every rank."""
-    from types import SimpleNamespace
-
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-    from lightning_asyncpred.exchange import PeerMonitor
-
-    store = dist.HashStore()
-    ranks = [AsyncPredStrategy() for _ in range(2)]
-    for r, s in enumerate(ranks):
-        s._monitor = PeerMonitor(store, r, 2)
-    calm, signalled = SimpleNamespace(received_sigterm=False), SimpleNamespace(received_sigterm=True)
-    ranks[0]._check_sigterm(calm)
-    ranks[1]._check_sigterm(calm)  # nothing set: both go on
-    with pytest.raises(SIGTERMException):
-        ranks[1]._check_sigterm(signalled)  # rank 1 got SIGTERM
-    with pytest.raises(SIGTERMException):
-        ranks[0]._check_sigterm(calm)  # rank 0 sees it through the store

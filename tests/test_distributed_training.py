@@ -102,3 +102,14 @@ def test_fp16_grad_scaler_overflow_on_one_rank_is_handled_identically_everywhere
     assert res[0]["scales"] == res[1]["scales"]
     assert res[0]["scales"][:7] == [1024.0] * 7 and res[0]["scales"][7:] == [512.0] * 7  # skipped at step 7 = 5 + 2
     assert all(torch.isfinite(v.float()).all() for v in params(out, 0).values())
+
+
+def test_training_step_returning_none_on_one_rank_is_refused_like_ddp(tmp_path):
+    """Lightning refuses a skipped training_step in distributed training under every strategy (ddp too): the
+    skipping rank raises Lightning's error, the other ends with PeerLostError naming it instead of hanging."""
+    out = tmp_path / "run"
+    proc = run(out, "--max-staleness", "2", "--max-steps", "12", "--fp16", "--none-step-rank", "1", check=False)
+    assert proc.returncode != 0
+    res = results(out)
+    assert "Skipping the `training_step` by returning None in distributed training is not supported" in res[1]["error"]
+    assert res[0]["error_type"] == "PeerLostError" and "lost rank 1" in res[0]["error"]

@@ -127,3 +127,46 @@ def test_two_optimizers_rejected(tmp_path):
     loader = torch.utils.data.DataLoader(torch.randn(4, 2), batch_size=2)
     with pytest.raises(ValueError, match="supports exactly one optimizer, got 2"):
         t.fit(TwoOpt(), loader)
+
+
+@pytest.fixture
+def two_fake_gpus(monkeypatch):
+    """Lightning sees 2 CUDA devices (nothing runs on them: these tests only build Trainers)."""
+    import lightning_fabric.accelerators.cuda as fabric_cuda
+    import pytorch_lightning.accelerators.cuda as pl_cuda
+
+    monkeypatch.setattr(fabric_cuda, "num_cuda_devices", lambda: 2)
+    monkeypatch.setattr(pl_cuda, "num_cuda_devices", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+def test_trains_on_the_device_the_trainer_was_given(two_fake_gpus, tmp_path, monkeypatch):
+    t = pl.Trainer(accelerator="gpu", devices=[1], strategy="async_pred_sim", logger=False, default_root_dir=tmp_path)
+    assert t.strategy.root_device == torch.device("cuda", 1)
+    t = pl.Trainer(accelerator="gpu", devices=1, strategy=SimulatedAsyncStrategy(staleness=2), logger=False,
+                   default_root_dir=tmp_path)
+    assert t.strategy.root_device == torch.device("cuda", 0)
+    # DALI decodes on the trained GPU too
+    from lightning_asyncpred.data import ImageNetDataModule
+    from lightning_asyncpred.data import dali as dali_backend
+    from tests.imagenet_fixtures import make_imagenet_folder
+
+    seen = {}
+    monkeypatch.setattr(dali_backend, "build_pipeline", lambda *a, **kw: seen.update(kw))
+    monkeypatch.setattr(dali_backend, "DALILoader", lambda build, *a, **kw: build(0))
+    monkeypatch.setattr(dali_backend, "require_dali", lambda: None)
+    t = pl.Trainer(accelerator="gpu", devices=[1], strategy="async_pred_sim", logger=False, default_root_dir=tmp_path)
+    dm = ImageNetDataModule(make_imagenet_folder(tmp_path / "data", 2, 2, 1), backend="dali", dali_device="gpu",
+                            verify_images="none")
+    dm.trainer = t
+    dm.build_loader("val")
+    assert seen["device"] == "gpu" and seen["device_id"] == 1
+
+
+def test_more_than_one_device_is_refused(two_fake_gpus):
+    with pytest.raises(ValueError, match=r"async_pred_sim simulates asynchrony on one device, but the Trainer was given 2 devices \(cuda:0, cuda:1\)"):
+        pl.Trainer(accelerator="gpu", devices=2, strategy="async_pred_sim")
+    with pytest.raises(ValueError, match="given 2 devices"):
+        pl.Trainer(accelerator="cpu", devices=2, strategy="async_pred_sim")
+    with pytest.raises(ValueError, match=r"SimulatedAsyncStrategy\(device='cuda:0'\) conflicts with the Trainer's device 'cuda:1'"):
+        pl.Trainer(accelerator="gpu", devices=[1], strategy=SimulatedAsyncStrategy(device="cuda:0"))

@@ -40,6 +40,7 @@ import pytorch_lightning as pl
 from lightning_fabric.utilities.data import _set_sampler_epoch
 from lightning_asyncpred.exchange import Exchange, GradientBuckets, ReadyGradient, sum_buckets
 from lightning_asyncpred.staleness import StalenessStats
+from lightning_asyncpred.strategies.signals import SafePointSignals
 from lightning_asyncpred.validation import check_positive_number
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,34 @@ class AsyncUpdateMixin:
         if getattr(self, "exchange", None) is not None:
             self.exchange.close()
 
+    # --------------------------------------------------------------- signals
+    def _install_signals(self, trainer: "pl.Trainer") -> None:
+        """SIGTERM and the SLURM requeue signal act at an agreed step boundary (see ``signals.py``)."""
+        self._uninstall_signals()
+        self._signals = SafePointSignals(self._signal_lead(), self._signal_store(), self._signal_store_failure)
+        self._signals.install(trainer)
+
+    def _uninstall_signals(self) -> None:
+        signals = getattr(self, "_signals", None)
+        if signals is not None:
+            signals.uninstall()
+
+    def _signal_lead(self) -> int:
+        """Optimizer steps between a signal and the step boundary where it acts (one process: the next)."""
+        return 1
+
+    def _signal_store(self) -> Optional[Any]:
+        return None
+
+    def _signal_store_failure(self, exc: BaseException) -> BaseException:
+        return exc
+
+    @property
+    def signal_actions(self) -> list[tuple[str, int]]:
+        """``(kind, step)`` of the signals acted on: ``("sigterm", T)``, ``("requeue", T)``."""
+        signals = getattr(self, "_signals", None)
+        return list(signals.performed) if signals is not None else []
+
     # ---------------------------------------------------------------- update
     def _loss_scale(self) -> float:
         scaler = getattr(self.precision_plugin, "scaler", None)
@@ -164,7 +193,10 @@ class AsyncUpdateMixin:
         total = sum_buckets([r.buckets for r in ready])
         self._buckets.load_grads(total, scale)
         self._last_staleness = ready[-1].staleness
-        out = self.precision_plugin.optimizer_step(optimizer, model=model, closure=lambda: closure_result, **kwargs)
+        # The mixed-precision plugin skips the step when the closure returned None (this rank's training_step
+        # returned None): the ready gradient must still be applied, as on every other rank.
+        replay = closure_result if closure_result is not None else torch.zeros(())
+        out = self.precision_plugin.optimizer_step(optimizer, model=model, closure=lambda: replay, **kwargs)
         self.applied_updates += len(ready)
         self.applied_steps += 1
         return out
@@ -190,7 +222,7 @@ class AsyncUpdateMixin:
         model = self.lightning_module
         optimizer = self._optimizer
         # a drained update is a real optimizer step: clipping and AMP still apply
-        self._apply(optimizer, model, ready, closure_result=torch.zeros(()), scale=self._loss_scale())
+        self._apply(optimizer, model, ready, scale=self._loss_scale())
         log.debug("drained and applied %d gradients", len(ready))
         return len(ready)
 

@@ -16,7 +16,8 @@ NCCL on CUDA, Gloo on CPU. The NCCL and Gloo paths are identical except for the 
 Collectives run in program order on the default process group, so any collective issued every step
 (``self.log(..., sync_dist=True)`` in ``training_step``, a barrier) waits for the in-flight reductions and
 re-synchronizes the ranks: log with ``sync_dist=True`` in validation/test, not per training step.
-Lightning's own per-step SIGTERM broadcast is replaced by a flag in the c10d store for the same reason.
+Lightning's own per-step SIGTERM broadcast is replaced by a poll of the c10d store for the same reason, and
+SIGTERM and SLURM's requeue signal act at a step boundary agreed by all ranks (``signals.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from pytorch_lightning.plugins.precision import Precision
 from pytorch_lightning.strategies import ParallelStrategy
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from lightning_asyncpred.exchange import (
     TRANSPORTS,
@@ -242,43 +244,18 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
             self._setup_exchange(trainer)
             self._check_bucket_layout()
-            self._replace_sigterm_broadcast(trainer)
+            self._install_signals(trainer)
 
-    # Lightning (2.5+) broadcasts a SIGTERM flag from rank 0 before every training batch. A collective per
-    # step is a barrier per step: no rank could run ahead of the slowest, which defeats asynchrony (and,
-    # issued behind the in-flight all_reduces, it would wait for them too). On this strategy the flag
-    # travels through the c10d store instead: a rank that received SIGTERM sets a key, every rank reads it
-    # before each batch (one non-blocking store round trip) and raises SIGTERMException like Lightning.
-    _SIGTERM_KEY = "asyncpred/sigterm"
+    # ------------------------------------------------------------- signals
+    def _signal_lead(self) -> int:
+        # a rank completes at most s + 1 steps more than any other (see signals.py): s + 3 keeps all below T
+        return self.max_staleness + 3
 
-    def _replace_sigterm_broadcast(self, trainer: "pl.Trainer") -> None:
-        loop = trainer.fit_loop.epoch_loop
-        if hasattr(type(loop), "_broadcast_sigterm_tensor") and self._monitor is not None:
-            loop._broadcast_sigterm_tensor = lambda: self._check_sigterm(trainer)
-            self._patched_loop = loop
+    def _signal_store(self) -> Optional[Any]:
+        return self._monitor.store if self._monitor is not None else None
 
-    def _check_sigterm(self, trainer: "pl.Trainer") -> None:
-        from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-        store = self._monitor.store if self._monitor is not None else None
-        local = bool(getattr(trainer, "received_sigterm", False))
-        if store is None:
-            flagged = local
-        else:
-            try:
-                flagged = int(store.add(self._SIGTERM_KEY, 1 if local else 0)) > 0
-            except Exception as exc:  # the store's host (rank 0 / the launcher) is gone
-                raise describe_peer_failure(
-                    exc, self._monitor, self.global_rank, "the SIGTERM flag check in the c10d store", self._timeout
-                ) from exc
-        if flagged:
-            raise SIGTERMException()
-
-    def _restore_sigterm_broadcast(self) -> None:
-        loop = getattr(self, "_patched_loop", None)
-        if loop is not None:
-            loop.__dict__.pop("_broadcast_sigterm_tensor", None)
-            self._patched_loop = None
+    def _signal_store_failure(self, exc: BaseException) -> BaseException:
+        return describe_peer_failure(exc, self._monitor, self.global_rank, "the signal check in the c10d store", self._timeout)
 
     def _create_exchange(self) -> Exchange:
         return create_exchange(
@@ -378,6 +355,9 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         """Abandon in-flight work (peers may be gone) and name lost ranks in the error message."""
         self._failed = True
         if getattr(self, "exchange", None) is not None:
+            if isinstance(exception, SIGTERMException) and not self.exchange.closed:
+                # every rank stopped after the same step: the in-flight reductions are matched, let them finish
+                self.exchange.drain()
             self.exchange.close()
         if not isinstance(exception, PeerLostError) and self._looks_like_peer_failure(exception):
             err = describe_peer_failure(exception, self._monitor, self.global_rank, "a collective", self._timeout)
@@ -398,7 +378,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
     def teardown(self) -> None:
         """Idempotent; safe after a failed setup. In-flight gradients are abandoned, never waited on."""
         self._close_exchange()
-        self._restore_sigterm_broadcast()
+        self._uninstall_signals()
         self._stop_monitor()
         if self.accelerator is None or self.cluster_environment is None:
             return  # never attached to a Trainer: Lightning has nothing to tear down

@@ -7,7 +7,6 @@ from typing import Any, Optional, Union
 import torch
 
 import pytorch_lightning as pl
-from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.strategies import SingleDeviceStrategy
 from lightning_asyncpred.exchange import Exchange, SimulatedExchange
 from lightning_asyncpred.staleness import StalenessSpec, parse_staleness
@@ -25,7 +24,8 @@ class SimulatedAsyncStrategy(AsyncUpdateMixin, SingleDeviceStrategy):
         bucket_cap_mb: size of the flat gradient buckets.
         drain_on_save: apply the gradients in flight before saving a checkpoint instead of storing them in
             it (smaller checkpoints, but every save then changes the run). Default ``False``.
-        device: the device to train on (default: the accelerator's first device).
+        device: the device to train on (default: the Trainer's device, ``Trainer(devices=1)`` or
+            ``devices=[k]``; more than one device is refused).
     """
 
     strategy_name = "async_pred_sim"
@@ -43,15 +43,35 @@ class SimulatedAsyncStrategy(AsyncUpdateMixin, SingleDeviceStrategy):
         super().__init__(device=device if device is not None else "cpu", **kwargs)
         parse_staleness(staleness, max_staleness)  # validate early, with a clear message
         self._device_given = device is not None
+        self._trainer_devices: Optional[list[torch.device]] = None
         self.staleness = staleness
         self.max_staleness = max_staleness
         self.seed = seed
         self._init_async(bucket_cap_mb, drain_on_save)
 
-    def setup_environment(self) -> None:
-        if not self._device_given and isinstance(self.accelerator, CUDAAccelerator):
-            self._root_device = torch.device("cuda", torch.cuda.current_device())
-        super().setup_environment()
+    @property
+    def parallel_devices(self) -> Optional[list[torch.device]]:
+        """The devices the Trainer was given (``Trainer(devices=...)``): exactly one, the one trained on."""
+        return self._trainer_devices
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: Optional[list[Any]]) -> None:
+        # Lightning's accelerator connector sets this on any strategy that has it, with the parsed devices
+        devices = [torch.device(d) if not isinstance(d, torch.device) else d for d in (devices or [])]
+        if len(devices) > 1:
+            raise ValueError(
+                f"async_pred_sim simulates asynchrony on one device, but the Trainer was given {len(devices)} devices "
+                f"({', '.join(str(d) for d in devices)}); use devices=1 (devices=[k] for GPU k) or a multi-process "
+                "strategy such as 'async_pred'"
+            )
+        if devices and self._device_given and devices[0] != self._root_device:
+            raise ValueError(
+                f"SimulatedAsyncStrategy(device={str(self._root_device)!r}) conflicts with the Trainer's device "
+                f"{str(devices[0])!r}: pass one of them"
+            )
+        self._trainer_devices = devices
+        if devices:
+            self._root_device = devices[0]
 
     def _create_exchange(self) -> Exchange:
         return SimulatedExchange(self.staleness, self.max_staleness, self.seed)
@@ -59,7 +79,10 @@ class SimulatedAsyncStrategy(AsyncUpdateMixin, SingleDeviceStrategy):
     def setup(self, trainer: "pl.Trainer") -> None:
         super().setup(trainer)
         self._setup_exchange(trainer)
+        if trainer.state.fn == "fit":
+            self._install_signals(trainer)
 
     def teardown(self) -> None:
         self._close_exchange()
+        self._uninstall_signals()
         super().teardown()

@@ -38,6 +38,25 @@ class Killer(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class Marker(Callback):
+    """At ``step``, write ``<out>/running.rank<k>`` (this process's pid) and wait, up to 20 s, for ``<out>/go``.
+
+    Tells a test that training runs and holds every rank at a known step while the test sends its signals
+    (Python runs a signal handler during ``time.sleep``)."""
+
+    def __init__(self, out: str, step: int) -> None:
+        self.out, self.go, self.step = out, os.path.join(out, "go"), step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        path = os.path.join(self.out, f"running.rank{trainer.global_rank}")
+        if trainer.global_step == self.step and not os.path.exists(path):
+            with open(path, "w") as f:
+                f.write(str(os.getpid()))
+            deadline = time.time() + 20
+            while not os.path.exists(self.go) and time.time() < deadline:
+                time.sleep(0.05)
+
+
 class Overflow(Callback):
     """Make one rank's local gradient non-finite at one step (a fp16 overflow on that rank only)."""
 
@@ -58,7 +77,7 @@ class Recorder(Callback):
         self.observed_staleness: list[int] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        s = trainer.strategy.last_staleness
+        s = getattr(trainer.strategy, "last_staleness", None)
         if s is not None:
             self.observed_staleness.append(int(s))
 
@@ -72,6 +91,16 @@ class ValLossRecorder(Callback):
     def on_validation_end(self, trainer, pl_module):
         if "val/loss" in trainer.callback_metrics:
             self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
+
+
+class NoneStepClassifier(la.ImageClassifier):
+    """``training_step`` returns None (skips the step) on rank ``none_rank`` at optimizer step ``none_step``."""
+
+    none_rank, none_step = 1, 5
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if (self.global_rank, self.trainer.global_step) == (self.none_rank, self.none_step) else loss
 
 
 class ManualClassifier(la.ImageClassifier):
@@ -106,12 +135,16 @@ def main() -> None:
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--ckpt-epochs", action="store_true", help="checkpoint at the end of every epoch")
     p.add_argument("--resume", default=None)
+    p.add_argument("--marker-step", type=int, default=None, help="write <out>/running.rank<k> at this step")
+    p.add_argument("--natural-exit", action="store_true", help="after recording an exception, re-raise it (no os._exit)")
     p.add_argument("--drain-on-save", action="store_true")
     p.add_argument("--epoch-scheduler", action="store_true", help="StepLR(1, 0.5) stepped every epoch")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--fp16-overflow-rank", type=int, default=None,
                    help="16-mixed with a GradScaler on CPU; overflow this rank's gradient at step 5")
+    p.add_argument("--fp16", action="store_true", help="16-mixed with a GradScaler on CPU")
     p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--none-step-rank", type=int, default=None, help="training_step returns None on this rank at step 5")
     p.add_argument("--clip", type=float, default=None)
     p.add_argument("--manual", action="store_true")
     p.add_argument("--prediction", action="store_true")
@@ -133,6 +166,9 @@ def main() -> None:
     else:
         strategy = args.strategy
     cls = ManualClassifier if args.manual else EpochSchedulerClassifier if args.epoch_scheduler else la.ImageClassifier
+    if args.none_step_rank is not None:
+        cls = NoneStepClassifier
+        cls.none_rank = args.none_step_rank
     env_rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
     arch_kwargs = {"width": 16 + 8 * env_rank} if args.width_by_rank else None
     model = cls(arch="digits_cnn", arch_kwargs=arch_kwargs, lr=args.lr, momentum=0.9, lr_schedule="cosine")
@@ -144,6 +180,8 @@ def main() -> None:
         callbacks.append(la.StalenessMonitor(log_every_n_steps=5, plot_path=os.path.join(args.out, "staleness.png")))
     if args.kill_rank is not None:
         callbacks.append(Killer(args.kill_rank, args.kill_step))
+    if args.marker_step is not None:
+        callbacks.append(Marker(args.out, args.marker_step))
     if args.ckpt_every:
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=args.ckpt_every,
                                          save_top_k=-1, filename="{step}"))
@@ -160,11 +198,11 @@ def main() -> None:
         callbacks.append(EarlyStopping(monitor="val/acc1", mode="max", patience=1, min_delta=0.5))
     plugins = None
     overflow = None
-    if args.fp16_overflow_rank is not None:
+    if args.fp16_overflow_rank is not None or args.fp16:
         from pytorch_lightning.plugins.precision import MixedPrecision
 
         plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))]
-        overflow = Overflow(args.fp16_overflow_rank, 5)
+        overflow = Overflow(args.fp16_overflow_rank if args.fp16_overflow_rank is not None else -1, 5)
         callbacks.append(overflow)
     trainer = pl.Trainer(
         plugins=plugins,
@@ -179,6 +217,7 @@ def main() -> None:
         callbacks=callbacks,
         logger=pl.loggers.CSVLogger(args.out, name="logs"),
         enable_checkpointing=bool(args.ckpt_every or args.ckpt_epochs),
+        default_root_dir=args.out,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -198,8 +237,12 @@ def main() -> None:
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["error_type"] = type(exc).__name__
         result["elapsed"] = time.time() - t0
+        result["global_step"] = trainer.global_step
+        result["signal_actions"] = getattr(trainer.strategy, "signal_actions", None)
         with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
+        if args.natural_exit:
+            raise
         os._exit(3)
     s = trainer.strategy
     ex = getattr(s, "exchange", None)
@@ -216,6 +259,7 @@ def main() -> None:
         val_losses=val_recorder.val_losses,
         applied_updates=getattr(s, "applied_updates", None),
         applied_steps=getattr(s, "applied_steps", None),
+        signal_actions=getattr(s, "signal_actions", None),
         local_steps=getattr(s, "local_steps", None),
         submitted=getattr(ex, "submitted", None),
         applied=getattr(ex, "applied", None),

@@ -1,0 +1,187 @@
+"""Signals on 2 real Gloo ranks: SIGTERM ends every rank as under ddp; SLURM's requeue signal saves a
+checkpoint at a step boundary agreed by all ranks, and resuming from it is exact. Plus the agreement
+protocol (:class:`SafePointSignals`) on a shared store.
+
+Every rank holds at step 5 (``--marker-step``) until the test has sent its signals, so no test waits long
+for a signal to land; every launch has a timeout, so a hang fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_asyncpred.strategies.signals import SafePointSignals
+from tests.dist_helpers import ENV, SCRIPT, assert_identical_replicas, free_port, params, results, run
+
+MARK = 5  # every rank holds at this step while the test signals it
+
+
+def _wait_for_markers(out: Path, procs: list[subprocess.Popen]) -> list[int]:
+    """The pids of the two ranks once both hold at step MARK."""
+    deadline = time.time() + 120
+    files = [out / f"running.rank{r}" for r in range(2)]
+    while not all(f.exists() and f.read_text() for f in files):
+        assert time.time() < deadline, "the ranks never reached the marker step"
+        assert all(p.poll() is None for p in procs), (out / "stdout.txt").read_text()[-3000:]
+        time.sleep(0.05)
+    return [int(f.read_text()) for f in files]
+
+
+def _finish(out: Path, procs: list[subprocess.Popen], timeout: float = 90) -> list[int]:
+    (out / "go").write_text("")
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def _popen(out: Path, cmd: list[str], env: dict) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "stdout.txt", "a")
+    return subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+LONG_RUN = ("--max-steps", "100000", "--marker-step", str(MARK), "--natural-exit", "--timeout", "600")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "async_pred"])
+def test_sigterm_to_the_main_process_ends_every_rank_like_ddp(tmp_path, strategy):
+    """Trainer(devices=2): SIGTERM to the main process (what scancel or a cluster shutdown does)."""
+    out = tmp_path / strategy
+    main = _popen(out, [sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", "--strategy", strategy, *LONG_RUN], ENV)
+    _wait_for_markers(out, [main])
+    main.send_signal(signal.SIGTERM)
+    (code,) = _finish(out, [main])
+    log = (out / "stdout.txt").read_text()
+    assert code == 0, log[-3000:]  # Lightning's SIGTERMException is a SystemExit
+    assert "[rank: 0] Received SIGTERM: 15" in log and "[rank: 1] Received SIGTERM: 15" in log
+    res = results(out)
+    assert [x["error_type"] for x in res] == ["SIGTERMException", "SIGTERMException"]
+    if strategy == "async_pred":
+        # both ranks stopped after the same step, s + 3 steps after the signal
+        assert [x["signal_actions"] for x in res] == [[["sigterm", MARK + 5]]] * 2
+        assert res[0]["global_step"] == res[1]["global_step"] == MARK + 5
+
+
+def test_sigterm_to_every_worker_under_torchrun(tmp_path):
+    out = tmp_path / "run"
+    agent = _popen(out, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
+                         "--out", str(out), *LONG_RUN], ENV)
+    for pid in _wait_for_markers(out, [agent]):
+        os.kill(pid, signal.SIGTERM)
+    _finish(out, [agent])
+    log = (out / "stdout.txt").read_text()
+    assert "Received SIGTERM: 15" in log
+    res = results(out)
+    assert [x["error_type"] for x in res] == ["SIGTERMException", "SIGTERMException"]
+    assert res[0]["signal_actions"] == res[1]["signal_actions"] == [["sigterm", MARK + 5]]
+
+
+def _slurm_ranks(out: Path, *args: str) -> list[subprocess.Popen]:
+    """Both ranks as SLURM tasks of one job (auto-requeue on SIGUSR1 is Lightning's default under SLURM)."""
+    env = {**ENV, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "asyncpred-test", "SLURM_NODELIST": "localhost",
+           "MASTER_PORT": str(free_port())}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        env.pop(key, None)
+    return [
+        _popen(out, [sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", *args],
+               {**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
+        for r in range(2)
+    ]
+
+
+def test_requeue_signal_checkpoints_at_an_agreed_step_and_resume_is_exact(tmp_path):
+    common = ("--max-staleness", "2", "--max-steps", "30", "--prediction")
+    plain, signalled, resumed = tmp_path / "plain", tmp_path / "signalled", tmp_path / "resumed"
+    run(plain, *common, torchrun=False)
+    procs = _slurm_ranks(signalled, *common, "--marker-step", str(MARK))
+    for pid in _wait_for_markers(signalled, procs):
+        os.kill(pid, signal.SIGUSR1)  # SLURM's --signal=SIGUSR1@120 reaches every task
+    assert _finish(signalled, procs) == [0, 0], (signalled / "stdout.txt").read_text()[-3000:]
+    log = (signalled / "stdout.txt").read_text()
+    # Lightning's own requeue routine ran (on this machine scontrol is missing, so the requeue itself fails)
+    assert "Received requeue signal" in log and "Handling auto-requeue signal" in log and "scontrol" in log
+    res = results(signalled)
+    # both ranks saved after the same optimizer step (s + 3 after the signal) and went on
+    assert res[0]["signal_actions"] == res[1]["signal_actions"] == [["requeue", MARK + 5]]
+    ckpt = signalled / "hpc_ckpt_1.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    assert state["global_step"] == MARK + 5 and "exchange" in state["async_pred"]
+    # the signal changed nothing, and the requeued job (resumed from the hpc checkpoint) ends where it would have
+    a = params(plain, 0)
+    assert all(torch.equal(a[k], v) for k, v in params(signalled, 0).items())
+    run(resumed, *common, "--resume", str(ckpt), torchrun=False)
+    assert all(torch.equal(a[k], v) for k, v in params(resumed, 0).items())
+    assert_identical_replicas(resumed)
+
+
+# ----------------------------------------------------------------------------------------- the protocol alone
+def _trainer(step: int = 0):
+    return SimpleNamespace(global_step=step, global_rank=0, local_rank=0, strategy=SimpleNamespace(launcher=None),
+                           _signal_connector=SimpleNamespace(received_sigterm=False))
+
+
+def test_first_proposal_wins_and_every_rank_learns_it_at_a_batch_start():
+    store = dist.HashStore()
+    ranks = [SafePointSignals(lead=5, store=store) for _ in range(3)]
+    trainers = [_trainer(step) for step in (10, 12, 8)]
+    for sig, t in zip(ranks, trainers):
+        sig._trainer = t
+    ranks[1]._on_requeue(signal.SIGUSR1, None)  # rank 1 at step 12 proposes T = 17
+    ranks[0]._on_requeue(signal.SIGUSR1, None)  # rank 0's own proposal (15) loses
+    assert ranks[0].agreed == ranks[1].agreed == {"requeue": 17}
+    ranks[2].on_train_batch_start(trainers[2], None, None, 0)  # one store read per batch
+    assert ranks[2].agreed == {"requeue": 17}
+    ranks[2].on_train_batch_end(trainers[2], None, None, None, 0)
+    assert ranks[2].performed == []  # not yet: step 8
+
+
+def test_sigterm_acts_at_the_agreed_step_only():
+    sig = SafePointSignals(lead=1)  # one process
+    trainer = _trainer(4)
+    sig._trainer = trainer
+    sig._on_sigterm(signal.SIGTERM, None)
+    assert sig.agreed == {"sigterm": 5} and not trainer._signal_connector.received_sigterm
+    sig.on_train_batch_end(trainer, None, None, None, 0)  # still step 4 (e.g. an accumulating micro-batch)
+    assert not trainer._signal_connector.received_sigterm
+    trainer.global_step = 5
+    sig.on_train_batch_end(trainer, None, None, None, 0)
+    assert trainer._signal_connector.received_sigterm and sig.performed == [("sigterm", 5)]
+
+
+def test_a_rank_that_learns_too_late_is_an_error():
+    store = dist.HashStore()
+    early, late = SafePointSignals(lead=3, store=store), SafePointSignals(lead=3, store=store)
+    early._trainer, late_trainer = _trainer(2), _trainer(9)
+    early._on_sigterm(signal.SIGTERM, None)  # T = 5
+    with pytest.raises(RuntimeError, match="agreed for step 5, but this rank learned of it at step 9"):
+        late.on_train_batch_start(late_trainer, None, None, 0)
+
+
+def test_store_failure_is_reported_unless_this_rank_was_signalled():
+    class DeadStore:
+        def add(self, *args):
+            raise RuntimeError("Connection reset by peer")
+
+        compare_set = add
+
+    sig = SafePointSignals(lead=3, store=DeadStore(), on_store_failure=lambda exc: ValueError(f"lost rank 0 ({exc})"))
+    sig._trainer = _trainer(1)
+    with pytest.raises(ValueError, match=r"lost rank 0 \(Connection reset by peer\)"):
+        sig.on_train_batch_start(sig._trainer, None, None, 0)
+    sig._on_sigterm(signal.SIGTERM, None)  # publishing fails too: this rank acts on its own proposal
+    assert sig.agreed == {"sigterm": 4}
+    sig.on_train_batch_start(sig._trainer, None, None, 0)  # no error now
