@@ -173,3 +173,37 @@ def test_devices_mismatch_message_of_the_strategy():
     msg = s._mismatch_message(4)
     assert "devices mismatch: the Trainer is configured for num_nodes=1 x devices=2 = 2 processes" in msg
     assert "started a world of 4" in msg and "--nproc_per_node" in msg
+
+
+def test_nccl_lost_peer_ends_the_process_with_an_error_naming_it(monkeypatch, capsys):
+    """On NCCL no CPU wait can notice a lost peer: the heartbeat watchdog ends the process, naming the rank,
+    before NCCL's own watchdog would (at the process-group timeout)."""
+    s = AsyncPredStrategy(timeout=600, heartbeat_interval=1.0)
+    assert s.peer_lost_after == 30.0  # min(600 / 2, max(30, 10 * 1))
+    assert AsyncPredStrategy(timeout=20, heartbeat_interval=1.0).peer_lost_after == 10.0
+
+    def fake_exit(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr("lightning_asyncpred.strategies.distributed.os._exit", fake_exit)
+    with pytest.raises(SystemExit) as exited:
+        s._end_on_lost_peer([1], 31.2)
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert "PeerLostError: rank 0: lost rank 1 (no heartbeat for 31s)" in err and "NCCL's watchdog" in err
+
+
+def test_eager_nccl_init_only_where_torch_has_it(monkeypatch):
+    """init_process_group(device_id=...) exists from torch 2.3 (Lightning gates it the same way)."""
+    import torch
+
+    from lightning_asyncpred.strategies import distributed
+
+    s = AsyncPredStrategy(timeout=10)
+    s.parallel_devices = [torch.device("cuda", 0)]
+    assert s._process_group_kwargs()["device_id"] == torch.device("cuda", 0)
+    monkeypatch.setattr(distributed, "_TORCH_GREATER_EQUAL_2_3", False)
+    assert "device_id" not in s._process_group_kwargs()
+    s.parallel_devices = [torch.device("cpu")]
+    monkeypatch.setattr(distributed, "_TORCH_GREATER_EQUAL_2_3", True)
+    assert "device_id" not in s._process_group_kwargs()

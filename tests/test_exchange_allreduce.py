@@ -171,8 +171,9 @@ class _FakeWork:
     def is_completed(self) -> bool:
         return self.done
 
-    def wait(self, timeout=None) -> bool:
+    def wait(self, *args, **kwargs) -> bool:
         self.waited = True
+        self.wait_args = (args, kwargs)
         self.done = True
         return True
 
@@ -240,3 +241,46 @@ def test_state_dict_after_close_is_an_error(world_of_one):
     ex.close()
     with pytest.raises(RuntimeError, match="state_dict\\(\\) after close\\(\\)"):
         ex.state_dict()
+
+
+@pytest.mark.parametrize("backend, blocks", [("gloo", True), ("nccl", False)])
+def test_nccl_waits_let_the_stream_wait_gloo_waits_block_with_the_timeout(world_of_one, monkeypatch, backend, blocks):
+    """NCCL's Work.wait(timeout) would block the CPU until the reduction finished (torch docs): on NCCL the
+    exchange calls wait() without a timeout (the stream waits; the watchdogs bound it), on Gloo with it."""
+    works: list[_FakeWork] = []
+
+    def fake_all_reduce(tensor, op=None, group=None, async_op=False):
+        works.append(_FakeWork())
+        return works[-1]
+
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    ex = AllReduceExchange(1, mode="fixed", timeout=7)
+    ex.world_size = 2  # issue the (fake) collectives as with 2 ranks
+    assert ex.blocks_cpu_on_wait is blocks
+    ex.submit(0, _buckets(0))
+    ex.submit(1, _buckets(1))
+    (r,) = ex.ready()
+    assert r.step == 0 and all(w.waited for w in works[:2])
+    expected = ((), {"timeout": timedelta(seconds=7)}) if blocks else ((), {})
+    assert all(w.wait_args == expected for w in works[:2])
+
+
+def test_peer_monitor_watchdog_names_the_rank_whose_heartbeat_stopped():
+    store = dist.HashStore()
+    beating = [PeerMonitor(store, r, 3, interval=0.05) for r in (0, 2)]
+    for m in beating:
+        m.start()
+    store.add("asyncpred/heartbeat/1", 1)  # rank 1 beat once, then died
+    lost = []
+    event = threading.Event()
+    beating[0].watch(lambda ranks, seconds: (lost.append((ranks, seconds)), event.set()), lost_after=0.5)
+    try:
+        assert event.wait(10), "the watchdog never fired"
+        (ranks, seconds), = lost
+        assert ranks == [1] and seconds >= 0.5
+    finally:
+        for m in beating:
+            m.stop()
+    with pytest.raises(ValueError, match="lost_after must be > 0 seconds, got 0"):
+        beating[0].watch(lambda *a: None, lost_after=0)

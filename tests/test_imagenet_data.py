@@ -94,6 +94,39 @@ def test_dali_train_reshuffles_every_epoch(folder):
 
 
 @needs_dali
+def test_dali_seed_changes_the_order_of_every_epoch(folder):
+    """DALI's shuffle_after_epoch ignores the reader's seed; the file list is permuted with the seed first."""
+
+    def two_epochs(seed):
+        dm = datamodule(folder, seed=seed)
+        dm.setup("fit")
+        return [torch.cat(epoch(dm.train_dataloader())[1]).tolist() for _ in range(2)]
+
+    a, b, c = two_epochs(3), two_epochs(3), two_epochs(4)
+    assert a == b  # reproducible
+    assert a[0] != c[0] and a[1] != c[1]  # another seed, another order in every epoch
+    assert sorted(a[0]) == sorted(c[0])
+
+
+@pytest.mark.parametrize("mode, train, val", [("train", True, False), ("all", True, True), ("none", False, False)])
+def test_nvjpeg_padding_applies_to_the_chosen_pipelines(folder, monkeypatch, mode, train, val):
+    seen = {}
+    monkeypatch.setattr(dali_backend, "require_dali", lambda: None)
+    monkeypatch.setattr(dali_backend, "build_pipeline", lambda *a, **kw: seen.update({kw["train"]: kw["nvjpeg_padding"]}))
+    for cls in ("DALILoader", "ResumableDALILoader"):
+        monkeypatch.setattr(dali_backend, cls, lambda build, *a, **kw: build(0))
+    dm = datamodule(folder, nvjpeg_padding=mode, verify_images="none")
+    dm.build_loader("train")
+    dm.build_loader("val")
+    assert seen == {True: train, False: val}
+
+
+def test_bad_nvjpeg_padding():
+    with pytest.raises(ValueError, match="nvjpeg_padding must be one of train, all, none, got 'some'"):
+        ImageNetDataModule("/nowhere", backend="torchvision", nvjpeg_padding="some")
+
+
+@needs_dali
 @pytest.mark.parametrize("split", ["train", "val"])
 @pytest.mark.parametrize("n_files", [18, 17, 13])
 def test_dali_two_shards_cover_the_data(folder, split, n_files):

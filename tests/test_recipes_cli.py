@@ -103,6 +103,32 @@ def test_launch_scripts_are_valid_bash(script):
     assert "asyncpred" in text or "lightning_asyncpred.cli" in text
 
 
+def _torchrun_sh(tmp_path, **env_vars):
+    """Run recipes/launch/torchrun.sh with a fake ``torchrun`` that prints its arguments."""
+    import sys
+
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "torchrun").write_text('#!/usr/bin/env bash\necho "torchrun $*"\n')
+    (fake / "torchrun").chmod(0o755)
+    path = f"{fake}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}"
+    env = {**os.environ, "PATH": path, "DATA": str(tmp_path), **env_vars}
+    return subprocess.run(["bash", os.path.join(REPO, "recipes", "launch", "torchrun.sh"), "nin"], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_torchrun_script_counts_the_gpus_torch_sees(tmp_path):
+    # no GPU visible (this machine, or CUDA_VISIBLE_DEVICES=""): a clear error, not a launch of 0 processes
+    proc = _torchrun_sh(tmp_path, CUDA_VISIBLE_DEVICES="")
+    assert proc.returncode == 2
+    assert "no GPU visible to torch (CUDA_VISIBLE_DEVICES=); set GPUS_PER_NODE" in proc.stderr
+    proc = _torchrun_sh(tmp_path, GPUS_PER_NODE="2", NNODES="3")
+    assert proc.returncode == 0, proc.stderr
+    args = proc.stdout.split()
+    assert args[args.index("--nproc-per-node") + 1] == "2" and args[args.index("--trainer.devices") + 1] == "2"
+    assert args[args.index("--nnodes") + 1] == "3" and args[args.index("--trainer.num_nodes") + 1] == "3"
+
+
 @needs_dali
 @pytest.mark.slow
 def test_nin_recipe_two_ranks_shards_dali(folder, tmp_path):

@@ -27,6 +27,10 @@ DALI_INSTALL_HINT = (
 )
 READER_NAME = "Reader"
 
+# DeepLearningExamples' nvJPEG preallocation for ImageNet-size JPEGs (DALI's defaults: 16 MiB and 8 MiB).
+# Per decoding thread: one device buffer (~201 MiB) and two pinned host buffers (~134 MiB each).
+NVJPEG_PADDING = {"device_memory_padding": 211025920, "host_memory_padding": 140544512}
+
 
 def require_dali() -> None:
     """Raise ``ImportError`` with the install command when DALI is missing."""
@@ -61,11 +65,18 @@ def build_pipeline(
     seed: int,
     checkpointing: bool = False,
     checkpoint: Optional[str] = None,
+    nvjpeg_padding: bool = False,
 ) -> Any:
     """Build (and return) the train or val DALI pipeline over ``files`` with ``labels``.
 
+    Training order: DALI's ``shuffle_after_epoch`` draws every epoch's permutation from a fixed seed of its
+    own (so that all shards agree) and ignores ``seed``; the file list is therefore first permuted with
+    ``seed`` (identically on every rank), so the order of every epoch depends on ``seed``.
+
     ``checkpointing=True`` enables DALI's own checkpointing (reader position and shuffling, random operators'
     states); ``checkpoint`` restores a pipeline from one (see :class:`ResumableDALILoader`).
+    ``nvjpeg_padding`` (``mixed`` decoding only): preallocate nvJPEG buffers for large images
+    (:data:`NVJPEG_PADDING`: per decoding thread one device buffer and two pinned host buffers of these sizes).
     """
     require_dali()
     from nvidia.dali import fn, pipeline_def, types
@@ -73,10 +84,10 @@ def build_pipeline(
     if device not in ("cpu", "gpu"):
         raise ValueError(f"DALI device must be 'cpu' or 'gpu', got {device!r}")
     decoder_device = "mixed" if device == "gpu" else "cpu"
-    # DeepLearningExamples' pre-allocation hints for nvJPEG (only meaningful for mixed decoding)
-    decoder_kwargs: dict[str, Any] = (
-        {"device_memory_padding": 211025920, "host_memory_padding": 140544512} if device == "gpu" else {}
-    )
+    decoder_kwargs: dict[str, Any] = dict(NVJPEG_PADDING) if device == "gpu" and nvjpeg_padding else {}
+    if train:
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+        files, labels = [files[i] for i in order], [labels[i] for i in order]
     mean = [255.0 * m for m in IMAGENET_MEAN]
     std = [255.0 * s for s in IMAGENET_STD]
 

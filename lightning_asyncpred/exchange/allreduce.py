@@ -16,9 +16,14 @@ Modes:
   (NCCL): Gloo's ``Work.is_completed()`` stays ``False`` until ``wait()``, so Gloo only runs ``fixed``.
   Replicas may differ slightly in eager mode (ranks may apply a reduction at different steps).
 
-Every wait on a peer has a timeout. When a wait fails or times out, :class:`PeerMonitor` (one heartbeat
-counter per rank in the c10d store, bumped by a daemon thread) finds which ranks stopped beating, and a
-:class:`PeerLostError` naming them is raised.
+Every wait on a peer is bounded. Gloo: ``Work.wait(timeout)`` blocks the CPU; when it fails or times out,
+:class:`PeerMonitor` (one heartbeat counter per rank in the c10d store, bumped by a daemon thread) finds
+which ranks stopped beating, and a :class:`PeerLostError` naming them is raised. NCCL: ``Work.wait()``
+without a timeout only makes the current CUDA stream wait (with a timeout it would block the CPU until the
+reduction finished, so the CPU could no longer run ahead of the GPU); the wait is then bounded by the
+process group's timeout, whose NCCL watchdog ends the process ("Watchdog caught collective operation
+timeout ... taking the entire process down"), and, sooner, by :meth:`PeerMonitor.watch`, which ends the
+process with a :class:`PeerLostError` naming the rank whose heartbeat stopped (see ``AsyncPredStrategy``).
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ class PeerMonitor:
         self.store_host_rank = store_host_rank
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._watchdog: Optional[threading.Thread] = None
 
     def _key(self, rank: int) -> str:
         return f"{self.prefix}{rank}"
@@ -122,12 +128,45 @@ class PeerMonitor:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2 * self.interval + 1)
-        self._thread = None
+        for thread in (self._thread, self._watchdog):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=2 * self.interval + 1)
+        self._thread = self._watchdog = None
 
     def read(self) -> list[int]:
         return [int(self.store.add(self._key(r), 0)) for r in range(self.world_size)]
+
+    def watch(self, on_lost: Callable[[list[int], float], None], lost_after: float) -> None:
+        """Call ``on_lost(ranks, seconds)`` once, from a daemon thread, when the heartbeats of ``ranks`` have not
+        moved for ``lost_after`` seconds (the store's host when the store stops answering). For backends whose
+        waits do not block the CPU (NCCL), where no wait on the main thread can notice a lost peer."""
+        if not lost_after > 0:
+            raise ValueError(f"lost_after must be > 0 seconds, got {lost_after!r}")
+
+        def run() -> None:
+            now = time.monotonic()
+            seen: dict[int, tuple[int, float]] = {}
+            store_ok = now
+            while not self._stop.wait(self.interval):
+                now = time.monotonic()
+                try:
+                    counts = self.read()
+                    store_ok = now
+                except Exception:
+                    if now - store_ok >= lost_after and self.store_host_rank not in (None, self.rank):
+                        on_lost([self.store_host_rank], now - store_ok)
+                        return
+                    continue
+                for r, c in enumerate(counts):
+                    if r != self.rank and seen.get(r, (None, 0.0))[0] != c:
+                        seen[r] = (c, now)
+                stalled = [r for r, (_, since) in sorted(seen.items()) if now - since >= lost_after]
+                if stalled:
+                    on_lost(stalled, max(now - seen[r][1] for r in stalled))
+                    return
+
+        self._watchdog = threading.Thread(target=run, name=f"asyncpred-watchdog-{self.rank}", daemon=True)
+        self._watchdog.start()
 
     def lost_ranks(self, probe: Optional[float] = None) -> list[int]:
         """Ranks whose heartbeat did not advance during ``probe`` seconds (default ``2.5 * interval``)."""
@@ -201,9 +240,11 @@ class AllReduceExchange(Exchange):
         self.monitor = monitor
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        # NCCL: wait() lets the stream wait; wait(timeout) would block the CPU (see the module docstring)
+        self.blocks_cpu_on_wait = "nccl" not in self.backend.lower()
         self.queue: _PollingQueue = _PollingQueue(self.max_staleness)
         self.abandoned = 0
-        self.wait_seconds = 0.0  # time spent blocked on peers (for throughput analysis)
+        self.wait_seconds = 0.0  # CPU time spent blocked on peers (NCCL: ~0, the stream waits instead)
 
     @property
     def expected_staleness(self) -> float:
@@ -226,7 +267,10 @@ class AllReduceExchange(Exchange):
         t0 = time.perf_counter()
         for work in item[2]:
             try:
-                work.wait(timeout=self.timeout)
+                if self.blocks_cpu_on_wait:
+                    work.wait(timeout=self.timeout)
+                else:
+                    work.wait()
             except Exception as exc:  # timed out or a peer's connection broke
                 raise describe_peer_failure(exc, self.monitor, self.rank, f"the all_reduce of step {item[0]}", self.timeout) from exc
         self.wait_seconds += time.perf_counter() - t0

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import sys
 from datetime import timedelta
 from typing import Any, Optional, Union
 
@@ -41,6 +43,7 @@ from lightning_fabric.utilities.distributed import (
     _sync_ddp_if_available,
 )
 from lightning_fabric.utilities.distributed import group as _group
+from lightning_fabric.utilities.imports import _TORCH_GREATER_EQUAL_2_3
 from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning_fabric.utilities.seed import reset_seed
 from pytorch_lightning.plugins.precision import Precision
@@ -187,13 +190,17 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         check_mode(self.mode, backend)
         self._process_group_backend = backend
         self._check_world_size()
-        kwargs: dict[str, Any] = {"timeout": self._timeout}
-        if self.root_device.type != "cpu":
-            kwargs["device_id"] = self.root_device
-        _init_dist_connection(self.cluster_environment, backend, **kwargs)
+        _init_dist_connection(self.cluster_environment, backend, **self._process_group_kwargs())
         if dist.get_world_size() != self.num_nodes * self.num_processes:
             raise ValueError(self._mismatch_message(dist.get_world_size()))
         self._start_monitor()
+
+    def _process_group_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        # init_process_group(device_id=...) (eager NCCL init) exists from torch 2.3, as Lightning gates it
+        if self.root_device.type != "cpu" and _TORCH_GREATER_EQUAL_2_3:
+            kwargs["device_id"] = self.root_device
+        return kwargs
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is None:
@@ -225,6 +232,26 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         store = dist.distributed_c10d._get_default_store()
         self._monitor = PeerMonitor(store, dist.get_rank(), dist.get_world_size(), interval=self.heartbeat_interval)
         self._monitor.start()
+        if "nccl" in str(dist.get_backend()).lower():
+            # NCCL waits do not block the CPU, so no wait can raise PeerLostError: a watchdog does
+            self._monitor.watch(self._end_on_lost_peer, lost_after=self.peer_lost_after)
+
+    @property
+    def peer_lost_after(self) -> float:
+        """NCCL: seconds without a peer's heartbeat after which this process ends with a named error
+        (``min(timeout / 2, max(30, 10 * heartbeat_interval))``: before NCCL's own watchdog, at ``timeout``)."""
+        return min(self._timeout.total_seconds() / 2, max(30.0, 10 * self.heartbeat_interval))
+
+    def _end_on_lost_peer(self, ranks: list[int], seconds: float) -> None:
+        err = PeerLostError(
+            f"rank {self.global_rank}: lost rank {', '.join(str(r) for r in ranks)} (no heartbeat for {seconds:.0f}s). "
+            f"NCCL waits on the GPU stream, so this process ends now rather than when NCCL's watchdog times the "
+            f"collective out ({self._timeout.total_seconds():g}s)",
+            ranks,
+        )
+        log.error("%s: %s", type(err).__name__, err)
+        print(f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        os._exit(1)  # the main thread may be blocked in CUDA: nothing else can end it
 
     # ----------------------------------------------------------------- setup
     def setup(self, trainer: "pl.Trainer") -> None:

@@ -13,7 +13,12 @@ RECIPE="${1:-resnet50}"            # resnet50 | googlenet | nin (recipes/<name>.
 shift || true
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
-GPUS_PER_NODE="${GPUS_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}"
+# the GPUs this node's processes can use: what torch sees, so CUDA_VISIBLE_DEVICES is honoured
+GPUS_PER_NODE="${GPUS_PER_NODE:-$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)}"
+if (( GPUS_PER_NODE < 1 )); then
+  echo "torchrun.sh: no GPU visible to torch (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset}); set GPUS_PER_NODE" >&2
+  exit 2
+fi
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 DATA="${DATA:?set DATA to the ImageNet folder holding train/ and val/}"
