@@ -8,6 +8,7 @@ for a signal to land; every launch has a timeout, so a hang fails the test.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -73,6 +74,24 @@ def test_sigterm_to_the_main_process_ends_every_rank_like_ddp(tmp_path, strategy
         # both ranks stopped after the same step, s + 3 steps after the signal
         assert [x["signal_actions"] for x in res] == [[["sigterm", MARK + 5]]] * 2
         assert res[0]["global_step"] == res[1]["global_step"] == MARK + 5
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "async_pred"])
+def test_ctrl_c_ends_every_rank_like_ddp(tmp_path, strategy):
+    """Ctrl-C in a terminal: SIGINT to the whole process group. Lightning shuts rank 0 down gracefully and
+    kills the other ranks; nothing hangs on the in-flight gradients."""
+    out = tmp_path / strategy
+    main = _popen(out, [sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", "--strategy", strategy, *LONG_RUN], ENV)
+    _wait_for_markers(out, [main])
+    (out / "go").write_text("")
+    time.sleep(0.5)  # let training run on
+    os.killpg(main.pid, signal.SIGINT)
+    main.wait(timeout=60)
+    assert "Detected KeyboardInterrupt, attempting graceful shutdown" in (out / "stdout.txt").read_text()
+    assert json.loads((out / "rank0.json").read_text())["error"] == "SystemExit: 1"
+    # rank 1 got the SIGINT too: it either shut down the same way or was killed by the launcher first
+    if (out / "rank1.json").exists():
+        assert json.loads((out / "rank1.json").read_text())["error"] == "SystemExit: 1"
 
 
 def test_sigterm_to_every_worker_under_torchrun(tmp_path):

@@ -170,3 +170,25 @@ def test_more_than_one_device_is_refused(two_fake_gpus):
         pl.Trainer(accelerator="cpu", devices=2, strategy="async_pred_sim")
     with pytest.raises(ValueError, match=r"SimulatedAsyncStrategy\(device='cuda:0'\) conflicts with the Trainer's device 'cuda:1'"):
         pl.Trainer(accelerator="gpu", devices=[1], strategy=SimulatedAsyncStrategy(device="cuda:0"))
+
+
+def test_sigterm_stops_at_the_next_step_boundary(tmp_path):
+    """One process: SIGTERM during step 3 is acted on after that step (Lightning's SIGTERMException)."""
+    import os
+    import signal
+
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    class SendsSigterm(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    model, data = model_and_data()
+    before = signal.getsignal(signal.SIGTERM)
+    t = trainer(tmp_path, [SendsSigterm()], strategy=SimulatedAsyncStrategy(staleness=2), max_steps=20, limit_val_batches=0)
+    with pytest.raises(SIGTERMException):
+        t.fit(model, data)
+    assert t.global_step == 4 and t.strategy.signal_actions == [("sigterm", 4)]
+    assert signal.getsignal(signal.SIGTERM) == before  # the handlers of the run are gone
+    assert t.strategy._signals not in t.callbacks

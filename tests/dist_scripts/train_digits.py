@@ -123,6 +123,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--accelerator", default="cpu")
     p.add_argument("--strategy", default="async_pred")
     p.add_argument("--max-staleness", type=int, default=2)
     p.add_argument("--mode", default="fixed")
@@ -206,7 +207,7 @@ def main() -> None:
         callbacks.append(overflow)
     trainer = pl.Trainer(
         plugins=plugins,
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=args.devices,
         strategy=strategy,
         max_steps=args.max_steps,
