@@ -35,8 +35,46 @@ class GradientBuckets:
             size += nbytes
         self.numels = [sum(self.params[i].numel() for i in g) for g in self.groups]
 
+    @classmethod
+    def from_groups(cls, params: Sequence[Tensor], groups: Sequence[Sequence[int]]) -> "GradientBuckets":
+        """Buckets with an explicit assignment: bucket ``k`` holds ``params[i]`` for ``i`` in ``groups[k]``, in
+        that order (e.g. the shards of the point-to-point transport). Empty groups give empty buckets."""
+        self = cls.__new__(cls)
+        self.params = list(params)
+        self.groups = [list(g) for g in groups]
+        flat = sorted(i for g in self.groups for i in g)
+        if flat != list(range(len(self.params))):
+            raise ValueError(f"groups must assign every one of the {len(self.params)} parameters exactly once, got {groups!r}")
+        for g in self.groups:
+            if len({(self.params[i].dtype, self.params[i].device) for i in g}) > 1:
+                raise ValueError(f"the parameters of one bucket must share dtype and device, got group {g}")
+        self.numels = [sum(self.params[i].numel() for i in g) for g in self.groups]
+        return self
+
     def __len__(self) -> int:
         return len(self.groups)
+
+    @torch.no_grad()
+    def flatten_params(self) -> list[Tensor]:
+        """New flat buffers holding the parameters' values (bucket by bucket)."""
+        return [self._flat([self.params[i].detach() for i in g], g) for g in self.groups]
+
+    @torch.no_grad()
+    def load_params(self, k: int, flat: Tensor) -> None:
+        """Copy ``flat`` into the parameters of bucket ``k``."""
+        if flat.numel() != self.numels[k]:
+            raise ValueError(f"bucket {k} has {self.numels[k]} elements, got {flat.numel()}")
+        offset = 0
+        for i in self.groups[k]:
+            p = self.params[i]
+            p.detach().copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def _flat(self, tensors: list[Tensor], group: Sequence[int]) -> Tensor:
+        if not tensors:
+            ref = self.params[0]
+            return torch.zeros(0, dtype=ref.dtype, device=ref.device)
+        return torch.cat([t.reshape(-1) for t in tensors])
 
     @torch.no_grad()
     def flatten_grads(self, scale: float = 1.0) -> list[Tensor]:
@@ -47,7 +85,7 @@ class GradientBuckets:
             for i in g:
                 p = self.params[i]
                 parts.append(p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
-            flat = torch.cat(parts)
+            flat = self._flat(parts, g)
             if scale != 1.0:
                 flat.mul_(scale)
             out.append(flat)

@@ -1,0 +1,165 @@
+"""The p2p protocol (``exchange/p2p_protocol.py``) driven through a fake backend that enforces NCCL's rules.
+
+Thousands of random schedules: 2 to 8 workers of unequal speed, random message delays, 0 to 3 steps in flight.
+Each must end (no deadlock), apply every gradient shard exactly once, keep every worker within its bound,
+and leave every owner's master equal to a serial replay of the updates in the order that owner applied them.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lightning_asyncpred.exchange.p2p_protocol import Engine, Op
+from lightning_asyncpred.exchange.sharding import partition
+from tests.fake_nccl import Deadlock, simulate
+
+LR, MOMENTUM = 0.1, 0.9
+
+
+class Owner:
+    """The owner side of a rank: a master shard and a real SGD-with-momentum optimizer, with a log."""
+
+    def __init__(self, initial: torch.Tensor) -> None:
+        self.initial = initial.clone()
+        self.master = torch.nn.Parameter(initial.clone())
+        self.optimizer = torch.optim.SGD([self.master], lr=LR, momentum=MOMENTUM)
+        self.log: list[tuple[int, int, int, torch.Tensor]] = []  # (source, step, staleness, gradient)
+
+    def apply(self, grad: torch.Tensor, source: int, step: int, staleness: int) -> torch.Tensor:
+        self.log.append((source, step, staleness, grad.clone()))
+        self.master.grad = grad.clone()
+        self.optimizer.step()
+        return self.master.detach()
+
+    def replay(self) -> list[torch.Tensor]:
+        """The master after each logged update, applied serially on a fresh optimizer (version v: index v)."""
+        master = torch.nn.Parameter(self.initial.clone())
+        optimizer = torch.optim.SGD([master], lr=LR, momentum=MOMENTUM)
+        versions = [master.detach().clone()]
+        for *_, grad in self.log:
+            master.grad = grad.clone()
+            optimizer.step()
+            versions.append(master.detach().clone())
+        return versions
+
+
+def _gradient(seed: int, rank: int, step: int, numel: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + rank * 1009 + step)
+    return torch.randn(numel, generator=g, dtype=torch.float64)
+
+
+def run_schedule(seed: int, world: int, steps: list[int], bound: int, speeds: list[float], sizes: list[int], engine_cls=Engine):
+    """One schedule; returns (engines, owners, workers' max in-flight at compute time)."""
+    rng = random.Random(seed)
+    shards = partition(sizes, world)
+    numels = [sum(sizes[i] for i in s) for s in shards]
+    init = torch.Generator().manual_seed(seed)
+    owners = [Owner(torch.randn(n, generator=init, dtype=torch.float64)) for n in numels]
+    engines = [engine_cls(r, world, numels, torch.float64, torch.device("cpu"), owners[r].apply) for r in range(world)]
+    max_in_flight = [0] * world
+    installed = [[0] * world for _ in range(world)]  # versions of each shard in each worker's replica
+    replies: list[list] = [[] for _ in range(world)]
+
+    def install(r: int) -> None:
+        for reply in engines[r].take_replies():
+            replies[r].append((reply.shard, reply.version, reply.params.clone()))
+            installed[r][reply.shard] = max(installed[r][reply.shard], reply.version)
+
+    def worker(r: int):
+        e = engines[r]
+        for t in range(steps[r]):
+            max_in_flight[r] = max(max_in_flight[r], e.in_flight)
+            yield ("compute", speeds[r] * rng.uniform(0.5, 1.5))
+            install(r)
+            grads = [_gradient(seed, r, t, n) for n in numels]
+            yield ("ops", e.submit(t, grads, list(installed[r])))
+            yield ("wait", lambda: e.in_flight <= bound)
+        yield ("ops", e.finish())
+        yield ("wait", lambda: e.done)
+        install(r)
+
+    simulate(engines, [worker(r) for r in range(world)], rng, max_delay=rng.choice([0.01, 0.3, 2.0]))
+    return engines, owners, max_in_flight, replies
+
+
+def _check(engines, owners, max_in_flight, replies, steps, bound):
+    world = len(engines)
+    replays = [owner.replay() for owner in owners]
+    for k, owner in enumerate(owners):
+        applied = sorted((src, step) for src, step, _, _ in owner.log)
+        assert applied == sorted((w, t) for w in range(world) for t in range(steps[w])), f"owner {k}"  # exactly once
+        assert torch.equal(owner.master.detach(), replays[k][-1]), f"owner {k} differs from the serial replay"
+        assert all(staleness >= 0 for _, _, staleness, _ in owner.log)
+        assert engines[k].version == sum(steps)
+    for w, e in enumerate(engines):
+        assert e.done and e.in_flight == 0 and not e.steps
+        assert max_in_flight[w] <= bound  # never more than `bound` steps in flight when computing the next one
+        assert [t for t, _ in sorted(e.completed_steps)] == list(range(steps[w]))
+        assert all(len(st) == world for _, st in e.completed_steps)
+        # every reply is the owner's master right after the update it answers: the serial replay up to its version
+        for shard, version, params in replies[w]:
+            assert torch.equal(params, replays[shard][version]), (w, shard, version)
+        assert sorted(shard for shard, _, _ in replies[w]) == sorted(list(range(world)) * steps[w])
+
+
+def test_random_schedules_under_ncclls_rules():
+    rng = random.Random(2026)
+    schedules = 0
+    for seed in range(1500):
+        world = rng.randint(2, 8)
+        steps = [rng.randint(0, 5) for _ in range(world)]
+        bound = rng.randint(0, 3)
+        speeds = [rng.choice([0.1, 1.0, 3.0]) for _ in range(world)]
+        sizes = [rng.randint(1, 40) for _ in range(rng.randint(world, 2 * world + 3))]
+        result = run_schedule(seed, world, steps, bound, speeds, sizes)
+        _check(*result, steps, bound)
+        schedules += 1
+    assert schedules == 1500
+
+
+def test_more_ranks_than_parameters_leaves_empty_shards_that_still_work():
+    result = run_schedule(7, world=5, steps=[3, 1, 4, 2, 0], bound=1, speeds=[1, 2, 1, 3, 1], sizes=[10, 3])
+    assert [o.master.numel() for o in result[1]].count(0) == 3
+    _check(*result, [3, 1, 4, 2, 0], 1)
+
+
+class SharedChannelEngine(Engine):
+    """A broken variant: both directions of a pair on one communicator, a receive posted first on each side."""
+
+    def _pump(self, peer: int) -> list[Op]:
+        ops = super()._pump(peer)
+        for op in ops:
+            op.channel = tuple(sorted((self.rank, peer)))
+        return ops
+
+
+def test_the_fake_backend_catches_a_receive_that_holds_up_a_send():
+    """Proof that the simulation enforces NCCL's rule: sharing one communicator per pair deadlocks."""
+    with pytest.raises(Deadlock, match="not done"):
+        run_schedule(1, world=2, steps=[2, 2], bound=1, speeds=[1, 1], sizes=[4, 4], engine_cls=SharedChannelEngine)
+
+
+def test_partition_is_greedy_largest_first_and_balanced():
+    assert partition([5, 1, 8, 3, 3], 2) == [[2, 4], [0, 1, 3]]  # 8, 5, 3 (shard 1), 3 (tie: shard 0), 1
+    assert partition([4, 4, 4, 4], 3) == [[0, 3], [1], [2]]
+    assert partition([], 2) == [[], []]
+    sizes = [random.Random(0).randint(1, 1000) for _ in range(200)]
+    totals = [sum(sizes[i] for i in s) for s in partition(sizes, 8)]
+    assert max(totals) - min(totals) <= max(sizes)
+    with pytest.raises(ValueError, match="num_shards must be an integer >= 1, got 0"):
+        partition([1], 0)
+
+
+def test_engine_rejects_misuse():
+    e = Engine(0, 2, [3, 3], torch.float32, torch.device("cpu"), lambda g, s, t, st: torch.zeros(3))
+    e.start()
+    e.submit(0, [torch.zeros(3), torch.zeros(3)], [0, 0])
+    with pytest.raises(ValueError, match="step 0 was already submitted"):
+        e.submit(0, [torch.zeros(3), torch.zeros(3)], [0, 0])
+    e.finish()
+    with pytest.raises(RuntimeError, match=r"submit\(\) after finish\(\)"):
+        e.submit(1, [torch.zeros(3), torch.zeros(3)], [0, 0])
+    assert e.missing() == [1]  # waits for rank 1's reply and FIN
