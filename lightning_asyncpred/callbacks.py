@@ -97,7 +97,8 @@ class LinearPrediction(Callback):
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         if self.predictor is None:
             return
-        probe = self.predictor.updates % self.log_every_n_steps == 0
+        # no probe before the first update: with zero velocity the ratio is 1 by construction
+        probe = self.predictor.updates > 0 and self.predictor.updates % self.log_every_n_steps == 0
         self.predictor.predict_(self.current_horizon(trainer), probe=probe)
 
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

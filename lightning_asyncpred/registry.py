@@ -8,15 +8,19 @@ from lightning_asyncpred.strategies import AsyncPredStrategy, SimulatedAsyncStra
 
 _STRATEGIES = {
     "async_pred_sim": (SimulatedAsyncStrategy, "one device, simulated asynchronous staleness (lightning-asyncpred)", {}),
+    "async_pred": (
+        AsyncPredStrategy,
+        "multi-process asynchronous SGD, point-to-point transport with sharded owners (lightning-asyncpred)",
+        {"transport": "p2p", "max_staleness": 2},
+    ),
+    "async_pred_p2p": (
+        AsyncPredStrategy,
+        "multi-process asynchronous SGD, point-to-point transport with sharded owners (lightning-asyncpred)",
+        {"transport": "p2p", "max_staleness": 2},
+    ),
     "async_pred_allreduce": (
         AsyncPredStrategy,
         "multi-process asynchronous SGD, stale-synchronous all_reduce transport (lightning-asyncpred)",
-        {"transport": "allreduce"},
-    ),
-    # alias until the point-to-point transport exists
-    "async_pred": (
-        AsyncPredStrategy,
-        "multi-process asynchronous SGD (lightning-asyncpred); currently the all_reduce transport",
         {"transport": "allreduce"},
     ),
 }

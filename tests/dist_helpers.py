@@ -16,11 +16,12 @@ SCRIPT = Path(__file__).parent / "dist_scripts" / "train_digits.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def run(out: Path, *args: str, torchrun: bool = True, timeout: float = 150, check: bool = True) -> subprocess.CompletedProcess:
+def run(out: Path, *args: str, torchrun: bool = True, timeout: float = 150, check: bool = True, nproc: int = 2) -> subprocess.CompletedProcess:
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT), "--out", str(out), *args]
-    else:  # Lightning's own subprocess launcher: Trainer(devices=2)
-        cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(SCRIPT),
+               "--out", str(out), "--devices", str(nproc), *args]
+    else:  # Lightning's own subprocess launcher: Trainer(devices=nproc)
+        cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--devices", str(nproc), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=out.parent)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -51,8 +52,8 @@ def run_external(out: Path, *args: str, timeout: float = 120) -> list[int]:
                 p.kill()
 
 
-def results(out: Path) -> list[dict]:
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+def results(out: Path, nproc: int = 2) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
 def params(out: Path, rank: int) -> dict[str, torch.Tensor]:
@@ -77,8 +78,10 @@ def assert_balanced(res: list[dict]) -> None:
         assert sum(x["staleness_hist"]) == x["submitted"]
 
 
-def assert_identical_replicas(out: Path) -> None:
-    a, b = params(out, 0), params(out, 1)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k  # bit-identical
+def assert_identical_replicas(out: Path, nproc: int = 2) -> None:
+    a = params(out, 0)
+    for r in range(1, nproc):
+        b = params(out, r)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (r, k)  # bit-identical

@@ -35,15 +35,16 @@ def _trainer(strategy, **kw):
 
 
 def test_registered_names_and_idempotent_registration():
-    for name in ("async_pred", "async_pred_allreduce", "async_pred_sim"):
+    for name in ("async_pred", "async_pred_p2p", "async_pred_allreduce", "async_pred_sim"):
         assert name in StrategyRegistry
     assert register_strategies() == []  # a second import registers nothing and raises nothing
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="async_pred", logger=False)
     s = trainer.strategy
-    assert isinstance(s, AsyncPredStrategy) and s.transport == "allreduce"
+    assert isinstance(s, AsyncPredStrategy) and s.transport == "p2p" and s.max_staleness == 2
     assert s.is_distributed and s.world_size == 2
     assert s.distributed_sampler_kwargs == {"num_replicas": 2, "rank": 0}
-    assert isinstance(pl.Trainer(accelerator="cpu", devices=2, strategy="async_pred_allreduce", logger=False).strategy, AsyncPredStrategy)
+    assert pl.Trainer(accelerator="cpu", devices=2, strategy="async_pred_p2p", logger=False).strategy.transport == "p2p"
+    assert pl.Trainer(accelerator="cpu", devices=2, strategy="async_pred_allreduce", logger=False).strategy.transport == "allreduce"
 
 
 def test_init_has_no_side_effects():
@@ -59,17 +60,17 @@ def test_bad_max_staleness(bad):
 
 def test_unknown_mode():
     with pytest.raises(ValueError, match=r"unknown allreduce mode 'async'; allowed: 'fixed', 'eager'"):
-        AsyncPredStrategy(mode="async")
+        AsyncPredStrategy(mode="async", transport="allreduce")
 
 
 def test_eager_with_explicit_gloo():
     with pytest.raises(ValueError, match=r"mode='eager' needs .*NCCL.*'gloo'"):
-        AsyncPredStrategy(mode="eager", process_group_backend="gloo")
+        AsyncPredStrategy(mode="eager", process_group_backend="gloo", transport="allreduce")
 
 
 def test_eager_on_cpu_fails_before_any_process_group(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    trainer = _trainer(AsyncPredStrategy(mode="eager"))
+    trainer = _trainer(AsyncPredStrategy(mode="eager", transport="allreduce"))
     with pytest.raises(ValueError, match=r"mode='eager' needs .*'gloo'"):
         trainer.fit(la.ImageClassifier(), la.DigitsDataModule())
     assert not dist.is_initialized()
@@ -82,7 +83,9 @@ def test_eager_on_cpu_fails_before_any_process_group(monkeypatch):
         ({"bucket_cap_mb": "big"}, r"bucket_cap_mb must be a number > 0, got 'big'"),
         ({"process_group_backend": "mpich"}, r"process_group_backend must be .* got 'mpich'"),
         ({"timeout": -3}, r"timeout must be a number of seconds > 0 .* got -3"),
-        ({"transport": "p2q"}, r"unknown transport 'p2q'; registered: allreduce"),
+        ({"transport": "p2q"}, r"unknown transport 'p2q'; registered: allreduce, p2p"),
+        ({"mode": "eager"}, r"mode='eager' applies to the allreduce transport; the p2p transport has no modes"),
+        ({"drain_on_save": True}, r"drain_on_save=True is not supported by the p2p transport"),
         ({"heartbeat_interval": 0}, r"heartbeat_interval must be a number of seconds > 0"),
     ],
 )
@@ -94,7 +97,7 @@ def test_bad_options(kwargs, match):
 def test_non_divisible_bucket_cap(monkeypatch):
     # 0.1 MiB = 104857.6 bytes: not a whole number of float32 elements
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    trainer = _trainer(AsyncPredStrategy(bucket_cap_mb=0.1, timeout=10))
+    trainer = _trainer(AsyncPredStrategy(bucket_cap_mb=0.1, timeout=10, transport="allreduce"))
     with pytest.raises(ValueError, match=r"bucket_cap_mb=0.1 gives a cap of 104857.6 bytes, not a whole number of torch.float32"):
         trainer.fit(la.ImageClassifier(), la.DigitsDataModule())
     # teardown / on_exception after the failed setup: idempotent, nothing raised
@@ -118,7 +121,7 @@ def test_devices_mismatch_with_the_launcher(monkeypatch):
 def test_single_process_world_trains_synchronously(monkeypatch):
     """devices=1 is a world of one: s = 0 is plain SGD, every step applies its own gradient."""
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    strategy = AsyncPredStrategy(max_staleness=0, bucket_cap_mb=0.25, timeout=10)
+    strategy = AsyncPredStrategy(max_staleness=0, bucket_cap_mb=0.25, timeout=10, transport="allreduce")
     trainer = _trainer(strategy)
     trainer.fit(la.ImageClassifier(), la.DigitsDataModule())
     assert strategy.applied_steps == 3 and strategy.exchange.submitted == strategy.exchange.applied == 3
@@ -150,7 +153,7 @@ def test_fp16_step_whose_training_step_returned_none_still_applies_the_ready_gra
             changed[trainer.global_step - 1] = any(not torch.equal(a, b) for a, b in zip(self.before, after))
 
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    strategy = AsyncPredStrategy(max_staleness=1, bucket_cap_mb=0.25, timeout=10)
+    strategy = AsyncPredStrategy(max_staleness=1, bucket_cap_mb=0.25, timeout=10, transport="allreduce")
     precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
     trainer = _trainer(strategy, max_steps=6, plugins=[precision], callbacks=[Watch()])
     torch.manual_seed(0)
@@ -207,3 +210,33 @@ def test_eager_nccl_init_only_where_torch_has_it(monkeypatch):
     s.parallel_devices = [torch.device("cpu")]
     monkeypatch.setattr(distributed, "_TORCH_GREATER_EQUAL_2_3", True)
     assert "device_id" not in s._process_group_kwargs()
+
+
+def test_p2p_refuses_a_world_of_one(monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    trainer = _trainer(AsyncPredStrategy(transport="p2p", timeout=10))
+    with pytest.raises(ValueError, match=r"the p2p transport needs at least 2 processes .* got a world of 1"):
+        trainer.fit(la.ImageClassifier(), la.DigitsDataModule())
+
+
+def test_p2p_refuses_optimizers_that_need_a_closure(monkeypatch):
+    class WithLBFGS(la.ImageClassifier):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters())
+
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    trainer = _trainer(AsyncPredStrategy(transport="p2p", timeout=10))
+    with pytest.raises(ValueError, match=r"the p2p transport cannot run LBFGS: its step needs a closure"):
+        trainer.fit(WithLBFGS(), la.DigitsDataModule())
+
+
+def test_p2p_refuses_parameters_of_several_dtypes(monkeypatch):
+    class Mixed(la.ImageClassifier):
+        def configure_optimizers(self):
+            self.model.classifier[-1].double()
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    trainer = _trainer(AsyncPredStrategy(transport="p2p", timeout=10))
+    with pytest.raises(ValueError, match=r"one dtype for all trainable parameters .* got torch.float32, torch.float64"):
+        trainer.fit(Mixed(), la.DigitsDataModule())

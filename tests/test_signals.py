@@ -57,11 +57,13 @@ def _popen(out: Path, cmd: list[str], env: dict) -> subprocess.Popen:
 LONG_RUN = ("--max-steps", "100000", "--marker-step", str(MARK), "--natural-exit", "--timeout", "600")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "async_pred"])
-def test_sigterm_to_the_main_process_ends_every_rank_like_ddp(tmp_path, strategy):
+@pytest.mark.parametrize("strategy, transport", [("ddp", None), ("async_pred", "allreduce"), ("async_pred", "p2p")])
+def test_sigterm_to_the_main_process_ends_every_rank_like_ddp(tmp_path, strategy, transport):
     """Trainer(devices=2): SIGTERM to the main process (what scancel or a cluster shutdown does)."""
-    out = tmp_path / strategy
-    main = _popen(out, [sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", "--strategy", strategy, *LONG_RUN], ENV)
+    out = tmp_path / f"{strategy}-{transport}"
+    extra = ["--transport", transport] if transport else []
+    main = _popen(out, [sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", "--strategy", strategy, *extra,
+                        *LONG_RUN], ENV)
     _wait_for_markers(out, [main])
     main.send_signal(signal.SIGTERM)
     (code,) = _finish(out, [main])
@@ -70,10 +72,12 @@ def test_sigterm_to_the_main_process_ends_every_rank_like_ddp(tmp_path, strategy
     assert "[rank: 0] Received SIGTERM: 15" in log and "[rank: 1] Received SIGTERM: 15" in log
     res = results(out)
     assert [x["error_type"] for x in res] == ["SIGTERMException", "SIGTERMException"]
-    if strategy == "async_pred":
+    if transport == "allreduce":
         # both ranks stopped after the same step, s + 3 steps after the signal
         assert [x["signal_actions"] for x in res] == [[["sigterm", MARK + 5]]] * 2
         assert res[0]["global_step"] == res[1]["global_step"] == MARK + 5
+    if transport == "p2p":  # every rank stops at its own next step boundary (ranks run apart under p2p)
+        assert [x["signal_actions"] for x in res] == [[["sigterm", MARK + 1]]] * 2
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "async_pred"])

@@ -10,15 +10,19 @@ from lightning_asyncpred.exchange.allreduce import (
 )
 from lightning_asyncpred.exchange.base import Exchange, ReadyGradient
 from lightning_asyncpred.exchange.buckets import GradientBuckets, sum_buckets
+from lightning_asyncpred.exchange.owner import ShardOwner
+from lightning_asyncpred.exchange.p2p import P2PExchange, build_channels, warm_up
 from lightning_asyncpred.exchange.simulated import SimulatedExchange
 
 __all__ = [
     "AllReduceExchange",
     "Exchange",
     "GradientBuckets",
+    "P2PExchange",
     "PeerLostError",
     "PeerMonitor",
     "ReadyGradient",
+    "ShardOwner",
     "SimulatedExchange",
     "check_mode",
     "describe_peer_failure",
@@ -28,7 +32,8 @@ __all__ = [
 
 # ------------------------------------------------------------------ transports for multi-process strategies
 # A transport factory takes keyword arguments ``max_staleness, mode, group, timeout, monitor, buckets``
-# (a :class:`GradientBuckets` describing the layout) and returns an :class:`Exchange`. A new transport
+# (a :class:`GradientBuckets` describing the layout), ``optimizer`` (the user's) and ``backend`` (of the data
+# plane), ignores those it does not need, and returns an :class:`Exchange`. A new transport
 # (e.g. point-to-point) registers itself here and ``AsyncPredStrategy(transport=...)`` picks it up.
 TRANSPORTS = {}
 
@@ -47,9 +52,23 @@ def create_exchange(transport, **kwargs):
     return TRANSPORTS[transport](**kwargs)
 
 
-def _allreduce_factory(max_staleness, mode, group, timeout, monitor, buckets=None):
+def _allreduce_factory(max_staleness, mode, group, timeout, monitor, **_):
     return AllReduceExchange(max_staleness, mode=mode, group=group, timeout=timeout, monitor=monitor)
 
 
+def _p2p_factory(max_staleness, group, timeout, monitor, buckets, optimizer, backend, **_):
+    """Owner of shard ``rank`` (the buckets are the shards), one channel per ordered pair, warmed up."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    owner = ShardOwner(optimizer, buckets.params, buckets.groups[rank])
+    channels = build_channels(world, backend, to_timedelta(timeout)) if world > 1 else {}
+    if channels:
+        warm_up(channels, rank, owner.flat.device, to_timedelta(timeout))
+    return P2PExchange(max_staleness, owner, buckets.numels, rank, world, channels, control_group=group,
+                       timeout=timeout, monitor=monitor)
+
+
 register_transport("allreduce", _allreduce_factory)
+register_transport("p2p", _p2p_factory)
 __all__ += ["TRANSPORTS", "create_exchange", "register_transport"]

@@ -87,6 +87,11 @@ class Exchange(abc.ABC):
             raise RuntimeError(f"{type(self).__name__}.drain() left {self.in_flight} gradients in flight")
         return out
 
+    def stop_gracefully(self) -> None:
+        """End the exchange cleanly when the run stops early on every rank (SIGTERM): let the communication in
+        flight complete, apply nothing more. Default: :meth:`drain` (the results are discarded)."""
+        self.drain()
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True

@@ -38,6 +38,7 @@ from torch.optim import Optimizer
 
 import pytorch_lightning as pl
 from lightning_fabric.utilities.data import _set_sampler_epoch
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from lightning_asyncpred.exchange import Exchange, GradientBuckets, ReadyGradient, sum_buckets
 from lightning_asyncpred.staleness import StalenessStats
 from lightning_asyncpred.strategies.signals import SafePointSignals
@@ -68,11 +69,16 @@ class AsyncUpdateMixin:
         self.local_steps = 0
         self._last_staleness: Optional[int] = None
         self._pending_async_state: Optional[dict[str, Any]] = None
+        self._resumed_world_size: Optional[int] = None
         self._in_training_step = False
 
     # ----------------------------------------------------------- to implement
     def _create_exchange(self) -> Exchange:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _make_buckets(self, params: list[Tensor]) -> GradientBuckets:
+        """How the local gradient is flattened for the exchange (default: buckets of ``bucket_cap_mb``)."""
+        return GradientBuckets(params, self.bucket_cap_mb)
 
     # ----------------------------------------------------------------- public
     @property
@@ -106,7 +112,7 @@ class AsyncUpdateMixin:
             )
         self._optimizer = self.optimizers[0]
         params = [p for group in self._optimizer.param_groups for p in group["params"] if p.requires_grad]
-        self._buckets = GradientBuckets(params, self.bucket_cap_mb)
+        self._buckets = self._make_buckets(params)
         self.exchange = self._create_exchange()
         if self._pending_async_state is not None:
             self._restore_exchange(self._pending_async_state)
@@ -120,7 +126,9 @@ class AsyncUpdateMixin:
     def _install_signals(self, trainer: "pl.Trainer") -> None:
         """SIGTERM and the SLURM requeue signal act at an agreed step boundary (see ``signals.py``)."""
         self._uninstall_signals()
-        self._signals = SafePointSignals(self._signal_lead(), self._signal_store(), self._signal_store_failure)
+        self._signals = SafePointSignals(
+            self._signal_lead(), self._signal_store(), self._signal_store_failure, per_rank=self._signal_per_rank()
+        )
         self._signals.install(trainer)
 
     def _uninstall_signals(self) -> None:
@@ -134,6 +142,10 @@ class AsyncUpdateMixin:
 
     def _signal_store(self) -> Optional[Any]:
         return None
+
+    def _signal_per_rank(self) -> bool:
+        """True where ranks run apart by any number of steps: each acts at its own next step boundary."""
+        return False
 
     def _signal_store_failure(self, exc: BaseException) -> BaseException:
         return exc
@@ -163,6 +175,8 @@ class AsyncUpdateMixin:
                 f"{type(self).__name__}.optimizer_step() before setup: the exchange does not exist yet"
             )
         model = model or self.lightning_module
+        if self._exchange_returns_parameters:
+            return self._owner_step(optimizer, closure, model, **kwargs)
         closure_result = closure()
         if closure_result is None and model.automatic_optimization and not self._submit_nonfinite:
             return None  # training_step returned None: Lightning skips the step
@@ -179,6 +193,51 @@ class AsyncUpdateMixin:
         if not ready:
             return None
         return self._apply(optimizer, model, ready, closure_result, scale, **kwargs)
+
+    @property
+    def _exchange_returns_parameters(self) -> bool:
+        return getattr(self.exchange, "returns", "gradients") == "parameters"
+
+    def _owner_step(self, optimizer: Any, closure: Callable[[], Any], model: Any, **kwargs: Any) -> Any:
+        """Transports whose owners apply the gradients (p2p): the local gradient is the update's input.
+
+        The precision plugin runs as for any step (closure, unscale, ``on_before_optimizer_step``, clipping of
+        this worker's gradient, AMP's overflow check) and calls ``optimizer.step``, which here submits the
+        gradient instead of stepping: a worker whose gradient overflowed submits nothing and lowers its own
+        loss scale. Then the parameters the owners returned are installed.
+        """
+
+        def submit(closure: Optional[Callable[[], Any]] = None, **_: Any) -> Any:
+            result = closure() if closure is not None else None
+            self.exchange.submit(self.local_steps, self._buckets.flatten_grads())
+            self.local_steps += 1
+            # what an LR scheduler's wrapper of optimizer.step records: a step happened (the owners take the lr
+            # from these param groups at their next step, so no schedule value is skipped)
+            optimizer._opt_called = True
+            return result
+
+        shadowed = optimizer.__dict__.get("step")
+        optimizer.step = submit  # an instance attribute shadows the class method, for this step only
+        try:
+            out = self.precision_plugin.optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+        finally:
+            if shadowed is None:
+                del optimizer.step
+            else:
+                optimizer.step = shadowed
+        self._install(self.exchange.ready())
+        return out
+
+    def _install(self, ready: list[ReadyGradient]) -> None:
+        """Install the parameters the owners returned (a refresh of the replica, between steps)."""
+        params = self.exchange.take_parameters()
+        for k, flat in params.items():
+            self._buckets.load_params(k, flat)
+        if ready:
+            self.applied_updates += len(ready)
+            self._last_staleness = ready[-1].staleness
+        if params:
+            self.applied_steps += 1
 
     def _apply(
         self,
@@ -217,6 +276,9 @@ class AsyncUpdateMixin:
                 "trainer.save_checkpoint in on_train_batch_end) instead, or leave drain_on_save=False"
             )
         ready = self.exchange.drain()
+        if self._exchange_returns_parameters:
+            self._install(ready)
+            return len(ready)
         if not ready:
             return 0
         model = self.lightning_module
@@ -233,6 +295,7 @@ class AsyncUpdateMixin:
         The exchange's in-flight gradients are completed and copied, never applied (see the module docstring).
         """
         state: dict[str, Any] = {
+            "world_size": self.world_size,  # type: ignore[attr-defined]
             "applied_updates": self.applied_updates,
             "applied_steps": self.applied_steps,
             "local_steps": self.local_steps,
@@ -243,6 +306,7 @@ class AsyncUpdateMixin:
         return state
 
     def load_async_state_dict(self, state: dict[str, Any]) -> None:
+        self._resumed_world_size = state.get("world_size")
         self.applied_updates = int(state.get("applied_updates", 0))
         self.applied_steps = int(state.get("applied_steps", 0))
         self.local_steps = int(state.get("local_steps", 0))
@@ -275,6 +339,14 @@ class AsyncUpdateMixin:
         trainer = getattr(self.lightning_module, "_trainer", None)
         if trainer is not None and trainer.state.fn == "fit":
             _set_sampler_epoch(dataloader, trainer.fit_loop.epoch_progress.current.processed)
+            saved = self._resumed_world_size
+            if saved is not None and saved != trainer.world_size and trainer.fit_loop._combined_loader_states_to_load:
+                # a position in an epoch of N shards means nothing to M shards: restart this epoch's order
+                rank_zero_warn(
+                    f"resuming a checkpoint written by {saved} processes on {trainer.world_size}: the data loader's "
+                    "position in the interrupted epoch cannot carry over; that epoch's order starts again"
+                )
+                trainer.fit_loop._combined_loader_states_to_load = []
         return super().process_dataloader(dataloader)  # type: ignore[misc]
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -288,7 +360,49 @@ class AsyncUpdateMixin:
         # the real parameters as they are; in-flight gradients go to checkpoint["async_pred"] (save_checkpoint)
         if self.drain_on_save:
             self.drain_and_apply()
-        return super().lightning_module_state_dict()  # type: ignore[misc]
+        state = super().lightning_module_state_dict()  # type: ignore[misc]
+        if self._exchange_returns_parameters and not self.exchange.closed:
+            state = self._with_masters(state)
+        return state
+
+    # ---------------------------------------------- owner-based transports (p2p): checkpoints
+    def _with_masters(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The model state dict with the owners' master parameters (a plain one, as under ddp). Waits until every
+        gradient in flight anywhere has been applied by its owner (every rank is inside the same checkpoint)."""
+        self.exchange.quiesce()
+        ready = self.exchange.ready()  # accounting only: the replies are installed at the next step as usual
+        self.applied_updates += len(ready)
+        names = {id(p): n for n, p in self.lightning_module.named_parameters()}
+        state = dict(state)
+        for k, flat in enumerate(self.exchange.gather_masters()):
+            offset = 0
+            for i in self._buckets.groups[k]:
+                p = self._buckets.params[i]
+                state[names[id(p)]] = flat[offset : offset + p.numel()].view_as(p).detach().clone()
+                offset += p.numel()
+        return state
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """Under an owner-based transport: the owners' states consolidated into the user's optimizer format, as a
+        ``ddp`` run's optimizer would hold them (loads into any strategy)."""
+        if not (self._exchange_returns_parameters and self.exchange is not None and not self.exchange.closed):
+            return super().optimizer_state(optimizer)  # type: ignore[misc]
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        self.exchange.quiesce()
+        states = self.exchange.gather_optimizer_states()
+        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        out = optimizer.state_dict()
+        out["state"] = {index[id(self._buckets.params[i])]: st for i, st in states.items()}
+        return out
+
+    def on_train_start(self) -> None:
+        # Lightning restored the user's optimizer state (a resumed run) after setup: hand it to the owner
+        if self._exchange_returns_parameters and self._optimizer is not None:
+            opt = self._optimizer
+            mine = {i: opt.state[p] for i, p in enumerate(self._buckets.params) if p in opt.state and opt.state[p]}
+            self.exchange.owner.load_state(mine)
+            opt.state.clear()  # the replica's optimizer is never stepped: its state would only take memory
+        super().on_train_start()  # type: ignore[misc]
 
     def on_train_end(self) -> None:
         self.drain_and_apply()

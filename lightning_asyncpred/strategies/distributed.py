@@ -1,6 +1,7 @@
 """``AsyncPredStrategy``: multi-process asynchronous data parallelism over ``torch.distributed``.
 
-Registered as ``async_pred_allreduce`` and, until the point-to-point transport exists, ``async_pred``.
+Registered as ``async_pred`` / ``async_pred_p2p`` (the point-to-point transport: sharded owners, truly
+asynchronous) and ``async_pred_allreduce`` (the stale-synchronous all-reduce transport).
 
 Each rank trains a full replica on its shard of the data (Lightning adds the ``DistributedSampler``).
 Per optimizer step the fresh local gradient ``g_t^{(r)}`` goes into the exchange and the mean gradient
@@ -23,6 +24,7 @@ SIGTERM and SLURM's requeue signal act at a step boundary agreed by all ranks (`
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 import sys
@@ -55,6 +57,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from lightning_asyncpred.exchange import (
     TRANSPORTS,
     Exchange,
+    GradientBuckets,
     PeerLostError,
     PeerMonitor,
     check_mode,
@@ -62,6 +65,7 @@ from lightning_asyncpred.exchange import (
     describe_peer_failure,
     to_timedelta,
 )
+from lightning_asyncpred.exchange.sharding import partition
 from lightning_asyncpred.strategies.base import AsyncUpdateMixin
 from lightning_asyncpred.validation import check_int
 
@@ -87,7 +91,11 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         process_group_backend: ``"gloo"`` or ``"nccl"`` (default: NCCL on CUDA, Gloo on CPU).
         timeout: seconds (or a ``timedelta``) any wait on a peer may block; also the process group's
             timeout. A lost peer ends every other rank with :class:`PeerLostError` within about this time.
-        transport: a transport registered in :data:`lightning_asyncpred.exchange.TRANSPORTS`.
+        transport: ``"p2p"`` (default: owners apply each gradient shard on arrival, a straggler slows only
+            itself; see ``exchange/p2p.py``), ``"allreduce"`` (stale-synchronous) or another transport registered
+            in :data:`lightning_asyncpred.exchange.TRANSPORTS`. ``mode`` applies to ``"allreduce"`` only. Under
+            ``"p2p"`` ``max_staleness`` bounds how many of this worker's steps are in flight, the default
+            process group (Lightning's collectives) is Gloo and the data plane uses ``process_group_backend``.
         heartbeat_interval: seconds between liveness heartbeats in the c10d store (used to name a lost rank).
         drain_on_save: apply the gradients in flight before saving a checkpoint instead of storing them in
             it (smaller checkpoints, but every save then changes the run). Default ``False``.
@@ -103,7 +111,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         bucket_cap_mb: float = 25.0,
         process_group_backend: Optional[str] = None,
         timeout: Union[timedelta, int, float] = default_pg_timeout,
-        transport: str = "allreduce",
+        transport: str = "p2p",
         heartbeat_interval: float = 1.0,
         drain_on_save: bool = False,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
@@ -126,8 +134,18 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; registered: {', '.join(sorted(TRANSPORTS))}")
         self.max_staleness = check_int("max_staleness", max_staleness, 0)
-        self.mode = check_mode(mode, process_group_backend)
         self.transport = transport
+        if transport == "p2p":
+            if mode != "fixed":
+                raise ValueError(f"mode={mode!r} applies to the allreduce transport; the p2p transport has no modes")
+            if drain_on_save:
+                raise ValueError(
+                    "drain_on_save=True is not supported by the p2p transport: its checkpoints wait for the "
+                    "gradients in flight to be applied by their owners, and store nothing in flight"
+                )
+            self.mode = mode
+        else:
+            self.mode = check_mode(mode, process_group_backend)
         self._timeout = to_timedelta(timeout)
         if not (isinstance(heartbeat_interval, (int, float)) and not isinstance(heartbeat_interval, bool) and heartbeat_interval > 0):
             raise ValueError(f"heartbeat_interval must be a number of seconds > 0, got {heartbeat_interval!r}")
@@ -187,18 +205,37 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         reset_seed()
         self.set_world_ranks()
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
-        check_mode(self.mode, backend)
         self._process_group_backend = backend
+        if self.transport == "p2p":
+            # Lightning's collectives on Gloo: NCCL calls from the main thread beside the communication thread's
+            # are unsafe; the data plane gets its own groups (exchange/p2p.py)
+            self._check_p2p_environment()
+            default_backend = "gloo"
+        else:
+            check_mode(self.mode, backend)
+            default_backend = backend
         self._check_world_size()
-        _init_dist_connection(self.cluster_environment, backend, **self._process_group_kwargs())
+        _init_dist_connection(self.cluster_environment, default_backend, **self._process_group_kwargs(default_backend))
         if dist.get_world_size() != self.num_nodes * self.num_processes:
             raise ValueError(self._mismatch_message(dist.get_world_size()))
         self._start_monitor()
 
-    def _process_group_kwargs(self) -> dict[str, Any]:
+    def _check_p2p_environment(self) -> None:
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
+        env = self.cluster_environment
+        if isinstance(env, SLURMEnvironment) and env.auto_requeue:
+            raise ValueError(
+                "the p2p transport does not support SLURM auto-requeue: its ranks run different numbers of steps "
+                "apart, so a requeue checkpoint cannot be taken at one agreed step boundary. Use "
+                "strategy=AsyncPredStrategy(transport='allreduce') (requeue supported), or disable it with "
+                "plugins=[SLURMEnvironment(auto_requeue=False)]"
+            )
+
+    def _process_group_kwargs(self, backend: Optional[str] = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"timeout": self._timeout}
         # init_process_group(device_id=...) (eager NCCL init) exists from torch 2.3, as Lightning gates it
-        if self.root_device.type != "cpu" and _TORCH_GREATER_EQUAL_2_3:
+        if self.root_device.type != "cpu" and _TORCH_GREATER_EQUAL_2_3 and (backend or "nccl") != "gloo":
             kwargs["device_id"] = self.root_device
         return kwargs
 
@@ -275,8 +312,12 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
 
     # ------------------------------------------------------------- signals
     def _signal_lead(self) -> int:
-        # a rank completes at most s + 1 steps more than any other (see signals.py): s + 3 keeps all below T
-        return self.max_staleness + 3
+        # allreduce: a rank completes at most s + 1 steps more than any other (see signals.py): s + 3 keeps all
+        # below T. p2p: ranks run apart by any number of steps; each acts at its own next step boundary.
+        return 1 if self.transport == "p2p" else self.max_staleness + 3
+
+    def _signal_per_rank(self) -> bool:
+        return self.transport == "p2p"
 
     def _signal_store(self) -> Optional[Any]:
         return self._monitor.store if self._monitor is not None else None
@@ -293,10 +334,40 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             timeout=self._timeout,
             monitor=self._monitor,
             buckets=self._buckets,
+            optimizer=self._optimizer,
+            backend=self._process_group_backend,
         )
+
+    def _make_buckets(self, params: list[Tensor]) -> GradientBuckets:
+        if self.transport != "p2p":
+            return super()._make_buckets(params)
+        step = inspect.signature(type(self._optimizer).step).parameters.get("closure")
+        if step is not None and step.default is inspect.Parameter.empty:
+            raise ValueError(
+                f"the p2p transport cannot run {type(self._optimizer).__name__}: its step needs a closure that "
+                "re-evaluates the model, but the owners step with gradients that arrive from the workers; use an "
+                "optimizer whose step works from .grad (SGD, Adam, ...) or transport='allreduce'"
+            )
+        dtypes = sorted({str(p.dtype) for p in params})
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"the p2p transport needs one dtype for all trainable parameters (its messages are flat tensors), "
+                f"got {', '.join(dtypes)}; keep the parameters in one dtype (mixed precision does)"
+            )
+        world = dist.get_world_size() if _distributed_is_initialized() else 1
+        if world < 2:
+            raise ValueError(
+                "the p2p transport needs at least 2 processes (every rank owns a shard of the parameters), got a "
+                "world of 1; use devices >= 2, strategy='async_pred_sim' to simulate asynchrony on one device, or "
+                "AsyncPredStrategy(transport='allreduce')"
+            )
+        return GradientBuckets.from_groups(params, partition([p.numel() for p in params], world))
 
     def _check_bucket_layout(self) -> None:
         assert self._buckets is not None
+        if self.transport == "p2p":  # the buckets are the shards: bucket_cap_mb plays no part
+            self._all_ranks_agree([len(self._buckets)] + list(self._buckets.numels), "shard layout")
+            return
         cap_bytes = self.bucket_cap_mb * 2**20
         # the check depends only on the element size: once per distinct dtype, in parameter order
         for dtype, size in dict((p.dtype, p.element_size()) for p in self._buckets.params).items():
@@ -383,8 +454,9 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         self._failed = True
         if getattr(self, "exchange", None) is not None:
             if isinstance(exception, SIGTERMException) and not self.exchange.closed:
-                # every rank stopped after the same step: the in-flight reductions are matched, let them finish
-                self.exchange.drain()
+                # every rank stops at a step boundary: let the exchange end cleanly (allreduce: the in-flight
+                # reductions are matched; p2p: FIN to every owner and serve the peers until they stop too)
+                self.exchange.stop_gracefully()
             self.exchange.close()
         if not isinstance(exception, PeerLostError) and self._looks_like_peer_failure(exception):
             err = describe_peer_failure(exception, self._monitor, self.global_rank, "a collective", self._timeout)

@@ -57,6 +57,8 @@ class SafePointSignals(Callback):
         store: the c10d store shared by the ranks (``None``: one process).
         on_store_failure: turns an exception of the store into the error to raise (e.g. one naming the lost
             rank that hosted the store).
+        per_rank: the ranks' step counts are unrelated (the p2p transport): every rank acts ``lead`` steps after
+            it learns of the signal, at its own step boundary; only the fact of the signal is agreed.
     """
 
     def __init__(
@@ -64,8 +66,10 @@ class SafePointSignals(Callback):
         lead: int,
         store: Optional[Any] = None,
         on_store_failure: Optional[Callable[[BaseException], BaseException]] = None,
+        per_rank: bool = False,
     ) -> None:
         self.lead = int(lead)
+        self.per_rank = per_rank
         self.store = store
         self.on_store_failure = on_store_failure
         self.agreed: dict[str, int] = {}  # kind -> the step T after which it acts
@@ -125,7 +129,8 @@ class SafePointSignals(Callback):
         step = self._trainer.global_step + self.lead
         if self.store is not None:
             try:
-                step = int(self.store.compare_set(_PREFIX + kind, "", str(step)))  # the first proposal wins
+                agreed = int(self.store.compare_set(_PREFIX + kind, "", str(step)))  # the first proposal wins
+                step = step if self.per_rank else agreed
                 self.store.add(_GENERATION, 1)
             except Exception:  # the store's host is gone: act on this rank's own proposal
                 log.warning("could not publish the %s signal through the c10d store; acting on this rank only", kind)
@@ -151,7 +156,8 @@ class SafePointSignals(Callback):
             for kind in KINDS:
                 key = _PREFIX + kind
                 if kind not in self.agreed and self.store.check([key]):
-                    self.agreed[kind] = int(self.store.get(key))
+                    step = int(self.store.get(key))
+                    self.agreed[kind] = self._trainer.global_step + self.lead if self.per_rank else step
         except Exception as exc:
             if self.agreed:  # this rank was signalled itself: it stops on its own proposal
                 return

@@ -127,6 +127,7 @@ def main() -> None:
     p.add_argument("--strategy", default="async_pred")
     p.add_argument("--max-staleness", type=int, default=2)
     p.add_argument("--mode", default="fixed")
+    p.add_argument("--transport", default="allreduce")
     p.add_argument("--bucket-cap-mb", type=float, default=0.25)
     p.add_argument("--max-steps", type=int, default=40)
     p.add_argument("--max-epochs", type=int, default=-1)
@@ -149,6 +150,7 @@ def main() -> None:
     p.add_argument("--clip", type=float, default=None)
     p.add_argument("--manual", action="store_true")
     p.add_argument("--prediction", action="store_true")
+    p.add_argument("--velocity", default="last")
     p.add_argument("--early-stopping", action="store_true")
     p.add_argument("--throughput", action="store_true", help="add Lightning's ThroughputMonitor")
     p.add_argument("--lr", type=float, default=0.05)
@@ -161,7 +163,7 @@ def main() -> None:
     pl.seed_everything(seed, workers=True)
     if args.strategy == "async_pred":
         strategy = la.AsyncPredStrategy(
-            max_staleness=args.max_staleness, mode=args.mode, bucket_cap_mb=args.bucket_cap_mb,
+            max_staleness=args.max_staleness, mode=args.mode, bucket_cap_mb=args.bucket_cap_mb, transport=args.transport,
             timeout=args.timeout, heartbeat_interval=0.5, drain_on_save=args.drain_on_save,
         )
     else:
@@ -177,7 +179,7 @@ def main() -> None:
     recorder, val_recorder = Recorder(), ValLossRecorder()
     callbacks = [recorder, val_recorder]
     if args.prediction:
-        callbacks.append(la.LinearPrediction(horizon="auto", log_every_n_steps=5))
+        callbacks.append(la.LinearPrediction(horizon="auto", velocity=args.velocity, log_every_n_steps=5))
         callbacks.append(la.StalenessMonitor(log_every_n_steps=5, plot_path=os.path.join(args.out, "staleness.png")))
     if args.kill_rank is not None:
         callbacks.append(Killer(args.kill_rank, args.kill_step))
@@ -273,6 +275,11 @@ def main() -> None:
         sampler_shuffle=getattr(sampler, "shuffle", None),
         loader=type(trainer.train_dataloader).__name__ if trainer.train_dataloader is not None else None,
     )
+    owner = getattr(ex, "owner", None)
+    if owner is not None:  # p2p: this rank's master shard equals its replica's copy of that shard after the end
+        result["master_equals_replica"] = bool(torch.equal(owner.flat, s._buckets.flatten_params()[rank]))
+        result["optimizer_state_bytes"] = owner.state_bytes()
+        result["error_ratios"] = next((c.error_ratios for c in callbacks if isinstance(c, la.LinearPrediction)), [])
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(args.out, f"rank{rank}.pt"))
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
