@@ -1,17 +1,22 @@
-"""Throughput and time-to-accuracy of ``async_pred`` (allreduce, ``max_staleness`` 1, 2, 4) vs Lightning's ``ddp``.
+"""Throughput and time-to-accuracy of ``async_pred`` (p2p, ``max_staleness`` 1, 2) and ``async_pred_allreduce``
+(``max_staleness`` 1, 2, 4) vs Lightning's ``ddp``.
 
 One run, same model (digits CNN), data, ranks and step count for every configuration, with no
 perturbation and with injected per-step jitter: before each step every rank sleeps a seeded random time
 ``d ~ Exp(mean = c)``, where ``c`` is the median per-step compute time measured in a calibration fit.
-The delay sequence of a rank is the same for every configuration.
+The delay sequence of a rank is the same for every configuration. ``--base-delay B`` adds a fixed sleep of
+``B`` seconds to every step (and to ``c``): with more ranks than cores, it lets the injected time dominate
+the compute that the ranks share.
 
 Every async run records each rank's per-step compute ``c[r][t]`` (step wall time minus injected delay
 minus time blocked on peers) and delay ``d[r][t]`` and replays them through two ideal schedules with zero
 communication cost (``w = c + d``):
 
 - synchronous: every step waits for the slowest rank, ``T_sync = sum_t max_r w[r][t]``;
-- bounded staleness ``s``: rank ``r`` finishes computing step ``t`` at ``C[r][t] = F[r][t-1] + w[r][t]`` and
-  may go on once every rank has computed step ``t - s``: ``F[r][t] = max(C[r][t], max_q C[q][t-s])``.
+- bounded staleness ``s`` (allreduce): rank ``r`` finishes computing step ``t`` at ``C[r][t] = F[r][t-1] + w[r][t]``
+  and may go on once every rank has computed step ``t - s``: ``F[r][t] = max(C[r][t], max_q C[q][t-s])``;
+- asynchronous (p2p): no rank ever waits, ``T_async = max_r sum_t w[r][t]`` (every rank runs the same number
+  of steps).
 
 ``limit = T_sync / max_r F[r][T-1]`` is the best speedup over synchronous training that run allowed;
 ``efficiency = (measured samples/s ratio to DDP) / limit``.
@@ -20,8 +25,9 @@ communication cost (``w = c + d``):
     python benchmarks/throughput.py --quick    # shorter
     python benchmarks/throughput.py --ranks 4
 
-Prints a table, writes ``benchmarks/out/throughput.png`` and ``throughput.json``; the last line is
-``jitter_efficiency=<fraction>`` (``max_staleness=4`` with jitter).
+Prints a table, writes ``benchmarks/out/throughput.png`` and ``throughput.json``; the last lines are
+``jitter_efficiency=<fraction>`` (allreduce, ``max_staleness=4``, with jitter) and ``p2p_jitter_efficiency=``,
+``p2p_jitter_speedup_vs_ddp=`` (p2p, ``max_staleness=2``, with jitter).
 """
 
 from __future__ import annotations
@@ -37,7 +43,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STALENESS = (1, 2, 4)
+# (row name, transport, max_staleness)
+CONFIGS = (
+    ("async_pred_allreduce s=1", "allreduce", 1),
+    ("async_pred_allreduce s=2", "allreduce", 2),
+    ("async_pred_allreduce s=4", "allreduce", 4),
+    ("async_pred (p2p) s=1", "p2p", 1),
+    ("async_pred (p2p) s=2", "p2p", 2),
+)
 
 
 # ------------------------------------------------------------------ ideal schedules (pure python)
@@ -58,6 +71,11 @@ def ideal_bounded_time(work: list[list[float]], s: int) -> float:
         for r in range(ranks):
             finish[r] = max(done[r][t], gate)
     return max(finish)
+
+
+def ideal_async_time(work: list[list[float]]) -> float:
+    """``max_r sum_t w[r][t]``: nobody waits; the run ends with the slowest rank's last step."""
+    return max(sum(row) for row in work)
 
 
 def limit_speedup(work: list[list[float]], s: int) -> float:
@@ -144,32 +162,39 @@ def worker(args: argparse.Namespace) -> None:
         )
         model = la.ImageClassifier(arch="digits_cnn", lr=args.lr, momentum=0.9)
         trainer.fit(model, datamodule=la.DigitsDataModule(batch_size=args.batch_size))
+        stats = getattr(trainer.strategy, "staleness_stats", None)
         rec = {
             "name": name, "rank": rank, "steps": trainer.global_step, "train_time": probe.train_time,
             "compute": probe.compute, "delay": probe.applied_delay, "wait": probe.wait, "slept": probe.slept, "gap": probe.gap, "val": probe.val,
-            "strategy": type(trainer.strategy).__name__,
+            "strategy": type(trainer.strategy).__name__, "transport": getattr(trainer.strategy, "transport", None),
+            "staleness": list(stats.histogram) if stats is not None else [],
         }
         with open(out / f"{name}.rank{rank}.json", "w") as f:
             json.dump(rec, f)
         return rec
 
-    async_strategy = lambda s: la.AsyncPredStrategy(max_staleness=s, timeout=120)  # noqa: E731
+    def async_strategy(transport: str, s: int):
+        return la.AsyncPredStrategy(transport=transport, max_staleness=s, timeout=120)
+
     # warm-up (discarded) and calibration of the per-step compute time
     fit("warmup_ddp", "ddp", 30, [], 10**6)
-    calib = fit("calibration", async_strategy(1), 60, [], 10**6)
+    calib = fit("calibration", async_strategy("allreduce", 1), 60, [], 10**6)
     t = torch.tensor([statistics.median(calib["compute"][10:])], dtype=torch.float64)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    mean_c = float(t.item()) / args.nproc
+    mean_c = float(t.item()) / args.nproc + args.base_delay
     gen = torch.Generator().manual_seed(1000 * args.seed + rank)
-    jitter = (torch.empty(args.steps, dtype=torch.float64).exponential_(1.0, generator=gen) * mean_c).tolist()
+    exp = torch.empty(args.steps, dtype=torch.float64).exponential_(1.0, generator=gen)
+    base = [args.base_delay] * args.steps if args.base_delay > 0 else []
+    jitter = (exp * mean_c + args.base_delay).tolist()
     # configurations interleaved, repeated: slow drifts of the machine's load hit every configuration alike
     for rep in range(args.repeats):
-        for label, delays in (("nojitter", []), ("jitter", jitter)):
+        for label, delays in (("nojitter", base), ("jitter", jitter)):
             fit(f"ddp_{label}.r{rep}", "ddp", args.steps, delays, args.val_every)
-            for s in STALENESS:
-                fit(f"async{s}_{label}.r{rep}", async_strategy(s), args.steps, delays, args.val_every)
+            for i, (_, transport, s) in enumerate(CONFIGS):
+                fit(f"async{i}_{label}.r{rep}", async_strategy(transport, s), args.steps, delays, args.val_every)
     if rank == 0:
-        (out / "meta.json").write_text(json.dumps({"mean_compute": mean_c, "nproc": args.nproc, "repeats": args.repeats}))
+        (out / "meta.json").write_text(json.dumps({"mean_compute": mean_c, "nproc": args.nproc, "repeats": args.repeats,
+                                                   "base_delay": args.base_delay}))
 
 
 # ------------------------------------------------------------------------------------ report
@@ -184,12 +209,13 @@ def _time_to(recs: list[dict], target: float) -> float:
     return math.nan
 
 
-def _summarize(out: Path, name: str, nproc: int, repeats: int, batch: int, target: float, s: int | None) -> dict:
+def _summarize(out: Path, name: str, nproc: int, repeats: int, batch: int, target: float, s: int | None,
+               transport: str | None = None) -> dict:
     """Samples/s over all repeats (total samples / total time of the slowest rank), ideal times summed over
     repeats, median time-to-target, last accuracy."""
     samples = time_ = t_sync = t_async = 0.0
     per_rank = [0.0] * nproc
-    ttas, accs = [], []
+    ttas, accs, hist = [], [], []
     for rep in range(repeats):
         recs = _load(out, f"{name}.r{rep}", nproc)
         samples += batch * nproc * recs[0]["steps"]
@@ -199,10 +225,13 @@ def _summarize(out: Path, name: str, nproc: int, repeats: int, batch: int, targe
         ttas.append(_time_to(recs, target))
         accs.append(recs[0]["val"][-1][1] if recs[0]["val"] else math.nan)
         if s is not None:
-            assert all(r["strategy"] == "AsyncPredStrategy" for r in recs), "the async run did not use AsyncPredStrategy"
+            assert all(r["strategy"] == "AsyncPredStrategy" and r["transport"] == transport for r in recs), name
             work = [[c + d for c, d in zip(r["compute"], r["delay"])] for r in recs]
             t_sync += ideal_sync_time(work)
-            t_async += ideal_bounded_time(work, s)
+            t_async += ideal_async_time(work) if transport == "p2p" else ideal_bounded_time(work, s)
+            for r in recs:
+                for tau, n in enumerate(r["staleness"]):
+                    hist += [tau] * n
     finite = sorted(t for t in ttas if math.isfinite(t))
     return dict(
         sps=samples / time_,
@@ -210,6 +239,8 @@ def _summarize(out: Path, name: str, nproc: int, repeats: int, batch: int, targe
         limit=t_sync / t_async if s is not None else 1.0,
         tta=finite[len(finite) // 2] if len(finite) * 2 > len(ttas) else math.nan,
         acc=statistics.median(accs),
+        tau_mean=statistics.mean(hist) if hist else math.nan,
+        tau_max=max(hist) if hist else math.nan,
     )
 
 
@@ -221,23 +252,27 @@ def report(args: argparse.Namespace) -> float:
     for label in ("nojitter", "jitter"):
         ddp = _summarize(out, f"ddp_{label}", nproc, repeats, args.batch_size, args.target, None)
         rows.append(dict(label=label, name="ddp", ratio=1.0, eff=1.0, **ddp))
-        for s in STALENESS:
-            a = _summarize(out, f"async{s}_{label}", nproc, repeats, args.batch_size, args.target, s)
+        for i, (row, transport, s) in enumerate(CONFIGS):
+            a = _summarize(out, f"async{i}_{label}", nproc, repeats, args.batch_size, args.target, s, transport)
             ratio = a["sps"] / ddp["sps"]
-            rows.append(dict(label=label, name=f"async_pred s={s}", ratio=ratio, eff=ratio / a["limit"], **a))
-    head = f"{'perturbation':<10} {'strategy':<16} {'samples/s':>10} {'per rank':>15} {'vs DDP':>7} {'limit':>6} {'effic.':>7} {'t->' + format(args.target, '.0%'):>8} {'final acc':>9}"
+            rows.append(dict(label=label, name=row, ratio=ratio, eff=ratio / a["limit"], **a))
+    head = (f"{'perturbation':<10} {'strategy':<25} {'samples/s':>10} {'per rank':>15} {'vs DDP':>7} {'limit':>6} {'effic.':>7} "
+            f"{'stale mean/max':>14} {'t->' + format(args.target, '.0%'):>8} {'final acc':>9}")
+    base = meta.get("base_delay", 0.0)
     print(f"\n{nproc} ranks (Gloo, CPU), digits CNN, batch {args.batch_size}/rank, {args.steps} steps x {repeats} repeats; "
-          f"jitter: Exp(mean {meta['mean_compute'] * 1e3:.1f} ms) sleep per step and rank")
+          + (f"every step sleeps {base * 1e3:.0f} ms; " if base else "")
+          + f"jitter: Exp(mean {meta['mean_compute'] * 1e3:.1f} ms) sleep per step and rank")
     print(head)
     print("-" * len(head))
     for r in rows:
         per_rank = "/".join(f"{x:.0f}" for x in r["per_rank"])
         tta = f"{r['tta']:.1f}s" if math.isfinite(r["tta"]) else "n/a"
-        print(f"{r['label']:<10} {r['name']:<16} {r['sps']:>10.0f} {per_rank:>15} {r['ratio']:>6.2f}x {r['limit']:>5.2f}x {r['eff']:>7.2f} {tta:>8} {r['acc']:>9.3f}")
+        tau = f"{r['tau_mean']:.1f}/{r['tau_max']}" if r["name"] != "ddp" else "-"
+        print(f"{r['label']:<10} {r['name']:<25} {r['sps']:>10.0f} {per_rank:>15} {r['ratio']:>6.2f}x {r['limit']:>5.2f}x "
+              f"{r['eff']:>7.2f} {tau:>14} {tta:>8} {r['acc']:>9.3f}")
     (out / "throughput.json").write_text(json.dumps(rows, indent=1))
     _plot(rows, out, nproc)
-    eff = next(r["eff"] for r in rows if r["label"] == "jitter" and r["name"] == "async_pred s=4")
-    return eff
+    return rows
 
 
 def _plot(rows: list[dict], out: Path, nproc: int) -> None:
@@ -246,7 +281,7 @@ def _plot(rows: list[dict], out: Path, nproc: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
     names = [r["name"] for r in rows if r["label"] == "nojitter"]
     x = range(len(names))
     for off, label, color in ((-0.2, "nojitter", "tab:blue"), (0.2, "jitter", "tab:orange")):
@@ -254,13 +289,13 @@ def _plot(rows: list[dict], out: Path, nproc: int) -> None:
         axes[0].bar([i + off for i in x], vals, width=0.4, label=label, color=color)
     lims = [r["limit"] * rows[[q["name"] for q in rows].index("ddp") + len(names)]["sps"] for r in rows if r["label"] == "jitter"]
     axes[0].scatter([i + 0.2 for i in x], lims, marker="_", s=400, color="black", label="jitter: ideal limit")
-    axes[0].set_xticks(list(x), names, rotation=15)
+    axes[0].set_xticks(list(x), names, rotation=20, fontsize=7)
     axes[0].set_ylabel("samples/s (all ranks)")
     axes[0].set_title(f"{nproc} ranks, Gloo on CPU")
     axes[0].legend(fontsize=8)
     axes[1].axis("off")
     text = "\n".join(
-        f"{r['label']:<8} {r['name']:<15} {r['ratio']:.2f}x  limit {r['limit']:.2f}x  eff {r['eff']:.2f}" for r in rows
+        f"{r['label']:<8} {r['name']:<25} {r['ratio']:.2f}x  limit {r['limit']:.2f}x  eff {r['eff']:.2f}" for r in rows
     )
     axes[1].text(0, 1, text, va="top", family="monospace", fontsize=8)
     fig.tight_layout()
@@ -279,6 +314,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2, help="interleaved repetitions of every configuration")
     p.add_argument("--quick", action="store_true", help="300 steps, 1 repeat")
+    p.add_argument("--base-delay", type=float, default=0.0, help="seconds every step sleeps (see the docstring)")
     p.add_argument("--out", default=str(HERE / "out"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--report-only", action="store_true", help="re-print the table from the files in --out")
@@ -292,7 +328,8 @@ def main() -> None:
     if not args.report_only:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", __file__, "--worker",
                "--out", args.out, "--ranks", str(args.nproc), "--steps", str(args.steps), "--val-every", str(args.val_every),
-               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed), "--repeats", str(args.repeats)]
+               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed), "--repeats", str(args.repeats),
+               "--base-delay", str(args.base_delay)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         t0 = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -300,9 +337,12 @@ def main() -> None:
             sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
             raise SystemExit(f"benchmark workers failed with exit code {proc.returncode}")
         print(f"workers finished in {time.time() - t0:.0f}s")
-    eff = report(args)
+    rows = report(args)
     print(f"plot: {Path(args.out) / 'throughput.png'}")
-    print(f"jitter_efficiency={eff:.3f}")
+    pick = {r["name"]: r for r in rows if r["label"] == "jitter"}
+    print(f"jitter_efficiency={pick['async_pred_allreduce s=4']['eff']:.3f}")
+    print(f"p2p_jitter_efficiency={pick['async_pred (p2p) s=2']['eff']:.3f}")
+    print(f"p2p_jitter_speedup_vs_ddp={pick['async_pred (p2p) s=2']['ratio']:.3f}")
 
 
 if __name__ == "__main__":

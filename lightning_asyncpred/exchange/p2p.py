@@ -93,6 +93,9 @@ class _GlooCompletions:
                 self.notify(op, exc)
                 return
 
+    def finalize(self, op: Op) -> None:
+        """Called on the communication thread before the engine reads ``op.buffer`` (Gloo: nothing to do)."""
+
     def close(self, join_timeout: float) -> None:
         for q in self.queues.values():
             q.put(_STOP)
@@ -101,23 +104,33 @@ class _GlooCompletions:
 
 
 class _NCCLCompletions:
-    """NCCL: the Work's future calls back when the operation has completed on the GPU."""
+    """NCCL: the Work's future calls back when the operation has completed on the GPU; before the engine reads
+    a received buffer, the communication thread's stream waits on the operation (``Work.wait()``, no CPU block).
+    Not run multi-rank here (one GPU per machine): see ``benchmarks/GPU_CHECKS.md``."""
 
     def __init__(self, notify: Callable[[Op, Optional[BaseException]], None], timeout: timedelta) -> None:
         self.notify = notify
+        self.works: dict[int, Any] = {}
 
     def watch(self, op: Op, work: Any) -> None:
+        self.works[id(op)] = work
+
         def done(fut: Any) -> None:
             try:
-                fut.wait()
+                fut.value()  # raises if the operation failed
                 self.notify(op, None)
             except BaseException as exc:  # noqa: BLE001
                 self.notify(op, exc)
 
         work.get_future().add_done_callback(done)
 
+    def finalize(self, op: Op) -> None:
+        work = self.works.pop(id(op), None)
+        if work is not None:
+            work.wait()  # the current stream waits for the operation; the CPU does not block
+
     def close(self, join_timeout: float) -> None:
-        pass
+        self.works.clear()
 
 
 # ---------------------------------------------------------------------------------------------- the exchange
@@ -208,6 +221,7 @@ class P2PExchange(Exchange):
                     return
                 with self._cond:
                     if kind == "done":
+                        self._completions.finalize(arg)
                         ops = self.engine.on_complete(arg)
                     elif kind == "failed":
                         raise extra
