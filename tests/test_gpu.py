@@ -49,12 +49,12 @@ def test_async_pred_sim_trains_on_the_gpu_it_was_given(tmp_path):
 def test_nccl_world_of_one_waits_on_the_stream_and_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}")
-    strategy = la.AsyncPredStrategy(max_staleness=1, timeout=60)
+    strategy = la.AsyncPredStrategy(transport="allreduce", max_staleness=1, timeout=60)
     trainer, full = _fit(tmp_path / "full", strategy, 1, [ckpt])
     assert strategy.process_group_backend == "nccl"
     assert strategy.exchange.blocks_cpu_on_wait is False and strategy.exchange.submitted == 12
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    _, resumed = _fit(tmp_path / "resumed", la.AsyncPredStrategy(max_staleness=1, timeout=60), 1,
+    _, resumed = _fit(tmp_path / "resumed", la.AsyncPredStrategy(transport="allreduce", max_staleness=1, timeout=60), 1,
                       [ModelCheckpoint(dirpath=tmp_path / "ckpt2", every_n_train_steps=5)],
                       ckpt_path=str(tmp_path / "ckpt" / "step=5.ckpt"))
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):

@@ -269,8 +269,9 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         store = dist.distributed_c10d._get_default_store()
         self._monitor = PeerMonitor(store, dist.get_rank(), dist.get_world_size(), interval=self.heartbeat_interval)
         self._monitor.start()
-        if "nccl" in str(dist.get_backend()).lower():
-            # NCCL waits do not block the CPU, so no wait can raise PeerLostError: a watchdog does
+        if "nccl" in str(self._process_group_backend).lower():
+            # NCCL waits do not block the CPU, so no wait can raise PeerLostError, and aborting NCCL work can
+            # itself hang: a watchdog ends the process with the named error (p2p: its data plane is NCCL)
             self._monitor.watch(self._end_on_lost_peer, lost_after=self.peer_lost_after)
 
     @property
