@@ -37,9 +37,10 @@ def test_p2p_trains_with_prediction_and_ends_with_replicas_equal_to_the_masters(
     res = _assert_p2p_end_state(out, nproc)
     for x in res:
         assert x["staleness_mean"] > 0 and sum(x["staleness_hist"]) == steps
-        ratios = sorted(x["error_ratios"])
-        assert ratios and ratios[len(ratios) // 2] < 1.0, ratios  # the median: prediction beats standing still
         assert 0 < x["logged"]["prediction/horizon"] <= 3  # in this worker's refreshes, at most s + 1
+    # the median of every rank's error-ratio probes: prediction beats standing still
+    ratios = sorted(r for x in res for r in x["error_ratios"])
+    assert len(ratios) >= 8 * nproc and ratios[len(ratios) // 2] < 1.0, ratios
     # every owner applied every step of every worker: its state holds a momentum buffer per owned parameter
     total = sum(x["optimizer_state_bytes"] for x in res)
     assert all(0 < x["optimizer_state_bytes"] < total for x in res)
