@@ -12,6 +12,12 @@ Per optimizer step (``strategy.optimizer_step``):
 If nothing is ready, no update is made this step. Results that become ready at the same step are summed
 into one update, so every submitted gradient contributes exactly once.
 
+Transports whose owners apply the gradients (``exchange.returns == "parameters"``, the p2p transport) take
+the other branch of the same step (:meth:`AsyncUpdateMixin._owner_step`): the precision plugin runs the
+closure, unscales and clips this worker's gradient and calls ``optimizer.step``, which submits the gradient
+instead of stepping (skipped on an AMP overflow); then the parameters the owners returned are installed.
+The replica's optimizer is never stepped; the owners' optimizers are built from it.
+
 Non-finite gradients under a GradScaler: a one-process transport (``_submit_nonfinite = False``) does not
 submit a non-finite local gradient; it stays in ``.grad`` so the scaler skips the step and lowers the
 scale exactly as without this strategy. A collective transport (``_submit_nonfinite = True``) must submit
