@@ -5,8 +5,6 @@ One GPU only: multi-rank NCCL cannot run on these machines, so the NCCL path is 
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
@@ -15,13 +13,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 import lightning_asyncpred as la
 
+from tests.dist_helpers import free_port as _free_port
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fit(tmp_path, strategy, devices, callbacks=(), ckpt_path=None, max_steps=12):

@@ -191,6 +191,7 @@ class P2PExchange(Exchange):
         self._failure: Optional[BaseException] = None
         self._processed = 0  # main-thread requests handled by the communication thread
         self._posted = 0
+        self._quiesced_at = -1
         self.wait_seconds = 0.0
         completions = _NCCLCompletions if self.device.type == "cuda" else _GlooCompletions
         self._completions = completions(self._notify, self.timeout)
@@ -371,9 +372,12 @@ class P2PExchange(Exchange):
         """For a consistent snapshot: wait until every gradient this worker submitted has been applied by its
         owner, then until every rank has done so (a barrier on the control group). Nothing is in flight anywhere
         afterwards as long as no rank submits: every rank is inside the same checkpoint."""
+        if self._quiesced_at == self._posted:  # nothing submitted since the last quiesce (same checkpoint)
+            return
         self._wait_for(lambda: self._processed >= self._posted and self.engine.in_flight == 0, "a checkpoint")
         if self.world_size > 1:
             dist.barrier(group=self.control_group)
+        self._quiesced_at = self._posted
 
     def gather_masters(self) -> list[Tensor]:
         """Every owner's master shard (flat, per shard), on every rank (a collective on the control group)."""
