@@ -244,9 +244,11 @@ class P2PExchange(Exchange):
         self._events.put((kind, arg, None))
         return self._posted
 
-    def _wait_for(self, predicate: Callable[[], bool], what: str) -> None:
-        """Block (with the timeout) until ``predicate()`` holds under the lock; names the peers waited for."""
-        deadline = time.monotonic() + self.timeout.total_seconds()
+    def _wait_for(self, predicate: Callable[[], bool], what: str, seconds: Optional[float] = None) -> None:
+        """Block until ``predicate()`` holds under the lock, at most ``seconds`` (default: the timeout); a failure or
+        the deadline raises a :class:`PeerLostError` naming the peers waited for."""
+        seconds = self.timeout.total_seconds() if seconds is None else seconds
+        deadline = time.monotonic() + seconds
         t0 = time.perf_counter()
         with self._cond:
             while not predicate():
@@ -254,7 +256,7 @@ class P2PExchange(Exchange):
                     raise self._peer_error(self._failure, what)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise self._peer_error(TimeoutError(f"no progress in {self.timeout.total_seconds():g}s"), what)
+                    raise self._peer_error(TimeoutError(f"no progress in {seconds:g}s"), what)
                 self._cond.wait(left)
         self.wait_seconds += time.perf_counter() - t0
 
@@ -296,11 +298,10 @@ class P2PExchange(Exchange):
             done, self.engine.completed_steps = self.engine.completed_steps, []
         for r in replies:
             self._step_replies.setdefault(r.step, {})[r.shard] = (r.version, r.params)
-        for step, _ in done:  # steps complete in order (each owner answers a worker's requests in order)
+        for step, staleness in done:  # steps complete in order (each owner answers a worker's requests in order)
             for k, (version, params) in self._step_replies.pop(step).items():
                 if version > self.versions[k] and version > self._pending.get(k, (-1, None))[0]:
                     self._pending[k] = (version, params)
-        for step, staleness in done:
             # the replies are installed at the next refresh (take_parameters), number refreshes + 1
             self._delays.append(self.refreshes + 1 - self._refresh_at_submit.pop(step, self.refreshes))
             out.append(ReadyGradient(step, max(staleness), len(staleness), []))
@@ -319,25 +320,22 @@ class P2PExchange(Exchange):
             self.refreshes += 1
         return out
 
-    def finish(self) -> None:
-        """This worker has finished its steps: tell every owner and serve until every rank has finished."""
+    def finish(self, seconds: Optional[float] = None) -> None:
+        """This worker has finished its steps: tell every owner and serve until every rank has finished (at most
+        ``seconds``, default the timeout)."""
         if not self.engine.finished:
             self._post("finish")
-        self._wait_for(lambda: self.engine.done, "the end of training (waiting for every rank to finish)")
+        self._wait_for(lambda: self.engine.done, "the end of training (waiting for every rank to finish)", seconds)
 
     def stop_gracefully(self, grace: float = 10.0) -> None:
         """SIGTERM: FIN to every owner and serve the peers for up to ``grace`` seconds while they stop too (no
         final gather: the run ends); then close."""
         if self.closed:
             return
-        if not self.engine.finished:
-            self._post("finish")
-        deadline = time.monotonic() + min(grace, self.timeout.total_seconds())
-        with self._cond:
-            while not self.engine.done and self._failure is None and time.monotonic() < deadline:
-                self._cond.wait(max(0.0, deadline - time.monotonic()))
-            if not self.engine.done:
-                log.warning("rank %d: stopping while ranks %s have not finished", self.rank, self.engine.missing())
+        try:
+            self.finish(min(grace, self.timeout.total_seconds()))
+        except PeerLostError as err:
+            log.warning("rank %d: stopping while ranks %s have not finished (%s)", self.rank, err.lost_ranks, err)
         self.close()
 
     def _drain(self) -> list[ReadyGradient]:
