@@ -163,10 +163,13 @@ class ImageClassifier(pl.LightningModule):
         optimizer = torch.optim.SGD(self._param_groups(), lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
         if hp.lr_schedule == "constant" and not hp.warmup_epochs and not hp.warmup_steps:
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
+        # under a shared batch pool the epoch's batches are split among the ranks: a rank's scheduler sees ~1/N
+        share = self.trainer.world_size if getattr(self.trainer.strategy, "shares_batches", False) else 1
+        total = max(1, math.ceil(int(self.trainer.estimated_stepping_batches) / share))
         batches = self.trainer.num_training_batches
         # an iterable without len() has no epoch length: epochs-based settings then count the whole run
-        per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)) if math.isfinite(batches) else total
+        accumulate = self.trainer.accumulate_grad_batches
+        per_epoch = max(1, math.ceil(batches / accumulate / share)) if math.isfinite(batches) else total
         warmup = int(round(hp.warmup_epochs * per_epoch)) + int(hp.warmup_steps)
         milestones = [int(m) * per_epoch for m in hp.lr_milestones]
 

@@ -16,12 +16,13 @@ SCRIPT = Path(__file__).parent / "dist_scripts" / "train_digits.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def run(out: Path, *args: str, torchrun: bool = True, timeout: float = 150, check: bool = True, nproc: int = 2) -> subprocess.CompletedProcess:
+def run(out: Path, *args: str, torchrun: bool = True, timeout: float = 150, check: bool = True, nproc: int = 2,
+        script: Path = SCRIPT) -> subprocess.CompletedProcess:
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(SCRIPT),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
                "--out", str(out), "--devices", str(nproc), *args]
     else:  # Lightning's own subprocess launcher: Trainer(devices=nproc)
-        cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--devices", str(nproc), *args]
+        cmd = [sys.executable, str(script), "--out", str(out), "--devices", str(nproc), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=out.parent)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -48,6 +48,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from lightning_asyncpred.exchange import Exchange, GradientBuckets, ReadyGradient, sum_buckets
 from lightning_asyncpred.staleness import StalenessStats
 from lightning_asyncpred.strategies.signals import SafePointSignals
+from lightning_asyncpred.strategies.work_sharing import WorkSharing
 from lightning_asyncpred.validation import check_positive_number
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class AsyncUpdateMixin:
 
     exchange: Optional[Exchange]
     _submit_nonfinite: bool = False
+    _work_sharing: Optional[WorkSharing] = None  # the shared batch pool (strategies/work_sharing.py), where used
 
     def _init_async(self, bucket_cap_mb: float, drain_on_save: bool = False) -> None:
         self.bucket_cap_mb = check_positive_number("bucket_cap_mb", bucket_cap_mb)
@@ -344,9 +346,17 @@ class AsyncUpdateMixin:
         # #21938): the first epoch of a resumed run would replay epoch 0's order. Set it before the iterator exists.
         trainer = getattr(self.lightning_module, "_trainer", None)
         if trainer is not None and trainer.state.fn == "fit":
+            pooled = self._work_sharing is not None and trainer.training
+            if pooled:
+                dataloader = self._work_sharing.install(trainer, dataloader)
             _set_sampler_epoch(dataloader, trainer.fit_loop.epoch_progress.current.processed)
             saved = self._resumed_world_size
-            if saved is not None and saved != trainer.world_size and trainer.fit_loop._combined_loader_states_to_load:
+            if (
+                not pooled  # the pool's position is global: it carries over to any number of ranks
+                and saved is not None
+                and saved != trainer.world_size
+                and trainer.fit_loop._combined_loader_states_to_load
+            ):
                 # a position in an epoch of N shards means nothing to M shards: restart this epoch's order
                 rank_zero_warn(
                     f"resuming a checkpoint written by {saved} processes on {trainer.world_size}: the data loader's "
@@ -354,6 +364,11 @@ class AsyncUpdateMixin:
                 )
                 trainer.fit_loop._combined_loader_states_to_load = []
         return super().process_dataloader(dataloader)  # type: ignore[misc]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._work_sharing is not None:
+            self._work_sharing.on_batch_start()
+        super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._in_training_step = True
@@ -376,6 +391,8 @@ class AsyncUpdateMixin:
         """The model state dict with the owners' master parameters (a plain one, as under ddp). Waits until every
         gradient in flight anywhere has been applied by its owner (every rank is inside the same checkpoint)."""
         self.exchange.quiesce()
+        if self._work_sharing is not None:  # every rank is here and none draws: agree on the pool's position
+            self._work_sharing.agree_position(self._gather_objects)
         ready = self.exchange.ready()  # accounting only: the replies are installed at the next step as usual
         self.applied_updates += len(ready)
         names = {id(p): n for n, p in self.lightning_module.named_parameters()}

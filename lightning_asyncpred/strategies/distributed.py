@@ -28,6 +28,7 @@ import inspect
 import logging
 import os
 import sys
+import uuid
 from datetime import timedelta
 from typing import Any, Optional, Union
 
@@ -67,6 +68,7 @@ from lightning_asyncpred.exchange import (
 )
 from lightning_asyncpred.exchange.sharding import partition
 from lightning_asyncpred.strategies.base import AsyncUpdateMixin
+from lightning_asyncpred.strategies.work_sharing import WorkSharing
 from lightning_asyncpred.validation import check_int
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,14 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         heartbeat_interval: seconds between liveness heartbeats in the c10d store (used to name a lost rank).
         drain_on_save: apply the gradients in flight before saving a checkpoint instead of storing them in
             it (smaller checkpoints, but every save then changes the run). Default ``False``.
+        shared_pool: the batches of an epoch form one pool that every rank draws from, so a fast rank takes more
+            of them and nobody waits for a straggler at the epoch end (``data/pool.py``; what Lightning's epoch
+            length, limits and checkpoints then mean: ``strategies/work_sharing.py``). Default: on for ``"p2p"``
+            (the only transport whose ranks may take different numbers of steps); ``False``: Lightning's static
+            ``DistributedSampler`` shards.
+        max_samples: stop after this many training samples summed over all ranks (needs the shared pool;
+            ``max_steps`` counts each rank's own steps, and a fast rank would stop early).
+        max_updates: stop after this many optimizer steps summed over all ranks (needs the shared pool).
     """
 
     strategy_name = "async_pred_allreduce"
@@ -114,6 +124,9 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         transport: str = "p2p",
         heartbeat_interval: float = 1.0,
         drain_on_save: bool = False,
+        shared_pool: Optional[bool] = None,
+        max_samples: Optional[int] = None,
+        max_updates: Optional[int] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -151,10 +164,39 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             raise ValueError(f"heartbeat_interval must be a number of seconds > 0, got {heartbeat_interval!r}")
         self.heartbeat_interval = float(heartbeat_interval)
         self._process_group_backend = process_group_backend
+        self.shared_pool = self._check_shared_pool(shared_pool, transport)
+        if (max_samples is not None or max_updates is not None) and not self.shared_pool:
+            raise ValueError(
+                f"max_samples/max_updates (a budget summed over all ranks) need the shared batch pool (transport='p2p', "
+                f"shared_pool=True), got transport={transport!r}, shared_pool={shared_pool!r}; with static shards every "
+                "rank takes the same number of steps: use Trainer(max_steps=...)"
+            )
+        self._work_sharing = WorkSharing(max_samples, max_updates) if self.shared_pool else None
         self._num_nodes = 1
         self._monitor: Optional[PeerMonitor] = None
         self._failed = False
         self._init_async(bucket_cap_mb, drain_on_save)
+
+    @staticmethod
+    def _check_shared_pool(shared_pool: Optional[bool], transport: str) -> bool:
+        if shared_pool is None:
+            return transport == "p2p"
+        if not isinstance(shared_pool, bool):
+            raise ValueError(f"shared_pool must be True, False or None (on for the p2p transport), got {shared_pool!r}")
+        if shared_pool and transport != "p2p":
+            raise ValueError(
+                f"shared_pool=True needs transport='p2p', got {transport!r}: its ranks must take the same number of "
+                "steps (every reduction is matched step by step), so each keeps its static shard"
+            )
+        return shared_pool
+
+    @property
+    def shares_batches(self) -> bool:
+        """Whether the training batches of an epoch are shared among the ranks (each takes about ``1/N``; see
+        ``strategies/work_sharing.py``), so a rank's optimizer steps are about ``estimated_stepping_batches / N``."""
+        trainer = getattr(self.lightning_module, "_trainer", None) if self._lightning_module is not None else None
+        use_sampler = trainer is None or trainer._accelerator_connector.use_distributed_sampler
+        return self._work_sharing is not None and use_sampler
 
     # ------------------------------------------------------------ topology
     @property
@@ -219,6 +261,10 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         if dist.get_world_size() != self.num_nodes * self.num_processes:
             raise ValueError(self._mismatch_message(dist.get_world_size()))
         self._start_monitor()
+        if self._work_sharing is not None and self._monitor is not None:
+            # a key unique to this fit in the store (a process group outlives a Trainer)
+            key = self.broadcast(f"asyncpred/pool/{uuid.uuid4().hex}")
+            self._work_sharing.connect(self._monitor.store, key)
 
     def _check_p2p_environment(self) -> None:
         from lightning_fabric.plugins.environments import SLURMEnvironment
@@ -294,6 +340,8 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
     # ----------------------------------------------------------------- setup
     def setup(self, trainer: "pl.Trainer") -> None:
         assert self.accelerator is not None and self.model is not None
+        if trainer.state.fn == TrainerFn.FITTING and self.shares_batches:
+            self._work_sharing.check_trainer(trainer)
         self.accelerator.setup(trainer)
         if trainer.state.fn == TrainerFn.FITTING and self._layer_sync:
             self.model = self._layer_sync.apply(self.model)
@@ -405,9 +453,15 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             digest.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         self._all_ranks_agree(digest.hexdigest(), "parameter checksum after the broadcast from rank 0")
 
-    def _all_ranks_agree(self, value: Any, what: str) -> None:
+    @staticmethod
+    def _gather_objects(value: Any) -> list[Any]:
+        """Every rank's ``value`` (a collective over the default group), in rank order."""
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, value)
+        return gathered
+
+    def _all_ranks_agree(self, value: Any, what: str) -> None:
+        gathered = self._gather_objects(value)
         bad = [r for r, v in enumerate(gathered) if v != gathered[0]]
         if bad:
             detail = ""
@@ -445,6 +499,8 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
 
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
         """Reduce a tensor over the ranks (``reduce_op``: a ``ReduceOp`` or ``"mean"``/``"sum"``...)."""
+        if self._work_sharing is not None and self._work_sharing.pool is not None:
+            self._work_sharing.check_reduce(self._in_training_step)
         if isinstance(tensor, Tensor):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor

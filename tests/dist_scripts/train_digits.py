@@ -140,6 +140,7 @@ def main() -> None:
     p.add_argument("--marker-step", type=int, default=None, help="write <out>/running.rank<k> at this step")
     p.add_argument("--natural-exit", action="store_true", help="after recording an exception, re-raise it (no os._exit)")
     p.add_argument("--drain-on-save", action="store_true")
+    p.add_argument("--no-pool", action="store_true", help="shared_pool=False: static DistributedSampler shards")
     p.add_argument("--epoch-scheduler", action="store_true", help="StepLR(1, 0.5) stepped every epoch")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--fp16-overflow-rank", type=int, default=None,
@@ -165,6 +166,7 @@ def main() -> None:
         strategy = la.AsyncPredStrategy(
             max_staleness=args.max_staleness, mode=args.mode, bucket_cap_mb=args.bucket_cap_mb, transport=args.transport,
             timeout=args.timeout, heartbeat_interval=0.5, drain_on_save=args.drain_on_save,
+            shared_pool=False if args.no_pool else None,
         )
     else:
         strategy = args.strategy

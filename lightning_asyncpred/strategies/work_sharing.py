@@ -1,0 +1,189 @@
+"""Work sharing under the p2p transport: the training loader draws from a :class:`~lightning_asyncpred.data.pool.BatchPool`.
+
+Lightning gives every rank a ``DistributedSampler`` shard of the same size; :class:`WorkSharing` replaces it, the
+way Lightning installs its own sampler (``_update_dataloader``: the user's ``DataLoader`` class and arguments are
+kept), with a :class:`~lightning_asyncpred.data.pool.SharedPoolSampler`. What that means in Lightning terms:
+
+* ``len(train_dataloader)``, hence ``trainer.num_training_batches`` and the progress bar's total, is the epoch
+  over **all** ranks (``limit_train_batches`` limits that pool: ``k`` batches in total, or a fraction of the
+  epoch); each rank's loader ends when the pool is empty, after about ``1/N`` of it (more on a fast rank).
+  ``trainer.estimated_stepping_batches`` counts the optimizer steps of all ranks together; a rank takes about
+  ``1/N`` of them, so per-step schedules that a rank steps need ``estimated_stepping_batches / world_size``
+  (what :class:`~lightning_asyncpred.ImageClassifier` uses, see :attr:`shares_batches`).
+* ``max_epochs`` ends every rank at the same epoch end. ``max_steps`` counts each rank's own steps: use the
+  strategy's global budget (``max_samples`` / ``max_updates``, summed over ranks) instead; the budget cuts the
+  pool of its last epoch and sets ``max_epochs`` to that epoch.
+* Ranks take different numbers of steps per epoch, so everything that must happen at the same step on every
+  rank is refused: validation inside the epoch (``val_check_interval`` other than ``1.0``), step- or time-
+  triggered ``ModelCheckpoint`` and ``self.log(..., sync_dist=True)`` in ``training_step`` (each is a collective
+  that the other ranks would reach at another step, or never). Epoch-end validation and checkpoints work.
+* A checkpoint stores the pool's position agreed by all ranks (:meth:`WorkSharing.agree_position`, called by
+  the strategy inside every checkpoint, where the ranks meet anyway); resuming continues the pool, also on
+  another number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
+
+import pytorch_lightning as pl
+from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.trainer.connectors.data_connector import _parse_num_batches
+from pytorch_lightning.trainer.states import RunningStage
+from pytorch_lightning.utilities.data import _update_dataloader
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from lightning_asyncpred.data.pool import BatchPool, CounterStore, SharedPoolSampler
+from lightning_asyncpred.validation import check_int
+
+_OFF = "pass shared_pool=False to the strategy to keep Lightning's static DistributedSampler shards"
+
+
+def _plain_batch_sampler(batch_sampler: Any) -> bool:
+    try:
+        from torchdata.stateful_dataloader.sampler import BatchSampler as StatefulBatchSampler
+    except ImportError:  # pragma: no cover - torchdata is a dependency
+        StatefulBatchSampler = BatchSampler
+    return type(batch_sampler) in (BatchSampler, StatefulBatchSampler)
+
+
+class WorkSharing:
+    """Installs and tracks the shared batch pool of one ``fit`` (see the module docstring).
+
+    Args:
+        max_samples: stop after this many training samples summed over all ranks.
+        max_updates: stop after this many optimizer steps summed over all ranks (gradients computed:
+            batches / ``accumulate_grad_batches``). At most one of the two.
+    """
+
+    def __init__(self, max_samples: Optional[int] = None, max_updates: Optional[int] = None) -> None:
+        if max_samples is not None and max_updates is not None:
+            raise ValueError(f"set max_samples or max_updates, not both (got {max_samples!r} and {max_updates!r})")
+        self.max_samples = None if max_samples is None else check_int("max_samples", max_samples, 1)
+        self.max_updates = None if max_updates is None else check_int("max_updates", max_updates, 1)
+        self.store: Optional[CounterStore] = None
+        self.key = ""
+        self.sampler: Optional[SharedPoolSampler] = None
+
+    @property
+    def pool(self) -> Optional[BatchPool]:
+        return self.sampler.pool if self.sampler is not None else None
+
+    def connect(self, store: CounterStore, key: str) -> None:
+        """The store and a key unique to this fit (the same on every rank)."""
+        self.store, self.key, self.sampler = store, key, None
+
+    # ----------------------------------------------------------------- checks
+    def check_trainer(self, trainer: "pl.Trainer") -> None:
+        """Refuse the Lightning settings that need every rank at the same step (see the module docstring)."""
+        interval = trainer.val_check_interval
+        if getattr(trainer, "_val_check_time_interval", None) is not None or not (
+            isinstance(interval, float) and interval == 1.0
+        ):
+            raise ValueError(
+                f"val_check_interval={interval!r}: under the shared batch pool the ranks take different numbers of "
+                "batches per epoch, so validation can only run at the epoch end (val_check_interval=1.0, "
+                f"check_val_every_n_epoch=k); or {_OFF}"
+            )
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and (cb._every_n_train_steps or cb._train_time_interval is not None):
+                trigger = (
+                    f"every_n_train_steps={cb._every_n_train_steps}"
+                    if cb._every_n_train_steps
+                    else f"train_time_interval={cb._train_time_interval}"
+                )
+                raise ValueError(
+                    f"ModelCheckpoint({trigger}): under the shared batch pool the ranks take different numbers of "
+                    "steps, and a checkpoint needs all of them; checkpoint at epoch ends (every_n_epochs=k, the "
+                    f"default), or {_OFF}"
+                )
+
+    @staticmethod
+    def check_reduce(in_training_step: bool) -> None:
+        if in_training_step:
+            raise RuntimeError(
+                "a collective (self.log(..., sync_dist=True) or strategy.reduce) in training_step: under the shared "
+                "batch pool the ranks take different numbers of steps, so the other ranks would meet it at another "
+                f"step or never; log with sync_dist=True in validation or at the epoch end, or {_OFF}"
+            )
+
+    # ---------------------------------------------------------------- install
+    def install(self, trainer: "pl.Trainer", dataloader: object) -> object:
+        """The training ``dataloader`` drawing from the pool (called from ``process_dataloader``)."""
+        if not trainer._accelerator_connector.use_distributed_sampler:
+            rank_zero_info("Trainer(use_distributed_sampler=False): the shared batch pool is off, your sampler shards")
+            return dataloader
+        if self.store is None:
+            raise RuntimeError("WorkSharing.install() before connect(): the strategy has no store yet")
+        if not isinstance(dataloader, DataLoader) or isinstance(dataloader.dataset, IterableDataset):
+            raise ValueError(
+                f"the shared batch pool needs a map-style DataLoader (indexable dataset), got "
+                f"{type(dataloader).__name__}"
+                + (f" over {type(dataloader.dataset).__name__}" if isinstance(dataloader, DataLoader) else "")
+                + f"; {_OFF}"
+            )
+        batch_sampler = dataloader.batch_sampler
+        if not _plain_batch_sampler(batch_sampler):
+            raise ValueError(
+                f"the shared batch pool needs DataLoader(batch_size=...), got a custom batch_sampler "
+                f"{type(batch_sampler).__name__}; {_OFF}"
+            )
+        # Lightning puts its DistributedSampler into the batch sampler (torchdata's BatchSampler is rebuilt with it)
+        sampler = batch_sampler.sampler
+        if not isinstance(sampler, DistributedSampler) or isinstance(sampler, DistributedSamplerWrapper):
+            raise ValueError(
+                f"the shared batch pool replaces a shuffled or sequential sampler, got {type(sampler).__name__} "
+                f"(a weighted or custom order cannot be pooled); {_OFF}"
+            )
+        pool = BatchPool(
+            self.store,
+            self.key,
+            len(dataloader.dataset),
+            batch_sampler.batch_size,
+            drop_last=batch_sampler.drop_last,
+            shuffle=sampler.shuffle,
+            seed=sampler.seed,
+        )
+        pool.set_limit(int(_parse_num_batches(RunningStage.TRAINING, pool.batches_per_epoch, trainer.limit_train_batches)))
+        if self.pool is not None:  # a reloaded loader: the pool continues (same epoch, same restored position)
+            pool.epoch, pool._resume = self.pool.epoch, self.pool._resume
+        self._apply_budget(trainer, pool)
+        self.sampler = SharedPoolSampler(pool)
+        return _update_dataloader(dataloader, self.sampler, mode=RunningStage.TRAINING)
+
+    def _apply_budget(self, trainer: "pl.Trainer", pool: BatchPool) -> None:
+        if self.max_samples is None and self.max_updates is None:
+            return
+        if self.max_updates is not None:
+            batches = self.max_updates * trainer.accumulate_grad_batches
+        else:
+            assert self.max_samples is not None
+            size = pool.size()
+            per_epoch = pool.samples_in(size)
+            if per_epoch == 0:
+                raise ValueError("the shared batch pool is empty (limit_train_batches=0): max_samples cannot be reached")
+            full, rest = divmod(self.max_samples, per_epoch)
+            batches = full * size + math.ceil(rest / pool.batch_size)
+        epochs = pool.set_budget(batches)
+        loop = trainer.fit_loop
+        loop.max_epochs = epochs if loop.max_epochs in (None, -1) else min(loop.max_epochs, epochs)
+
+    # ------------------------------------------------------------ during fit
+    def on_batch_start(self) -> None:
+        if self.pool is not None:
+            self.pool.consumed += 1
+
+    def agree_position(self, all_gather: Callable[[Any], list[Any]]) -> None:
+        """Inside a checkpoint (every rank there, none drawing): record the pool's position for the loader state."""
+        if self.sampler is None:
+            return
+        outstanding = all_gather(self.pool.outstanding)
+        self.sampler.saved = self.pool.position([j for part in outstanding for j in part])
+
+    @property
+    def taken(self) -> list[int]:
+        """The batches this rank drew in the current (or last) epoch."""
+        return list(self.pool.drawn) if self.pool is not None else []

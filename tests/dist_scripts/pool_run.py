@@ -1,0 +1,149 @@
+"""Which samples every rank trains on under the shared batch pool: a tiny model over a dataset of indices.
+
+Writes ``<out>/rank<k>.json``: per epoch the sample indices this rank trained on (in order), the batches it drew,
+whether each came after this rank's mid-epoch save (``--save-at-draws``), the final ``max_epochs`` and steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import pytorch_lightning as pl
+import lightning_asyncpred as la
+from lightning_asyncpred.data.resumable import resumable_train_loader
+
+
+class Indices(Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.full((4,), float(i % 7)), i
+
+
+class Model(pl.LightningModule):
+    def __init__(self, args) -> None:
+        super().__init__()
+        self.args = args
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.seen: dict[int, list[list[int]]] = {}
+        self.after_save: dict[int, list[bool]] = {}
+        self.saved = False
+
+    def training_step(self, batch, batch_idx):
+        x, idx = batch
+        self.seen.setdefault(self.current_epoch, []).append(idx.tolist())
+        self.after_save.setdefault(self.current_epoch, []).append(self.saved)
+        delay = self.args.base_ms + (self.args.slow_ms if self.global_rank == self.args.slow_rank else 0.0)
+        if delay:
+            time.sleep(delay / 1000.0)
+        if self.args.sync_log:
+            self.log("loss_synced", torch.tensor(1.0), sync_dist=True)
+        return self.net(x).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        ds = Indices(self.args.n)
+        if self.args.plain_loader:
+            return DataLoader(ds, batch_size=self.args.batch, shuffle=True, drop_last=self.args.drop_last,
+                              num_workers=self.args.num_workers)
+        return resumable_train_loader(ds, self.args.batch, drop_last=self.args.drop_last,
+                                      num_workers=self.args.num_workers)
+
+
+class SaveOnce(pl.Callback):
+    """Every rank saves once, at its first batch end after the pool handed out ``draws`` batches of epoch ``epoch``."""
+
+    def __init__(self, path: str, epoch: int, draws: int) -> None:
+        self.path, self.epoch, self.draws = path, epoch, draws
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        ws = trainer.strategy._work_sharing
+        if pl_module.saved or trainer.current_epoch != self.epoch:
+            return
+        if ws.store.add(ws.pool._counter(self.epoch), 0) >= self.draws:
+            trainer.save_checkpoint(self.path)
+            pl_module.saved = True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--n", type=int, default=203)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--drop-last", action="store_true")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--slow-rank", type=int, default=-1)
+    p.add_argument("--slow-ms", type=float, default=0.0)
+    p.add_argument("--base-ms", type=float, default=2.0)
+    p.add_argument("--limit", default=None, help="limit_train_batches (int or float)")
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--max-updates", type=int, default=None)
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--plain-loader", action="store_true", help="torch's DataLoader(shuffle=True) instead of resumable")
+    p.add_argument("--save-at-draws", type=int, default=None)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--val-check-interval", default=None)
+    p.add_argument("--sync-log", action="store_true")
+    p.add_argument("--ckpt-every", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    os.makedirs(args.out, exist_ok=True)
+    pl.seed_everything(0)
+    model = Model(args)
+    callbacks = []
+    if args.save_at_draws is not None:
+        callbacks.append(SaveOnce(os.path.join(args.out, "mid.ckpt"), 0, args.save_at_draws))
+    if args.ckpt_every:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=args.ckpt_every))
+    limit = 1.0 if args.limit is None else (float(args.limit) if "." in args.limit else int(args.limit))
+    vci = 1.0 if args.val_check_interval is None else float(args.val_check_interval)
+    strategy = la.AsyncPredStrategy(max_staleness=2, timeout=60, heartbeat_interval=0.5, max_samples=args.max_samples,
+                                    max_updates=args.max_updates)
+    trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=args.epochs,
+                         limit_train_batches=limit, val_check_interval=vci, accumulate_grad_batches=args.accumulate,
+                         callbacks=callbacks, logger=False, enable_checkpointing=bool(args.ckpt_every),
+                         enable_progress_bar=False, enable_model_summary=False)
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        trainer.fit(model, ckpt_path=args.resume)
+    except Exception as exc:  # recorded for the test, then re-raised
+        with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+            json.dump({"rank": rank, "error": f"{type(exc).__name__}: {exc}"}, f)
+        raise
+    ws = trainer.strategy._work_sharing
+    record = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "seen": {str(e): v for e, v in model.seen.items()},
+        "after_save": {str(e): v for e, v in model.after_save.items()},
+        "num_training_batches": trainer.num_training_batches,
+        "max_epochs": trainer.fit_loop.max_epochs,
+        "estimated_stepping_batches": trainer.estimated_stepping_batches,
+        "global_step": trainer.global_step,
+        "pool_size": ws.pool.size(0) if ws.pool is not None else None,
+        "sampler": type(trainer.train_dataloader.sampler).__name__,
+        "loader": type(trainer.train_dataloader).__name__,
+    }
+    with open(os.path.join(args.out, f"rank{trainer.global_rank}.json"), "w") as f:
+        json.dump(record, f)
+
+
+if __name__ == "__main__":
+    main()
