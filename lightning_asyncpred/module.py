@@ -157,19 +157,38 @@ class ImageClassifier(pl.LightningModule):
                 (no_decay if isinstance(module, norm_types) or name == "bias" else decay).append(p)
         return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
+    def _schedule_lengths(self) -> tuple[int, int]:
+        """Optimizer steps of this rank in the run and per epoch (the lengths the lr schedule is laid over)."""
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches
+        strategy = trainer.strategy
+        if getattr(strategy, "shared_pool", False) and trainer.train_dataloader is None:
+            trainer.fit_loop.setup_data()  # installs the shared batch pool (and a global budget's max_epochs)
+        pooled = getattr(strategy, "pool_batches_per_epoch", None)
+        if pooled is not None:
+            # the shared batch pool splits each epoch among the ranks (this rank takes about 1/N of it); its loader
+            # has no length, so Lightning's estimated_stepping_batches is not finite without max_steps
+            per_epoch = max(1, math.ceil(pooled / accumulate / trainer.world_size))
+            if trainer.max_epochs is None or trainer.max_epochs < 0:
+                raise ValueError(
+                    f"lr_schedule={self.hparams.lr_schedule!r} (or warm-up) needs a finite run: set max_epochs or the "
+                    "strategy's max_samples / max_updates"
+                )
+            return per_epoch * max(1, trainer.max_epochs), per_epoch
+        estimated = trainer.estimated_stepping_batches
+        total = int(estimated)
+        batches = trainer.num_training_batches
+        # an iterable without len() has no epoch length: epochs-based settings then count the whole run
+        per_epoch = max(1, math.ceil(batches / accumulate)) if math.isfinite(batches) else total
+        return total, per_epoch
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         lr = hp.lr * (self._global_batch() / hp.lr_base_batch if hp.lr_base_batch else 1.0)
         optimizer = torch.optim.SGD(self._param_groups(), lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
         if hp.lr_schedule == "constant" and not hp.warmup_epochs and not hp.warmup_steps:
             return optimizer
-        # under a shared batch pool the epoch's batches are split among the ranks: a rank's scheduler sees ~1/N
-        share = self.trainer.world_size if getattr(self.trainer.strategy, "shares_batches", False) else 1
-        total = max(1, math.ceil(int(self.trainer.estimated_stepping_batches) / share))
-        batches = self.trainer.num_training_batches
-        # an iterable without len() has no epoch length: epochs-based settings then count the whole run
-        accumulate = self.trainer.accumulate_grad_batches
-        per_epoch = max(1, math.ceil(batches / accumulate / share)) if math.isfinite(batches) else total
+        total, per_epoch = self._schedule_lengths()
         warmup = int(round(hp.warmup_epochs * per_epoch)) + int(hp.warmup_steps)
         milestones = [int(m) * per_epoch for m in hp.lr_milestones]
 

@@ -32,15 +32,18 @@ def _assert_p2p_end_state(out, nproc=2, balanced=True):
 def test_p2p_trains_with_prediction_and_ends_with_replicas_equal_to_the_masters(tmp_path, nproc):
     out = tmp_path / "run"
     steps = 30 * nproc // 2 + 30  # 60 at 2 ranks, 90 at 4: about 12 / 18 error-ratio probes
-    run(out, *P2P, "--max-staleness", "2", "--max-steps", str(steps), "--prediction", "--seed-offset-by-rank",
+    # the shared batch pool (default): a budget of updates summed over the ranks
+    run(out, *P2P, "--max-staleness", "2", "--max-updates", str(steps * nproc), "--prediction", "--seed-offset-by-rank",
         nproc=nproc, timeout=240)
     res = _assert_p2p_end_state(out, nproc)
+    assert sum(x["global_step"] for x in res) == steps * nproc
     for x in res:
-        assert x["staleness_mean"] > 0 and sum(x["staleness_hist"]) == steps
+        assert x["staleness_mean"] > 0 and sum(x["staleness_hist"]) == x["global_step"]
         assert 0 < x["logged"]["prediction/horizon"] <= 3  # in this worker's refreshes, at most s + 1
-    # the median of every rank's error-ratio probes: prediction beats standing still
+    # the median of every rank's error-ratio probes: prediction beats standing still (a probe pending at an epoch end
+    # is dropped; under the shared batch pool a rank's epochs are 1/N as long, so it completes fewer probes)
     ratios = sorted(r for x in res for r in x["error_ratios"])
-    assert len(ratios) >= 8 * nproc and ratios[len(ratios) // 2] < 1.0, ratios
+    assert len(ratios) >= 6 * nproc and ratios[len(ratios) // 2] < 1.0, ratios
     # every owner applied every step of every worker: its state holds a momentum buffer per owned parameter
     total = sum(x["optimizer_state_bytes"] for x in res)
     assert all(0 < x["optimizer_state_bytes"] < total for x in res)
@@ -48,7 +51,7 @@ def test_p2p_trains_with_prediction_and_ends_with_replicas_equal_to_the_masters(
 
 def test_p2p_amp_accumulation_clipping_scheduler_manual_and_early_stopping(tmp_path):
     out = tmp_path / "amp"
-    run(out, *P2P, "--max-staleness", "1", "--max-steps", "16", "--precision", "bf16-mixed", "--accumulate", "2",
+    run(out, *P2P, "--max-staleness", "1", "--max-updates", "32", "--precision", "bf16-mixed", "--accumulate", "2",
         "--clip", "0.5")
     _assert_p2p_end_state(out)
     out = tmp_path / "manual"
@@ -60,7 +63,7 @@ def test_p2p_amp_accumulation_clipping_scheduler_manual_and_early_stopping(tmp_p
 
 def test_p2p_fp16_overflow_on_one_worker_sends_nothing_and_lowers_only_its_scale(tmp_path):
     out = tmp_path / "run"
-    run(out, *P2P, "--max-staleness", "2", "--max-steps", "14", "--fp16-overflow-rank", "1")
+    run(out, *P2P, "--no-pool", "--max-staleness", "2", "--max-steps", "14", "--fp16-overflow-rank", "1")
     res = _assert_p2p_end_state(out, balanced=False)
     ok, overflowed = res
     assert ok["scales"] == [1024.0] * 14
@@ -94,7 +97,7 @@ def test_p2p_checkpoint_is_a_ddp_checkpoint_and_resumes_on_another_number_of_ran
     # rank, fewer than the 14 the checkpoint's loader position counts, so that position is dropped (with a warning)
     for nproc in (2, 3):
         resumed = tmp_path / f"resumed{nproc}"
-        run(resumed, *P2P, "--max-staleness", "2", "--max-steps", "30", "--prediction", "--resume", str(ckpt),
+        run(resumed, *P2P, "--no-pool", "--max-staleness", "2", "--max-steps", "30", "--prediction", "--resume", str(ckpt),
             nproc=nproc, timeout=240)
         res = _assert_p2p_end_state(resumed, nproc)
         assert res[0]["global_step"] == 30
@@ -103,7 +106,7 @@ def test_p2p_checkpoint_is_a_ddp_checkpoint_and_resumes_on_another_number_of_ran
 def test_p2p_lost_peer_ends_the_other_rank_with_an_error_naming_it(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    codes = run_external(out, *P2P, "--max-staleness", "2", "--max-steps", "100000", "--kill-rank", "1",
+    codes = run_external(out, *P2P, "--no-pool", "--max-staleness", "2", "--max-steps", "100000", "--kill-rank", "1",
                          "--kill-step", "8", "--timeout", "20")
     assert codes == [3, -9]
     res = json.loads((out / "rank0.json").read_text())
@@ -113,7 +116,7 @@ def test_p2p_lost_peer_ends_the_other_rank_with_an_error_naming_it(tmp_path):
 
 def test_p2p_refuses_different_models(tmp_path):
     out = tmp_path / "run"
-    proc = run(out, *P2P, "--width-by-rank", check=False)
+    proc = run(out, *P2P, "--no-pool", "--width-by-rank", check=False)
     assert proc.returncode != 0
     for x in results(out):
         assert x["error_type"] == "ModelMismatchError"

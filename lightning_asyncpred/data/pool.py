@@ -178,8 +178,9 @@ class SharedPoolSampler(Sampler[int]):
     """A ``Sampler`` over a :class:`BatchPool`: yields the indices of each batch this rank draws, a whole batch
     at a time, so the ``DataLoader``'s ``BatchSampler`` of the same ``batch_size`` rebuilds the pool's batches.
 
-    ``len()`` is the whole epoch's ``n`` samples (the most any one rank could take), so a ``DataLoader``'s length
-    is the epoch's number of batches over all ranks; each rank's loader stops when the pool is empty.
+    It has no ``len()``: how many batches a rank gets depends on its speed, so its loader is unsized and ends
+    when the pool is empty (Lightning treats it like an ``IterableDataset``'s: it fetches one batch ahead to see
+    the epoch's last batch, then validates and steps epoch schedulers).
     ``state_dict`` holds the pool's position for a mid-epoch resume (``StatefulDataLoader`` saves it).
     """
 
@@ -193,10 +194,6 @@ class SharedPoolSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         for j in self.pool.draws():
             yield from self.pool.batch(j)
-
-    def __len__(self) -> int:
-        pool = self.pool
-        return pool.batches_per_epoch * pool.batch_size if pool.drop_last else pool.num_samples
 
     def state_dict(self) -> dict[str, Any]:
         if self.saved is not None and self.saved["epoch"] == self.pool.epoch:

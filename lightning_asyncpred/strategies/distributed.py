@@ -191,12 +191,9 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         return shared_pool
 
     @property
-    def shares_batches(self) -> bool:
-        """Whether the training batches of an epoch are shared among the ranks (each takes about ``1/N``; see
-        ``strategies/work_sharing.py``), so a rank's optimizer steps are about ``estimated_stepping_batches / N``."""
-        trainer = getattr(self.lightning_module, "_trainer", None) if self._lightning_module is not None else None
-        use_sampler = trainer is None or trainer._accelerator_connector.use_distributed_sampler
-        return self._work_sharing is not None and use_sampler
+    def pool_batches_per_epoch(self) -> Optional[int]:
+        """Under the shared batch pool: the batches of an epoch over all ranks (a rank takes about ``1/N``)."""
+        return self._work_sharing.batches_per_epoch if self._work_sharing is not None else None
 
     # ------------------------------------------------------------ topology
     @property
@@ -340,7 +337,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
     # ----------------------------------------------------------------- setup
     def setup(self, trainer: "pl.Trainer") -> None:
         assert self.accelerator is not None and self.model is not None
-        if trainer.state.fn == TrainerFn.FITTING and self.shares_batches:
+        if trainer.state.fn == TrainerFn.FITTING and self._work_sharing is not None:
             self._work_sharing.check_trainer(trainer)
         self.accelerator.setup(trainer)
         if trainer.state.fn == TrainerFn.FITTING and self._layer_sync:

@@ -4,15 +4,17 @@ Lightning gives every rank a ``DistributedSampler`` shard of the same size; :cla
 way Lightning installs its own sampler (``_update_dataloader``: the user's ``DataLoader`` class and arguments are
 kept), with a :class:`~lightning_asyncpred.data.pool.SharedPoolSampler`. What that means in Lightning terms:
 
-* ``len(train_dataloader)``, hence ``trainer.num_training_batches`` and the progress bar's total, is the epoch
-  over **all** ranks (``limit_train_batches`` limits that pool: ``k`` batches in total, or a fraction of the
-  epoch); each rank's loader ends when the pool is empty, after about ``1/N`` of it (more on a fast rank).
-  ``trainer.estimated_stepping_batches`` counts the optimizer steps of all ranks together; a rank takes about
-  ``1/N`` of them, so per-step schedules that a rank steps need ``estimated_stepping_batches / world_size``
-  (what :class:`~lightning_asyncpred.ImageClassifier` uses, see :attr:`shares_batches`).
-* ``max_epochs`` ends every rank at the same epoch end. ``max_steps`` counts each rank's own steps: use the
-  strategy's global budget (``max_samples`` / ``max_updates``, summed over ranks) instead; the budget cuts the
-  pool of its last epoch and sets ``max_epochs`` to that epoch.
+* Each rank's training loader is unsized (a rank's share depends on its speed), as if it iterated an
+  ``IterableDataset``: ``trainer.num_training_batches`` is ``inf``, the progress bar shows no total, and the
+  epoch ends when the pool is empty (Lightning then validates and steps epoch schedulers as usual).
+  ``limit_train_batches`` limits the pool: ``k`` batches in total over all ranks, or that fraction of the epoch
+  (the pool applies it; ``trainer.limit_train_batches`` then reads ``1.0``).
+  ``trainer.estimated_stepping_batches`` is ``inf`` unless ``max_steps`` is set; :attr:`WorkSharing.batches_per_epoch`
+  (``strategy.pool_batches_per_epoch``) is the pool's size, of which a rank takes about ``1/N``
+  (:class:`~lightning_asyncpred.ImageClassifier` sizes its schedules with it).
+* ``max_epochs`` ends every rank at the same epoch end. ``max_steps`` (each rank's own steps) and ``max_time``
+  are refused: use the strategy's global budget (``max_samples`` / ``max_updates``, summed over ranks) instead;
+  the budget cuts the pool of its last epoch and sets ``max_epochs`` to that epoch.
 * Ranks take different numbers of steps per epoch, so everything that must happen at the same step on every
   rank is refused: validation inside the epoch (``val_check_interval`` other than ``1.0``), step- or time-
   triggered ``ModelCheckpoint`` and ``self.log(..., sync_dist=True)`` in ``training_step`` (each is a collective
@@ -79,6 +81,24 @@ class WorkSharing:
     # ----------------------------------------------------------------- checks
     def check_trainer(self, trainer: "pl.Trainer") -> None:
         """Refuse the Lightning settings that need every rank at the same step (see the module docstring)."""
+        if not trainer._accelerator_connector.use_distributed_sampler:
+            return
+        if trainer.max_steps != -1:
+            raise ValueError(
+                f"max_steps={trainer.max_steps}: it counts each rank's own steps, and under the shared batch pool the "
+                "ranks take different numbers of steps, so each would stop at another point of the epoch while the "
+                "others wait for it at the epoch end. Use the strategy's global budget, e.g. "
+                f"AsyncPredStrategy(max_updates={trainer.max_steps} * world_size) (summed over all ranks), or "
+                f"max_epochs; or {_OFF}"
+            )
+        from pytorch_lightning.callbacks import Timer
+
+        if any(isinstance(cb, Timer) for cb in trainer.callbacks):
+            raise ValueError(
+                "max_time / the Timer callback checks the clock at every step with a collective, which the other ranks "
+                "reach at another step under the shared batch pool; use max_epochs or the strategy's max_samples / "
+                f"max_updates; or {_OFF}"
+            )
         interval = trainer.val_check_interval
         if getattr(trainer, "_val_check_time_interval", None) is not None or not (
             isinstance(interval, float) and interval == 1.0
@@ -147,7 +167,10 @@ class WorkSharing:
             shuffle=sampler.shuffle,
             seed=sampler.seed,
         )
-        pool.set_limit(int(_parse_num_batches(RunningStage.TRAINING, pool.batches_per_epoch, trainer.limit_train_batches)))
+        limit = trainer.limit_train_batches
+        pool.set_limit(int(_parse_num_batches(RunningStage.TRAINING, pool.batches_per_epoch, limit)))
+        # the pool applies the limit to the epoch over all ranks; Lightning must not cut a rank's unsized loader
+        trainer.limit_train_batches = 1.0
         if self.pool is not None:  # a reloaded loader: the pool continues (same epoch, same restored position)
             pool.epoch, pool._resume = self.pool.epoch, self.pool._resume
         self._apply_budget(trainer, pool)
@@ -182,6 +205,11 @@ class WorkSharing:
             return
         outstanding = all_gather(self.pool.outstanding)
         self.sampler.saved = self.pool.position([j for part in outstanding for j in part])
+
+    @property
+    def batches_per_epoch(self) -> Optional[int]:
+        """Batches in an epoch's pool over all ranks (after ``limit_train_batches``); ``None`` before install."""
+        return self.pool.size() if self.pool is not None else None
 
     @property
     def taken(self) -> list[int]:

@@ -115,7 +115,8 @@ class ManualClassifier(la.ImageClassifier):
         opt.zero_grad()
         self.manual_backward(loss)
         opt.step()
-        self.log("train/loss", loss, sync_dist=True)
+        # synced at the epoch end: under the shared batch pool a per-step collective is refused
+        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
 
@@ -141,6 +142,7 @@ def main() -> None:
     p.add_argument("--natural-exit", action="store_true", help="after recording an exception, re-raise it (no os._exit)")
     p.add_argument("--drain-on-save", action="store_true")
     p.add_argument("--no-pool", action="store_true", help="shared_pool=False: static DistributedSampler shards")
+    p.add_argument("--max-updates", type=int, default=None, help="the strategy's global budget (sets max_steps=-1)")
     p.add_argument("--epoch-scheduler", action="store_true", help="StepLR(1, 0.5) stepped every epoch")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--fp16-overflow-rank", type=int, default=None,
@@ -166,7 +168,7 @@ def main() -> None:
         strategy = la.AsyncPredStrategy(
             max_staleness=args.max_staleness, mode=args.mode, bucket_cap_mb=args.bucket_cap_mb, transport=args.transport,
             timeout=args.timeout, heartbeat_interval=0.5, drain_on_save=args.drain_on_save,
-            shared_pool=False if args.no_pool else None,
+            shared_pool=False if args.no_pool else None, max_updates=args.max_updates,
         )
     else:
         strategy = args.strategy
@@ -214,7 +216,7 @@ def main() -> None:
         accelerator=args.accelerator,
         devices=args.devices,
         strategy=strategy,
-        max_steps=args.max_steps,
+        max_steps=-1 if args.max_updates else args.max_steps,
         max_epochs=args.max_epochs,
         precision=None if plugins else args.precision,
         accumulate_grad_batches=args.accumulate,
