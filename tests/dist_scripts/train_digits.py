@@ -120,6 +120,13 @@ class ManualClassifier(la.ImageClassifier):
         return loss
 
 
+def _write_json(path: str, result: dict) -> None:
+    """Atomically: a signal (Ctrl-C) that lands while writing never leaves half a file for the test to read."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -246,8 +253,7 @@ def main() -> None:
         result["elapsed"] = time.time() - t0
         result["global_step"] = trainer.global_step
         result["signal_actions"] = getattr(trainer.strategy, "signal_actions", None)
-        with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
+        _write_json(os.path.join(args.out, f"rank{rank}.json"), result)
         if args.natural_exit:
             raise
         os._exit(3)
@@ -285,8 +291,7 @@ def main() -> None:
         result["optimizer_state_bytes"] = owner.state_bytes()
         result["error_ratios"] = next((c.error_ratios for c in callbacks if isinstance(c, la.LinearPrediction)), [])
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(args.out, f"rank{rank}.pt"))
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
+    _write_json(os.path.join(args.out, f"rank{rank}.json"), result)
 
 
 if __name__ == "__main__":
