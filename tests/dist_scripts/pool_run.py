@@ -55,7 +55,7 @@ class Model(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
     def train_dataloader(self):
-        ds = Indices(self.args.n)
+        ds = Indices(self.args.samples)
         if self.args.plain_loader:
             return DataLoader(ds, batch_size=self.args.batch, shuffle=True, drop_last=self.args.drop_last,
                               num_workers=self.args.num_workers)
@@ -82,7 +82,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--devices", type=int, default=2)
-    p.add_argument("--n", type=int, default=203)
+    p.add_argument("--samples", type=int, default=203)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--drop-last", action="store_true")
     p.add_argument("--epochs", type=int, default=2)
@@ -138,7 +138,7 @@ def main() -> None:
         "estimated_stepping_batches": trainer.estimated_stepping_batches,
         "global_step": trainer.global_step,
         "pool_size": ws.pool.size(0) if ws.pool is not None else None,
-        "sampler": type(trainer.train_dataloader.sampler).__name__,
+        "sampler": type(getattr(trainer.train_dataloader.batch_sampler, "sampler", None)).__name__,
         "loader": type(trainer.train_dataloader).__name__,
     }
     with open(os.path.join(args.out, f"rank{trainer.global_rank}.json"), "w") as f:

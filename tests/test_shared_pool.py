@@ -1,0 +1,275 @@
+"""The shared batch pool (``async_pred``): each epoch is one pass over the data, split by speed among the ranks.
+
+Pure tests drive several pools over one in-memory store; the launches run real Gloo ranks (one of them sleeping
+per batch) through Lightning. Every launch has a timeout, so a rank that hangs at an epoch end fails the test."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from lightning_asyncpred import AsyncPredStrategy
+from lightning_asyncpred.data.pool import BatchPool, SharedPoolSampler
+from lightning_asyncpred.strategies.work_sharing import WorkSharing
+from tests.dist_helpers import run
+
+SCRIPT = Path(__file__).parent / "dist_scripts" / "pool_run.py"
+
+
+def _pools(n_ranks, n, batch, store=None, **kw):
+    store = store or dist.HashStore()
+    return [BatchPool(store, "run", n, batch, **kw) for _ in range(n_ranks)]
+
+
+def _draw_interleaved(pools, rng, stop_after=None):
+    """Ranks draw in a random order (unequal speeds) until every pool is empty; returns each rank's batches."""
+    iters = [p.draws() for p in pools]
+    taken = [[] for _ in pools]
+    live = list(range(len(pools)))
+    while live and (stop_after is None or sum(map(len, taken)) < stop_after):
+        r = rng.choice(live)
+        try:
+            taken[r].append(next(iters[r]))
+        except StopIteration:
+            live.remove(r)
+    return taken
+
+
+@pytest.mark.parametrize("n, batch, drop_last", [(203, 8, False), (203, 8, True), (64, 8, False)])
+def test_every_epoch_is_one_pass_whatever_the_speeds(n, batch, drop_last):
+    pools = _pools(3, n, batch, drop_last=drop_last)
+    rng = random.Random(0)
+    orders = []
+    for epoch in range(3):
+        for p in pools:
+            p.set_epoch(epoch)
+        taken = _draw_interleaved(pools, rng)
+        batches = sorted(j for t in taken for j in t)
+        assert batches == list(range(pools[0].batches_per_epoch))  # every batch once, on one rank
+        samples = [i for r, t in enumerate(taken) for j in t for i in pools[r].batch(j)]
+        expected = (n // batch) * batch if drop_last else n
+        assert len(samples) == len(set(samples)) == expected
+        orders.append(pools[0].batch(0))
+        assert all(p.batch(0) == pools[0].batch(0) for p in pools)  # the same permutation on every rank
+    assert orders[0] != orders[1]  # reshuffled per epoch
+
+
+def test_a_faster_rank_takes_more_and_the_limit_cuts_the_pool():
+    pools = _pools(2, 400, 10)
+    for p in pools:
+        p.set_limit(15)
+    it = [p.draws() for p in pools]
+    taken = [[], []]
+    for _ in range(40):  # rank 0 asks three times as often
+        for r in (0, 0, 0, 1):
+            j = next(it[r], None)
+            if j is not None:
+                taken[r].append(j)
+    assert sorted(taken[0] + taken[1]) == list(range(15))
+    assert len(taken[0]) > 2 * len(taken[1])
+
+
+def test_a_budget_cuts_the_last_epoch():
+    (pool,) = _pools(1, 100, 10)  # 10 batches per epoch
+    assert pool.set_budget(25) == 3
+    sizes = []
+    for e in range(3):
+        pool.set_epoch(e)
+        sizes.append(len(list(pool.draws())))
+    assert sizes == [10, 10, 5]
+
+
+@pytest.mark.parametrize("resumed_ranks", [2, 3])
+def test_resume_continues_the_pool_with_what_no_rank_trained_on(resumed_ranks):
+    n, batch = 203, 8
+    pools = _pools(2, n, batch)
+    for p in pools:
+        p.set_epoch(1)
+    _draw_interleaved(pools, random.Random(1), stop_after=11)
+    # rank 0 trained on all but its last draw (prefetched), rank 1 on all but its last two
+    pools[0].consumed = len(pools[0].drawn) - 1
+    pools[1].consumed = len(pools[1].drawn) - 2
+    trained = pools[0].drawn[: pools[0].consumed] + pools[1].drawn[: pools[1].consumed]
+    state = pools[0].position(pools[0].outstanding + pools[1].outstanding)
+    assert state["epoch"] == 1 and state["next"] == 11 and len(state["redo"]) == 3
+    # a new run (fresh store) on another number of ranks
+    resumed = _pools(resumed_ranks, n, batch)
+    for p in resumed:
+        p.set_epoch(1)
+        p.load_position(json.loads(json.dumps(state)))  # survives a checkpoint round trip
+    rest = _draw_interleaved(resumed, random.Random(2))
+    assert sorted(trained + [j for t in rest for j in t]) == list(range(pools[0].batches_per_epoch))
+    # the resumed position applies to its epoch only
+    resumed[0].set_epoch(2)
+    assert len(list(resumed[0].draws())) == resumed[0].batches_per_epoch
+
+
+def test_a_position_taken_after_a_resume_keeps_the_undrawn_redo_batches():
+    pools = _pools(1, 100, 10)
+    pools[0].load_position({"epoch": 0, "next": 6, "redo": [1, 4]})
+    it = pools[0].draws()
+    assert next(it) == 1  # redo first
+    pools[0].consumed = 1
+    assert pools[0].position([]) == {"epoch": 0, "next": 6, "redo": [4]}
+
+
+def test_the_sampler_yields_whole_batches_and_has_no_length():
+    (pool,) = _pools(1, 20, 8)
+    sampler = SharedPoolSampler(pool)
+    loader = DataLoader(list(range(20)), batch_size=8, sampler=sampler)
+    batches = [b.tolist() for b in loader]
+    assert [len(b) for b in batches] == [8, 8, 4]
+    assert sorted(i for b in batches for i in b) == list(range(20))
+    with pytest.raises(TypeError):
+        len(sampler)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_pool_configurations_are_clear_errors():
+    with pytest.raises(ValueError, match=r"no batch: 5 samples with batch_size=8 and drop_last=True"):
+        BatchPool(dist.HashStore(), "k", 5, 8, drop_last=True)
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got 0"):
+        BatchPool(dist.HashStore(), "k", 5, 0)
+    with pytest.raises(ValueError, match=r"not a shared batch pool state"):
+        BatchPool(dist.HashStore(), "k", 5, 1).load_position({"epoch": 0})
+    with pytest.raises(ValueError, match=r"shared_pool=True needs transport='p2p', got 'allreduce'"):
+        AsyncPredStrategy(transport="allreduce", shared_pool=True)
+    with pytest.raises(ValueError, match=r"shared_pool must be True, False or None .* got 'yes'"):
+        AsyncPredStrategy(shared_pool="yes")
+    with pytest.raises(ValueError, match=r"max_samples/max_updates .* need the shared batch pool"):
+        AsyncPredStrategy(shared_pool=False, max_updates=100)
+    with pytest.raises(ValueError, match=r"set max_samples or max_updates, not both"):
+        AsyncPredStrategy(max_samples=10, max_updates=10)
+    with pytest.raises(ValueError, match=r"max_updates must be an integer >= 1, got 0"):
+        AsyncPredStrategy(max_updates=0)
+    assert AsyncPredStrategy().shared_pool and not AsyncPredStrategy(transport="allreduce").shared_pool
+
+
+def _trainer(**kw):
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"val_check_interval": 0.5}, r"val_check_interval=0.5: .* validation can only run at the epoch end"),
+        ({"val_check_interval": 10}, r"val_check_interval=10: "),
+        ({"max_steps": 50}, r"max_steps=50: it counts each rank's own steps.*max_updates=50 \* world_size"),
+        ({"max_time": "00:00:10:00"}, r"max_time / the Timer callback"),
+        ({"callbacks": [ModelCheckpoint(every_n_train_steps=5)]}, r"ModelCheckpoint\(every_n_train_steps=5\): "),
+        ({"callbacks": [ModelCheckpoint(train_time_interval=timedelta(minutes=5))]}, r"ModelCheckpoint\(train_time_interval="),
+    ],
+)
+def test_settings_that_need_every_rank_at_the_same_step_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message + r".*shared_pool=False"):
+        WorkSharing().check_trainer(_trainer(**kwargs))
+    WorkSharing().check_trainer(_trainer(max_epochs=3, callbacks=[ModelCheckpoint(every_n_epochs=1)]))  # fine
+    WorkSharing().check_trainer(_trainer(max_steps=50, use_distributed_sampler=False))  # the pool is off there
+
+
+def _fake_trainer():
+    return SimpleNamespace(_accelerator_connector=SimpleNamespace(use_distributed_sampler=True), limit_train_batches=1.0,
+                           accumulate_grad_batches=1, fit_loop=SimpleNamespace(max_epochs=5))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda ds: DataLoader(ds, batch_sampler=[[0, 1], [2, 3]]), r"needs DataLoader\(batch_size=...\), got a custom batch_sampler list"),
+        (lambda ds: DataLoader(ds, batch_size=2, sampler=WeightedRandomSampler([1.0] * 8, 8)), r"got WeightedRandomSampler"),
+    ],
+)
+def test_loaders_the_pool_cannot_share_are_clear_errors(make, message):
+    ws = WorkSharing()
+    ws.connect(dist.HashStore(), "k")
+    with pytest.raises(ValueError, match=message + r".*shared_pool=False"):
+        ws.install(_fake_trainer(), make(list(range(8))))
+    # Lightning's DistributedSampler inside a plain batch sampler is what it replaces
+    loader = DataLoader(list(range(8)), batch_size=2, sampler=DistributedSampler(list(range(8)), num_replicas=2, rank=0))
+    pooled = ws.install(_fake_trainer(), loader)
+    assert isinstance(pooled.sampler, SharedPoolSampler) and pooled.batch_size == 2
+
+
+def test_a_budget_of_samples_sets_max_epochs_and_cuts_the_last_epoch():
+    ws = WorkSharing(max_samples=300)
+    ws.connect(dist.HashStore(), "k")
+    trainer = _fake_trainer()
+    trainer.fit_loop.max_epochs = -1
+    loader = DataLoader(list(range(160)), batch_size=8, sampler=DistributedSampler(list(range(160)), num_replicas=2, rank=0))
+    ws.install(trainer, loader)
+    assert trainer.fit_loop.max_epochs == 2  # 160 + 140 samples: 20 batches, then ceil(140 / 8) = 18
+    assert [ws.pool.size(0), ws.pool.size(1)] == [20, 18]
+
+
+# ------------------------------------------------------------------------------------- real Gloo ranks
+def _records(out, nproc):
+    recs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    for x in recs:
+        assert "error" not in x, x["error"]
+    return recs
+
+
+def _epoch_samples(recs, epoch, after_save=None):
+    out = []
+    for x in recs:
+        for b, late in zip(x["seen"].get(str(epoch), []), x["after_save"].get(str(epoch), [])):
+            if after_save is None or late == after_save:
+                out.extend(b)
+    return out
+
+
+@pytest.mark.parametrize("nproc, extra", [(2, []), (3, ["--plain-loader"])])
+def test_ranks_of_unequal_speed_cover_every_epoch_once_and_the_fast_ones_take_more(tmp_path, nproc, extra):
+    out = tmp_path / "run"
+    run(out, "--samples", "203", "--batch", "8", "--epochs", "2", "--slow-rank", "1", "--slow-ms", "40", *extra,
+        nproc=nproc, script=SCRIPT, timeout=180)
+    recs = _records(out, nproc)
+    for epoch in (0, 1):
+        samples = _epoch_samples(recs, epoch)
+        assert sorted(samples) == list(range(203))  # one pass: every sample once, the last batch partial
+    counts = [sum(len(x["seen"].get(e, [])) for e in ("0", "1")) for x in recs]
+    assert all(counts[1] < c for r, c in enumerate(counts) if r != 1), counts  # the sleeping rank took the fewest
+    assert all(x["sampler"] == "SharedPoolSampler" and x["num_training_batches"] == float("inf") for x in recs)
+
+
+def test_a_global_budget_and_limit_train_batches_on_real_ranks(tmp_path):
+    out = tmp_path / "budget"
+    run(out, "--samples", "203", "--batch", "8", "--epochs", "10", "--limit", "20", "--max-samples", "300", "--slow-rank", "0",
+        "--slow-ms", "20", script=SCRIPT, timeout=180)
+    recs = _records(out, 2)
+    assert all(x["max_epochs"] == 2 for x in recs)
+    sizes = [len(_epoch_samples(recs, e)) for e in (0, 1)]
+    assert sizes == [160, 144]  # 20 batches, then the 18 that reach 300 samples
+    for e in (0, 1):
+        assert len(set(_epoch_samples(recs, e))) == sizes[e]
+
+
+def test_a_mid_epoch_checkpoint_resumes_the_pool_on_another_number_of_ranks(tmp_path):
+    saving = tmp_path / "saving"
+    run(saving, "--samples", "203", "--batch", "8", "--epochs", "2", "--slow-rank", "1", "--slow-ms", "20",
+        "--save-at-draws", "9", script=SCRIPT, timeout=180)
+    before = _epoch_samples(_records(saving, 2), 0, after_save=False)
+    assert 0 < len(before) < 203
+    resumed = tmp_path / "resumed"
+    run(resumed, "--samples", "203", "--batch", "8", "--epochs", "2", "--resume", str(saving / "mid.ckpt"), nproc=3,
+        script=SCRIPT, timeout=180)
+    recs = _records(resumed, 3)
+    assert sorted(before + _epoch_samples(recs, 0)) == list(range(203))  # the rest of epoch 0, nothing twice
+    assert sorted(_epoch_samples(recs, 1)) == list(range(203))
+
+
+def test_a_collective_in_training_step_is_a_clear_error(tmp_path):
+    out = tmp_path / "sync"
+    proc = run(out, "--epochs", "1", "--sync-log", script=SCRIPT, timeout=120, check=False)
+    assert proc.returncode != 0
+    err = json.loads((out / "rank0.json").read_text())["error"]
+    assert "a collective (self.log(..., sync_dist=True) or strategy.reduce) in training_step" in err
