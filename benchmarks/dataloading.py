@@ -5,8 +5,10 @@ afterwards). Each loader is :class:`~lightning_asyncpred.data.ImageNetDataModule
 the same transforms (random-resized crop to 224, flip, normalize to float CHW), the same batch size and
 the same number of CPU threads (DALI ``num_threads`` = DataLoader worker processes). Each loader runs
 ``--epochs`` epochs (4); the first is a warm-up (worker start, pipeline prefetch) and images/s is measured over
-the rest. Prints a markdown table, writes ``benchmarks/out/dataloading.png`` and ends with
-``dali_cpu_speedup=<DALI CPU images/s / torchvision images/s>``.
+the rest. The DALI pipeline runs twice: with its file reader (static shards) and fed from the shared batch pool
+by ``fn.external_source`` (what ``async_pred`` uses; one rank, an in-memory store). Prints a markdown table,
+writes ``benchmarks/out/dataloading.png`` and ends with ``dali_cpu_speedup=<DALI CPU images/s / torchvision
+images/s>`` and ``dali_pool_vs_reader=<pool-fed DALI CPU images/s / file-reader DALI CPU images/s>``.
 
     python benchmarks/dataloading.py                 # ~1-2 minutes on 2 cores
     python benchmarks/dataloading.py --images 5000 --threads 8
@@ -51,7 +53,17 @@ def make_folder(root: str, images: int, classes: int, seed: int) -> int:
     return total_bytes
 
 
-def measure(root: str, backend: str, device: str, args: argparse.Namespace) -> dict:
+def _pooled(loader):
+    """``loader`` drawing from a shared batch pool of one rank (an in-memory store), as under ``async_pred``."""
+    import torch.distributed as dist
+
+    from lightning_asyncpred.data.pool import BatchPool
+
+    store = dist.HashStore()
+    return loader.with_pool(lambda n, b, d, sh, se: BatchPool(store, "bench", n, b, drop_last=d, shuffle=sh, seed=se))
+
+
+def measure(root: str, backend: str, device: str, args: argparse.Namespace, pool: bool = False) -> dict:
     import torch
 
     from lightning_asyncpred.data import ImageNetDataModule
@@ -68,8 +80,12 @@ def measure(root: str, backend: str, device: str, args: argparse.Namespace) -> d
     )
     dm.setup("fit")
     loader = dm.train_dataloader()
+    if pool:
+        loader = _pooled(loader)
     seconds, images = 0.0, 0
     for epoch in range(args.epochs):
+        if pool:
+            loader.sampler.set_epoch(epoch)
         start, n = time.perf_counter(), 0
         for x, y in loader:
             if x.is_cuda:
@@ -114,11 +130,13 @@ def main() -> None:
         if not dali_available():
             raise SystemExit("DALI is not installed: pip install -e .[dali]")
         runs.append(("DALI CPU-only", "dali", "cpu"))
+        runs.append(("DALI CPU-only, shared batch pool", "dali", "cpu", True))
         if torch.cuda.is_available():
             runs.append(("DALI mixed (GPU decode)", "dali", "gpu"))
+            runs.append(("DALI mixed, shared batch pool", "dali", "gpu", True))
         results = {}
-        for label, backend, device in runs:
-            results[label] = measure(root, backend, device, args)
+        for label, backend, device, *pool in runs:
+            results[label] = measure(root, backend, device, args, pool=bool(pool))
             print(f"  {label}: {results[label]['ips']:.1f} images/s", flush=True)
     finally:
         if args.dir is None:
@@ -139,7 +157,7 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3))
     labels = list(results)
-    ax.barh(labels, [results[k]["ips"] for k in labels], color=["#888888", "#76b900", "#3a7d00"][: len(labels)])
+    ax.barh(labels, [results[k]["ips"] for k in labels], color=["#888888", "#76b900", "#9bd14d", "#3a7d00", "#5a9d20"][: len(labels)])
     ax.set_xlabel("training images/s (RRC 224 + flip + normalize)")
     ax.set_title(f"{args.images} JPEGs, batch {args.batch_size}, {args.threads} CPU threads")
     fig.tight_layout()
@@ -147,6 +165,7 @@ def main() -> None:
     fig.savefig(png, dpi=120)
     print(f"\nwrote {png}")
     print(f"dali_cpu_speedup={results['DALI CPU-only']['ips'] / base:.2f}")
+    print(f"dali_pool_vs_reader={results['DALI CPU-only, shared batch pool']['ips'] / results['DALI CPU-only']['ips']:.2f}")
 
 
 if __name__ == "__main__":

@@ -174,7 +174,8 @@ def worker(args: argparse.Namespace) -> None:
         return rec
 
     def async_strategy(transport: str, s: int):
-        return la.AsyncPredStrategy(transport=transport, max_staleness=s, timeout=120)
+        # static shards and max_steps: the per-step comparison (benchmarks/straggler.py measures the shared pool)
+        return la.AsyncPredStrategy(transport=transport, max_staleness=s, timeout=120, shared_pool=False)
 
     # warm-up (discarded) and calibration of the per-step compute time
     fit("warmup_ddp", "ddp", 30, [], 10**6)

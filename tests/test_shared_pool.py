@@ -273,3 +273,44 @@ def test_a_collective_in_training_step_is_a_clear_error(tmp_path):
     assert proc.returncode != 0
     err = json.loads((out / "rank0.json").read_text())["error"]
     assert "a collective (self.log(..., sync_dist=True) or strategy.reduce) in training_step" in err
+
+
+# ------------------------------------------------------------------------------------------------ DALI
+@pytest.mark.skipif(not __import__("lightning_asyncpred.data.dali", fromlist=["x"]).dali_available(), reason="needs DALI")
+def test_the_dali_loader_draws_from_the_pool_one_pass_per_epoch(tmp_path):
+    from collections import Counter
+
+    from lightning_asyncpred.data import ImageNetDataModule
+    from tests.imagenet_fixtures import make_imagenet_folder
+
+    root = make_imagenet_folder(tmp_path, num_classes=5, n_train=7, n_val=1)  # 35 training images, 7 per class
+    store = dist.HashStore()
+    loaders = []
+    for rank in range(2):  # two "ranks" in one process, one store
+        dm = ImageNetDataModule(root, backend="dali", dali_device="cpu", batch_size=4, num_threads=1, image_size=32,
+                                val_resize=36)
+        base = dm.build_loader("train", shard_id=rank, num_shards=2)
+        loaders.append(base.with_pool(lambda n, b, d, sh, se: BatchPool(store, "k", n, b, drop_last=d, shuffle=sh, seed=se)))
+    with pytest.raises(TypeError, match="no length"):
+        len(loaders[0])
+    for epoch, order, fast in ((3, [0, 1, 1], 1), (4, [0, 0, 0, 1], 0)):  # Lightning sets the epoch before iter(); unequal speeds
+        for loader in loaders:
+            loader.sampler.set_epoch(epoch)
+        its, taken, live, k = [iter(lo) for lo in loaders], [[], []], [0, 1], 0
+        while live:
+            r = order[k % len(order)] if order[k % len(order)] in live else live[0]
+            k += 1
+            try:
+                images, labels = next(its[r])
+            except StopIteration:
+                live.remove(r)
+                continue
+            assert images.shape[1:] == (3, 32, 32)
+            taken[r] += labels.tolist()
+        assert Counter(taken[0] + taken[1]) == {c: 7 for c in range(5)}  # every image once per epoch
+        assert len(taken[fast]) > len(taken[1 - fast])  # the rank that asks more often takes more
+        assert store.add(f"k/epoch{epoch}", 0) == 9 + 2  # 9 batches, and one empty draw per rank
+    # its state is the pool's position
+    loaders[0].load_state_dict({"epoch": 5, "next": 8, "redo": [2]})
+    loaders[0].sampler.set_epoch(5)
+    assert sum(len(y) for _, y in loaders[0]) == 4 + 3  # batch 2, then the last batch (8: 3 images)

@@ -66,6 +66,7 @@ def build_pipeline(
     checkpointing: bool = False,
     checkpoint: Optional[str] = None,
     nvjpeg_padding: bool = False,
+    source: Optional[Callable[[], Iterator[tuple[list, list]]]] = None,
 ) -> Any:
     """Build (and return) the train or val DALI pipeline over ``files`` with ``labels``.
 
@@ -77,6 +78,9 @@ def build_pipeline(
     states); ``checkpoint`` restores a pipeline from one (see :class:`ResumableDALILoader`).
     ``nvjpeg_padding`` (``mixed`` decoding only): preallocate nvJPEG buffers for large images
     (:data:`NVJPEG_PADDING`: per decoding thread one device buffer and two pinned host buffers of these sizes).
+    ``source``: instead of the file reader, ``fn.external_source`` over this generator function, which yields
+    ``(encoded images, labels)`` per batch and ends with the epoch (the shared batch pool: :func:`pool_source`);
+    ``files``, ``shard_id`` and ``num_shards`` are then unused.
     """
     require_dali()
     from nvidia.dali import fn, pipeline_def, types
@@ -91,9 +95,10 @@ def build_pipeline(
     mean = [255.0 * m for m in IMAGENET_MEAN]
     std = [255.0 * s for s in IMAGENET_STD]
 
-    @pipeline_def(enable_conditionals=False)
-    def pipeline():
-        jpegs, label = fn.readers.file(
+    def read():
+        if source is not None:  # one call per batch; the generator's end is the epoch's end
+            return fn.external_source(source=source, num_outputs=2, batch=True, cycle="raise", dtype=[types.UINT8, types.INT32])
+        return fn.readers.file(
             files=list(files),
             labels=list(labels),
             name=READER_NAME,
@@ -106,6 +111,10 @@ def build_pipeline(
             random_shuffle=False,
             seed=seed,
         )
+
+    @pipeline_def(enable_conditionals=False)
+    def pipeline():
+        jpegs, label = read()
         if train:
             images = fn.decoders.image_random_crop(
                 jpegs,
@@ -137,6 +146,8 @@ def build_pipeline(
         )
         return images, label
 
+    if source is not None:
+        checkpointing, checkpoint = False, None  # the pool's position is the state (see PooledDALILoader)
     pipe = pipeline(
         batch_size=batch_size,
         num_threads=num_threads,
@@ -167,9 +178,19 @@ class DALILoader:
     DALI's message when it names it, else by decoding this shard's files with PIL to find it.
     """
 
-    def __init__(self, build: Callable[..., Any], files: Sequence[str], batch_size: int, num_threads: int = 2) -> None:
+    def __init__(
+        self,
+        build: Callable[..., Any],
+        files: Sequence[str],
+        batch_size: int,
+        num_threads: int = 2,
+        labels: Optional[Sequence[int]] = None,
+        seed: int = 0,
+    ) -> None:
         self._build = build
+        self._seed = seed
         self._files = list(files)
+        self._labels = list(labels) if labels is not None else None
         self._batch_size = batch_size
         self._num_threads = num_threads
         self._iterator: Any = None
@@ -178,19 +199,24 @@ class DALILoader:
         self._mid_epoch = False
         self._start()
 
+    _reader_name: Optional[str] = READER_NAME
+
+    def _build_pipe(self, generation: int, checkpoint: Optional[str]) -> Any:
+        return self._build(generation) if checkpoint is None else self._build(generation, checkpoint)
+
     def _start(self, generation: Optional[int] = None, checkpoint: Optional[str] = None) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.close()
         generation = self._builds if generation is None else generation
-        self._pipe = self._build(generation) if checkpoint is None else self._build(generation, checkpoint)
+        self._pipe = self._build_pipe(generation, checkpoint)
         self._builds = generation + 1
         self._iterator = DALIGenericIterator(
             self._pipe,
             ["images", "labels"],
-            reader_name=READER_NAME,
+            reader_name=self._reader_name,
             last_batch_policy=LastBatchPolicy.PARTIAL,
-            auto_reset=True,
+            auto_reset=self._reader_name is not None,
             prepare_first_batch=False,
         )
         self._mid_epoch = False
@@ -264,3 +290,73 @@ class ResumableDALILoader(DALILoader):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             self._start(int(state["generation"]), state["checkpoint"])
+
+    def with_pool(self, make_pool: Callable[..., Any]) -> "PooledDALILoader":
+        """This loader drawing its batches from the shared batch pool (called by the p2p strategy)."""
+        if self._labels is None:
+            raise ValueError("with_pool() needs the loader's labels (DALILoader(..., labels=...))")
+        return PooledDALILoader(
+            self._build, self._files, self._labels, self._batch_size, make_pool, self._num_threads, seed=self._seed
+        )
+
+
+def pool_source(pool: Any, files: Sequence[str], labels: Sequence[int]) -> Callable[[], Iterator[tuple[list, list]]]:
+    """A generator function for ``fn.external_source``: per batch drawn from ``pool``, its encoded files and labels."""
+    import numpy as np
+
+    def batches() -> Iterator[tuple[list, list]]:
+        for j in pool.draws():
+            index = pool.batch(j)
+            yield [np.fromfile(files[i], dtype=np.uint8) for i in index], [np.array([labels[i]], dtype=np.int32) for i in index]
+
+    return batches
+
+
+class PooledDALILoader(DALILoader):
+    """The training pipeline fed from a :class:`~lightning_asyncpred.data.pool.BatchPool` by ``fn.external_source``
+    (files read in the pipeline's feeding thread; decoding, ``mixed`` on a GPU, and augmentation as with the reader).
+
+    It has no length (each rank's share of the epoch depends on its speed) and its ``sampler`` is the pool (Lightning
+    sets its epoch). Its state is the pool's position (resume continues the epoch; DALI's random augmentation
+    state is not restored). ``build(generation, source=...)`` builds the pipeline over ``source``.
+    """
+
+    _reader_name = None
+
+    def __init__(
+        self,
+        build: Callable[..., Any],
+        files: Sequence[str],
+        labels: Sequence[int],
+        batch_size: int,
+        make_pool: Callable[..., Any],
+        num_threads: int = 2,
+        seed: int = 0,
+    ) -> None:
+        # make_pool(num_samples, batch_size, drop_last, shuffle, seed): each epoch permuted with seed + epoch
+        self.sampler = make_pool(len(files), batch_size, False, True, seed)
+        self._source = pool_source(self.sampler, list(files), list(labels))
+        super().__init__(build, files, batch_size, num_threads, labels=labels, seed=seed)
+
+    def _build_pipe(self, generation: int, checkpoint: Optional[str]) -> Any:
+        return self._build(generation, source=self._source)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # no auto-reset: a reset makes DALI prefetch, i.e. draw from the pool, so it must come after Lightning set
+        # this epoch (before iter); a finished epoch's iterator is reset here
+        if self._iterator is not None and not self._mid_epoch and self._ended:
+            self._iterator.reset()
+        self._ended = True
+        yield from super().__iter__()
+
+    _ended = False
+
+    def __len__(self) -> int:
+        raise TypeError("a shared batch pool loader has no length: each rank's share of the epoch depends on its speed")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.sampler.load_state_dict(state)

@@ -213,7 +213,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             device_id = root.index  # the GPU this rank trains on (equals local_rank unless devices are remapped)
         files, labels = pad_to_multiple(data.files, num_shards), pad_to_multiple(data.labels, num_shards)
 
-        def build(generation: int, checkpoint: Optional[str] = None) -> Any:
+        def build(generation: int, checkpoint: Optional[str] = None, source: Optional[Any] = None) -> Any:
             return dali_backend.build_pipeline(
                 files,
                 labels,
@@ -230,11 +230,14 @@ class ImageNetDataModule(pl.LightningDataModule):
                 checkpointing=train,
                 checkpoint=checkpoint,
                 nvjpeg_padding=self.nvjpeg_padding == "all" or (train and self.nvjpeg_padding == "train"),
+                source=source,
             )
 
         # training: resumable mid-epoch through DALI's own checkpointing
         loader_cls = dali_backend.ResumableDALILoader if train else dali_backend.DALILoader
-        return loader_cls(build, data.files, batch_size=batch, num_threads=self.num_threads)
+        # (the shared batch pool of the p2p strategy draws from the unpadded list: loader.with_pool)
+        return loader_cls(build, data.files, batch_size=batch, num_threads=self.num_threads, labels=data.labels,
+                         seed=self.seed)
 
     def _worker_start_method(self) -> Optional[str]:
         """The DataLoader workers' start method: ``worker_start_method``; ``"auto"`` is the platform default,

@@ -82,6 +82,7 @@ class BatchPool:
         self.drawn: list[int] = []  # batches this rank drew in the current epoch, in order
         self.consumed = 0  # how many of them were trained on
         self._resume: Optional[dict[str, Any]] = None
+        self.saved: Optional[dict[str, Any]] = None  # the position all ranks agreed on at the last checkpoint
         self._base: dict[str, Any] = {"epoch": 0, "next": 0, "redo": []}
         self._perm: Optional[tuple[int, list[int]]] = None
 
@@ -167,6 +168,16 @@ class BatchPool:
         nxt = base["next"] + max(0, k - len(redo))
         return {"epoch": self.epoch, "next": nxt, "redo": sorted(set(outstanding) | set(undrawn))}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The position to save: the one all ranks agreed on (:meth:`position` inside a checkpoint) if it is of
+        this epoch, else this rank's own view (its outstanding batches only)."""
+        if self.saved is not None and self.saved["epoch"] == self.epoch:
+            return dict(self.saved)
+        return self.position(self.outstanding)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_position(state)
+
     def load_position(self, state: dict[str, Any]) -> None:
         """Continue epoch ``state["epoch"]`` from ``state`` (the next :meth:`draws` of that epoch)."""
         if not {"epoch", "next", "redo"} <= set(state):
@@ -186,7 +197,6 @@ class SharedPoolSampler(Sampler[int]):
 
     def __init__(self, pool: BatchPool) -> None:
         self.pool = pool
-        self.saved: Optional[dict[str, Any]] = None  # the position agreed by all ranks at the last checkpoint
 
     def set_epoch(self, epoch: int) -> None:
         self.pool.set_epoch(epoch)
@@ -196,10 +206,7 @@ class SharedPoolSampler(Sampler[int]):
             yield from self.pool.batch(j)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.saved is not None and self.saved["epoch"] == self.pool.epoch:
-            return dict(self.saved)
-        # no agreed position (a save outside the strategy's checkpoint): this rank's view, its own outstanding only
-        return self.pool.position(self.pool.outstanding)
+        return self.pool.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pool.load_position(state)
+        self.pool.load_state_dict(state)

@@ -337,8 +337,6 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
     # ----------------------------------------------------------------- setup
     def setup(self, trainer: "pl.Trainer") -> None:
         assert self.accelerator is not None and self.model is not None
-        if trainer.state.fn == TrainerFn.FITTING and self._work_sharing is not None:
-            self._work_sharing.check_trainer(trainer)
         self.accelerator.setup(trainer)
         if trainer.state.fn == TrainerFn.FITTING and self._layer_sync:
             self.model = self._layer_sync.apply(self.model)
@@ -354,6 +352,8 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
             self._setup_exchange(trainer)
             self._check_bucket_layout()
+            if self._work_sharing is not None:
+                self._work_sharing.check_trainer(trainer)
             self._install_signals(trainer)
 
     # ------------------------------------------------------------- signals

@@ -68,15 +68,11 @@ class WorkSharing:
         self.max_updates = None if max_updates is None else check_int("max_updates", max_updates, 1)
         self.store: Optional[CounterStore] = None
         self.key = ""
-        self.sampler: Optional[SharedPoolSampler] = None
-
-    @property
-    def pool(self) -> Optional[BatchPool]:
-        return self.sampler.pool if self.sampler is not None else None
+        self.pool: Optional[BatchPool] = None
 
     def connect(self, store: CounterStore, key: str) -> None:
         """The store and a key unique to this fit (the same on every rank)."""
-        self.store, self.key, self.sampler = store, key, None
+        self.store, self.key, self.pool = store, key, None
 
     # ----------------------------------------------------------------- checks
     def check_trainer(self, trainer: "pl.Trainer") -> None:
@@ -136,8 +132,8 @@ class WorkSharing:
         if not trainer._accelerator_connector.use_distributed_sampler:
             rank_zero_info("Trainer(use_distributed_sampler=False): the shared batch pool is off, your sampler shards")
             return dataloader
-        if self.store is None:
-            raise RuntimeError("WorkSharing.install() before connect(): the strategy has no store yet")
+        if hasattr(dataloader, "with_pool"):  # a loader that draws from the pool itself (data/dali.py)
+            return dataloader.with_pool(lambda *args: self.make_pool(trainer, *args))
         if not isinstance(dataloader, DataLoader) or isinstance(dataloader.dataset, IterableDataset):
             raise ValueError(
                 f"the shared batch pool needs a map-style DataLoader (indexable dataset), got "
@@ -158,15 +154,18 @@ class WorkSharing:
                 f"the shared batch pool replaces a shuffled or sequential sampler, got {type(sampler).__name__} "
                 f"(a weighted or custom order cannot be pooled); {_OFF}"
             )
-        pool = BatchPool(
-            self.store,
-            self.key,
-            len(dataloader.dataset),
-            batch_sampler.batch_size,
-            drop_last=batch_sampler.drop_last,
-            shuffle=sampler.shuffle,
-            seed=sampler.seed,
-        )
+        pool = self.make_pool(trainer, len(dataloader.dataset), batch_sampler.batch_size, batch_sampler.drop_last,
+                              sampler.shuffle, sampler.seed)
+        return _update_dataloader(dataloader, SharedPoolSampler(pool), mode=RunningStage.TRAINING)
+
+    def make_pool(
+        self, trainer: "pl.Trainer", num_samples: int, batch_size: int, drop_last: bool, shuffle: bool, seed: int
+    ) -> BatchPool:
+        """This fit's pool over ``num_samples`` samples, with ``limit_train_batches`` and the budget applied (what a
+        loader with its own pool support, e.g. the DALI loader's ``with_pool``, draws from)."""
+        if self.store is None:
+            raise RuntimeError("WorkSharing.make_pool() before connect(): the strategy has no store yet")
+        pool = BatchPool(self.store, self.key, num_samples, batch_size, drop_last=drop_last, shuffle=shuffle, seed=seed)
         limit = trainer.limit_train_batches
         pool.set_limit(int(_parse_num_batches(RunningStage.TRAINING, pool.batches_per_epoch, limit)))
         # the pool applies the limit to the epoch over all ranks; Lightning must not cut a rank's unsized loader
@@ -174,8 +173,8 @@ class WorkSharing:
         if self.pool is not None:  # a reloaded loader: the pool continues (same epoch, same restored position)
             pool.epoch, pool._resume = self.pool.epoch, self.pool._resume
         self._apply_budget(trainer, pool)
-        self.sampler = SharedPoolSampler(pool)
-        return _update_dataloader(dataloader, self.sampler, mode=RunningStage.TRAINING)
+        self.pool = pool
+        return pool
 
     def _apply_budget(self, trainer: "pl.Trainer", pool: BatchPool) -> None:
         if self.max_samples is None and self.max_updates is None:
@@ -201,10 +200,10 @@ class WorkSharing:
 
     def agree_position(self, all_gather: Callable[[Any], list[Any]]) -> None:
         """Inside a checkpoint (every rank there, none drawing): record the pool's position for the loader state."""
-        if self.sampler is None:
+        if self.pool is None:
             return
         outstanding = all_gather(self.pool.outstanding)
-        self.sampler.saved = self.pool.position([j for part in outstanding for j in part])
+        self.pool.saved = self.pool.position([j for part in outstanding for j in part])
 
     @property
     def batches_per_epoch(self) -> Optional[int]:

@@ -1,0 +1,274 @@
+"""A rank twice as slow: throughput and time-to-accuracy of ``async_pred`` (p2p + shared batch pool) vs ``ddp``.
+
+One run, on the same machine, of Lightning's ``ddp``, ``async_pred_allreduce`` (``max_staleness=2``, static
+shards) and ``async_pred`` (p2p, ``max_staleness=2``, the shared batch pool), each training the digits CNN for
+the same number of epochs (the same data per epoch, the same constant lr, ``LinearPrediction`` on the async
+ones), under three perturbations:
+
+- ``none``: every step of every rank sleeps ``base`` (``--base-delay``, default 20 ms);
+- ``jitter``: ``base + Exp(mean = base + c)`` per step and rank (seeded, the same sequence for every strategy);
+- ``straggler``: the last rank's every step takes twice as long: it sleeps ``2 base + c``.
+
+``c`` is the median compute time of a step, calibrated first. On 2 cores the injected sleep dominates the compute
+the ranks share (with 4 ranks on 2 cores the compute also slows down as the ranks compete: say so when quoting).
+
+For every fit: samples/s (samples trained by all ranks / training time, validation excluded); the
+sum-of-rates limit ``B * sum_r 1 / mean_t(w[r][t])`` with ``w = compute + injected sleep`` of each step as the
+p2p run of the same perturbation and seed measured it (compute excludes the time blocked on peers; every rank at
+its own pace, nobody waiting; ddp's step times would include its waits for the straggler); efficiency = samples/s / limit; and the
+training time until validation accuracy first reaches ``--target`` (checked at every epoch end), median over
+``--seeds`` seeds of the straggler runs. Prints a table per rank count, writes ``benchmarks/out/straggler.png``
+(accuracy vs training time, one line per strategy, straggler, 2 ranks) and ends with
+
+    straggler_efficiency=<p2p samples/s over the limit, straggler, 2 ranks>
+    straggler_speedup_vs_ddp=<p2p samples/s over ddp's, straggler, 2 ranks>
+    tta_speedup_vs_ddp=<ddp time to target over p2p's, straggler, 2 ranks>
+
+    python benchmarks/straggler.py            # 2 and 4 ranks (about 10 minutes on 2 cores)
+    python benchmarks/straggler.py --quick    # 2 ranks, fewer epochs and seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STRATEGIES = ("ddp", "async_pred_allreduce s=2", "async_pred (p2p+pool) s=2")
+PERTURBATIONS = ("none", "jitter", "straggler")
+
+
+def sum_of_rates(work: list[list[float]], batch: int) -> float:
+    """Samples/s if every rank ran at its own pace ``1 / mean_t w[r][t]`` and nobody waited."""
+    return batch * sum(len(w) / sum(w) for w in work if w)
+
+
+# ------------------------------------------------------------------------------------ worker
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback
+
+    import lightning_asyncpred as la
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    out = Path(args.out)
+
+    class Probe(Callback):
+        """Injects the per-step sleep; records compute per step, samples, training time and accuracy vs time."""
+
+        def __init__(self, delay) -> None:
+            self.delay = delay  # step index -> seconds
+            self.work: list[float] = []
+            self.compute: list[float] = []
+            self.samples = 0
+            self.val: list[tuple[float, float]] = []
+            self.t0 = None
+            self.val_time = 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            now = time.perf_counter()
+            self.t0 = self.t0 or now
+            self._d = self.delay(len(self.work))
+            time.sleep(self._d)
+            self._w = float(getattr(trainer.strategy, "exchange_wait_seconds", 0.0))
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            # this rank's own work: the step's wall time less the time it was blocked on peers
+            blocked = float(getattr(trainer.strategy, "exchange_wait_seconds", 0.0)) - self._w
+            c = time.perf_counter() - self._t - blocked
+            self.compute.append(c)
+            self.work.append(c + self._d)
+            self.samples += int(batch[0].shape[0])
+
+        def on_validation_start(self, trainer, pl_module):
+            self._v = time.perf_counter()
+
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.sanity_checking:
+                return
+            now = time.perf_counter()
+            self.val_time += now - self._v
+            acc = float(trainer.callback_metrics.get("val/acc1", float("nan")))
+            self.val.append((self._v - self.t0 - (self.val_time - (now - self._v)), acc))
+
+        def on_train_end(self, trainer, pl_module):
+            self.train_time = time.perf_counter() - self.t0 - self.val_time
+
+    def strategy(name: str):
+        if name == "ddp":
+            return "ddp"
+        transport = "p2p" if "p2p" in name else "allreduce"
+        return la.AsyncPredStrategy(transport=transport, max_staleness=2, timeout=120)
+
+    def fit(tag: str, name: str, delay, epochs: int, seed: int) -> dict:
+        pl.seed_everything(seed, verbose=False)
+        probe = Probe(delay)
+        callbacks = [probe] + ([la.LinearPrediction(horizon="auto", warmup_steps=20)] if name != "ddp" else [])
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=world, strategy=strategy(name), max_epochs=epochs, num_sanity_val_steps=0,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=callbacks,
+        )
+        model = la.ImageClassifier(arch="digits_cnn", lr=args.lr, momentum=0.9)
+        trainer.fit(model, datamodule=la.DigitsDataModule(batch_size=args.batch_size, shuffle_seed=seed))
+        rec = {"tag": tag, "name": name, "rank": rank, "samples": probe.samples, "train_time": probe.train_time,
+               "work": probe.work, "val": probe.val}
+        (out / f"{tag}.rank{rank}.json").write_text(json.dumps(rec))
+        return rec
+
+    base = args.base_delay
+    fit("warmup", "ddp", lambda i: 0.0, 1, 0)
+    calib = fit("calibration", "ddp", lambda i: 0.0, 2, 0)
+    c = torch.tensor([statistics.median(calib["work"][5:])], dtype=torch.float64)
+    torch.distributed.all_reduce(c)
+    c = float(c.item()) / world
+    gen = torch.Generator().manual_seed(1000 + rank)
+    exp = (torch.empty(100000, dtype=torch.float64).exponential_(1.0, generator=gen) * (base + c)).tolist()
+    delays = {
+        "none": lambda i: base,
+        "jitter": lambda i: base + exp[i % len(exp)],
+        "straggler": (lambda i: 2 * base + c) if rank == world - 1 else (lambda i: base),
+    }
+    # strategies interleaved within each perturbation and seed: slow drifts of the machine hit all alike
+    for pert in PERTURBATIONS:
+        for seed in range(args.seeds if pert == "straggler" else 1):
+            for k, name in enumerate(STRATEGIES):
+                fit(f"{pert}.s{seed}.{k}", name, delays[pert], args.epochs, seed)
+    if rank == 0:
+        (out / "straggler_meta.json").write_text(json.dumps({"compute": c, "base": base}))
+
+
+# ------------------------------------------------------------------------------------ report
+def _load(out: Path, tag: str, world: int) -> list[dict]:
+    return [json.loads((out / f"{tag}.rank{r}.json").read_text()) for r in range(world)]
+
+
+def _time_to(val: list[tuple[float, float]], target: float) -> float:
+    return next((t for t, acc in val if acc >= target), math.nan)
+
+
+def summarize(out: Path, world: int, seeds: int, batch: int, target: float) -> list[dict]:
+    rows = []
+    for pert in PERTURBATIONS:
+        for k, name in enumerate(STRATEGIES):
+            sps, lim, tta, acc = [], [], [], []
+            for seed in range(seeds if pert == "straggler" else 1):
+                recs = _load(out, f"{pert}.s{seed}.{k}", world)
+                sps.append(sum(r["samples"] for r in recs) / max(r["train_time"] for r in recs))
+                # the limit from the p2p run's step times (its ranks never block; ddp's step times include its
+                # waits for the straggler): every strategy of this perturbation and seed slept the same
+                p2p = _load(out, f"{pert}.s{seed}.{len(STRATEGIES) - 1}", world)
+                lim.append(sum_of_rates([r["work"] for r in p2p], batch))
+                tta.append(_time_to(recs[0]["val"], target))
+                acc.append(recs[0]["val"][-1][1])
+            finite = sorted(t for t in tta if math.isfinite(t))
+            rows.append(dict(
+                world=world, pert=pert, name=name, sps=statistics.median(sps), limit=statistics.median(lim),
+                eff=statistics.median(s / m for s, m in zip(sps, lim)),
+                tta=finite[len(finite) // 2] if len(finite) * 2 > len(tta) else math.nan, acc=statistics.median(acc),
+                curve=_load(out, f"{pert}.s0.{k}", world)[0]["val"],
+            ))
+        ddp = rows[-len(STRATEGIES)]
+        for r in rows[-len(STRATEGIES):]:
+            r["vs_ddp"] = r["sps"] / ddp["sps"]
+            r["tta_vs_ddp"] = ddp["tta"] / r["tta"] if math.isfinite(r["tta"]) and math.isfinite(ddp["tta"]) else math.nan
+    return rows
+
+
+def print_table(rows: list[dict], meta: dict, args: argparse.Namespace) -> None:
+    world = rows[0]["world"]
+    print(f"\n{world} ranks (Gloo, CPU), digits CNN, batch {args.batch_size}/rank, {args.epochs} epochs; every step sleeps "
+          f"{meta['base'] * 1e3:.0f} ms (compute c = {meta['compute'] * 1e3:.1f} ms); straggler: the last rank sleeps "
+          f"2 x {meta['base'] * 1e3:.0f} ms + c; time to val acc >= {args.target:.0%}: median of {args.seeds} seeds (straggler)")
+    print("| perturbation | strategy | samples/s | vs ddp | sum-of-rates limit | efficiency | time to target | vs ddp | final acc |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        tta = f"{r['tta']:.1f} s" if math.isfinite(r["tta"]) else "n/a"
+        ttv = f"{r['tta_vs_ddp']:.2f}x" if math.isfinite(r["tta_vs_ddp"]) else "n/a"
+        print(f"| {r['pert']} | {r['name']} | {r['sps']:.0f} | {r['vs_ddp']:.2f}x | {r['limit']:.0f} | {r['eff']:.2f} | "
+              f"{tta} | {ttv} | {r['acc']:.3f} |")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r["pert"] == "straggler" and r["world"] == 2:
+            t, acc = zip(*r["curve"]) if r["curve"] else ((), ())
+            ax.plot(t, acc, marker="o", label=f"{r['name']} ({r['sps']:.0f} samples/s)")
+    ax.set_xlabel("training time (s, validation excluded)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("digits, 2 ranks, one rank 2x slower (seed 0)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--base-delay", type=float, default=0.02)
+    p.add_argument("--target", type=float, default=0.9)
+    p.add_argument("--quick", action="store_true", help="2 ranks, 4 epochs, 2 seeds")
+    p.add_argument("--out", default=str(HERE / "out"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    if args.quick:
+        args.ranks, args.epochs, args.seeds = [2], 4, 2
+    if args.worker:
+        worker(args)
+        return
+    all_rows = []
+    for world in args.ranks:
+        out = Path(args.out) / f"straggler{world}"
+        os.makedirs(out, exist_ok=True)
+        if not args.report_only:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", __file__,
+                   "--worker", "--out", str(out), "--epochs", str(args.epochs), "--seeds", str(args.seeds if world == 2 else 1),
+                   "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--base-delay", str(args.base_delay)]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+            t0 = time.time()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+                raise SystemExit(f"benchmark workers ({world} ranks) failed with exit code {proc.returncode}")
+            print(f"{world} ranks: workers finished in {time.time() - t0:.0f}s")
+        rows = summarize(out, world, args.seeds if world == 2 else 1, args.batch_size, args.target)
+        print_table(rows, json.loads((out / "straggler_meta.json").read_text()), args)
+        all_rows += rows
+    png = Path(args.out) / "straggler.png"
+    plot(all_rows, png)
+    print(f"plot: {png}")
+    pick = {(r["world"], r["pert"], r["name"]): r for r in all_rows}
+    for world in args.ranks[1:]:
+        print(f"straggler_efficiency_{world}_ranks={pick[(world, 'straggler', STRATEGIES[2])]['eff']:.3f}")
+    p2p = pick[(2, "straggler", STRATEGIES[2])]
+    print(f"straggler_efficiency={p2p['eff']:.3f}")
+    print(f"straggler_speedup_vs_ddp={p2p['vs_ddp']:.3f}")
+    print(f"tta_speedup_vs_ddp={p2p['tta_vs_ddp']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
