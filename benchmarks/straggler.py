@@ -24,8 +24,9 @@ training time until validation accuracy first reaches ``--target`` (checked at e
     straggler_speedup_vs_ddp=<p2p samples/s over ddp's, straggler, 2 ranks>
     tta_speedup_vs_ddp=<ddp time to target over p2p's, straggler, 2 ranks>
 
-    python benchmarks/straggler.py            # 2 and 4 ranks (about 10 minutes on 2 cores)
-    python benchmarks/straggler.py --quick    # 2 ranks, fewer epochs and seeds
+    python benchmarks/straggler.py                               # 2 and 4 ranks, 20 ms (about 10 minutes)
+    python benchmarks/straggler.py --ranks 4 --base-delay 0.06   # 4 ranks, sleep dominating the shared compute
+    python benchmarks/straggler.py --quick                       # 2 ranks, fewer epochs and seeds
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from _launch import launch_workers
 
 HERE = Path(__file__).resolve().parent
 STRATEGIES = ("ddp", "async_pred_allreduce s=2", "async_pred (p2p+pool) s=2")
@@ -186,11 +187,11 @@ def summarize(out: Path, world: int, seeds: int, batch: int, target: float) -> l
     return rows
 
 
-def print_table(rows: list[dict], meta: dict, args: argparse.Namespace) -> None:
+def print_table(rows: list[dict], meta: dict, args: argparse.Namespace, seeds: int) -> None:
     world = rows[0]["world"]
     print(f"\n{world} ranks (Gloo, CPU), digits CNN, batch {args.batch_size}/rank, {args.epochs} epochs; every step sleeps "
           f"{meta['base'] * 1e3:.0f} ms (compute c = {meta['compute'] * 1e3:.1f} ms); straggler: the last rank sleeps "
-          f"2 x {meta['base'] * 1e3:.0f} ms + c; time to val acc >= {args.target:.0%}: median of {args.seeds} seeds (straggler)")
+          f"2 x {meta['base'] * 1e3:.0f} ms + c; time to val acc >= {args.target:.0%}: median of {seeds} seed(s) (straggler)")
     print("| perturbation | strategy | samples/s | vs ddp | sum-of-rates limit | efficiency | time to target | vs ddp | final acc |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -200,7 +201,7 @@ def print_table(rows: list[dict], meta: dict, args: argparse.Namespace) -> None:
               f"{tta} | {ttv} | {r['acc']:.3f} |")
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, world: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,12 +209,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        if r["pert"] == "straggler" and r["world"] == 2:
+        if r["pert"] == "straggler" and r["world"] == world:
             t, acc = zip(*r["curve"]) if r["curve"] else ((), ())
             ax.plot(t, acc, marker="o", label=f"{r['name']} ({r['sps']:.0f} samples/s)")
     ax.set_xlabel("training time (s, validation excluded)")
     ax.set_ylabel("validation accuracy")
-    ax.set_title("digits, 2 ranks, one rank 2x slower (seed 0)")
+    ax.set_title(f"digits, {world} ranks, one rank 2x slower (seed 0)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -245,30 +246,26 @@ def main() -> None:
         out = Path(args.out) / f"straggler{world}"
         os.makedirs(out, exist_ok=True)
         if not args.report_only:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", __file__,
-                   "--worker", "--out", str(out), "--epochs", str(args.epochs), "--seeds", str(args.seeds if world == 2 else 1),
-                   "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--base-delay", str(args.base_delay)]
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-            t0 = time.time()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                raise SystemExit(f"benchmark workers ({world} ranks) failed with exit code {proc.returncode}")
-            print(f"{world} ranks: workers finished in {time.time() - t0:.0f}s")
+            seconds = launch_workers(__file__, world, [
+                "--out", str(out), "--epochs", str(args.epochs), "--seeds", str(args.seeds if world == 2 else 1),
+                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--base-delay", str(args.base_delay)])
+            print(f"{world} ranks: workers finished in {seconds:.0f}s")
         rows = summarize(out, world, args.seeds if world == 2 else 1, args.batch_size, args.target)
-        print_table(rows, json.loads((out / "straggler_meta.json").read_text()), args)
+        print_table(rows, json.loads((out / "straggler_meta.json").read_text()), args, args.seeds if world == 2 else 1)
         all_rows += rows
-    png = Path(args.out) / "straggler.png"
-    plot(all_rows, png)
+    world = min(args.ranks)
+    png = Path(args.out) / ("straggler.png" if world == 2 else f"straggler{world}.png")
+    plot(all_rows, png, world)
     print(f"plot: {png}")
     pick = {(r["world"], r["pert"], r["name"]): r for r in all_rows}
-    for world in args.ranks[1:]:
-        print(f"straggler_efficiency_{world}_ranks={pick[(world, 'straggler', STRATEGIES[2])]['eff']:.3f}")
-    p2p = pick[(2, "straggler", STRATEGIES[2])]
-    print(f"straggler_efficiency={p2p['eff']:.3f}")
-    print(f"straggler_speedup_vs_ddp={p2p['vs_ddp']:.3f}")
-    print(f"tta_speedup_vs_ddp={p2p['tta_vs_ddp']:.3f}")
-
+    for w in args.ranks:
+        if w != 2:
+            print(f"straggler_efficiency_{w}_ranks={pick[(w, 'straggler', STRATEGIES[2])]['eff']:.3f}")
+    if 2 in args.ranks:
+        p2p = pick[(2, "straggler", STRATEGIES[2])]
+        print(f"straggler_efficiency={p2p['eff']:.3f}")
+        print(f"straggler_speedup_vs_ddp={p2p['vs_ddp']:.3f}")
+        print(f"tta_speedup_vs_ddp={p2p['tta_vs_ddp']:.3f}")
 
 if __name__ == "__main__":
     main()

@@ -37,10 +37,10 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from _launch import launch_workers
 
 HERE = Path(__file__).resolve().parent
 # (row name, transport, max_staleness)
@@ -327,17 +327,11 @@ def main() -> None:
         worker(args)
         return
     if not args.report_only:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", __file__, "--worker",
-               "--out", args.out, "--ranks", str(args.nproc), "--steps", str(args.steps), "--val-every", str(args.val_every),
-               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed), "--repeats", str(args.repeats),
-               "--base-delay", str(args.base_delay)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        t0 = time.time()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-            raise SystemExit(f"benchmark workers failed with exit code {proc.returncode}")
-        print(f"workers finished in {time.time() - t0:.0f}s")
+        seconds = launch_workers(__file__, args.nproc, [
+            "--out", args.out, "--ranks", str(args.nproc), "--steps", str(args.steps), "--val-every", str(args.val_every),
+            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed), "--repeats", str(args.repeats),
+            "--base-delay", str(args.base_delay)])
+        print(f"workers finished in {seconds:.0f}s")
     rows = report(args)
     print(f"plot: {Path(args.out) / 'throughput.png'}")
     pick = {r["name"]: r for r in rows if r["label"] == "jitter"}
