@@ -23,6 +23,11 @@ _STRATEGIES = {
         "multi-process asynchronous SGD, stale-synchronous all_reduce transport (lightning-asyncpred)",
         {"transport": "allreduce"},
     ),
+    "async_pred_horovod": (
+        AsyncPredStrategy,
+        "multi-process asynchronous SGD over Horovod's allreduce_async_, launched with horovodrun (lightning-asyncpred)",
+        {"transport": "horovod"},
+    ),
 }
 
 

@@ -83,7 +83,7 @@ def test_eager_on_cpu_fails_before_any_process_group(monkeypatch):
         ({"bucket_cap_mb": "big"}, r"bucket_cap_mb must be a number > 0, got 'big'"),
         ({"process_group_backend": "mpich"}, r"process_group_backend must be .* got 'mpich'"),
         ({"timeout": -3}, r"timeout must be a number of seconds > 0 .* got -3"),
-        ({"transport": "p2q"}, r"unknown transport 'p2q'; registered: allreduce, p2p"),
+        ({"transport": "p2q"}, r"unknown transport 'p2q'; registered: allreduce, horovod, p2p"),
         ({"mode": "eager"}, r"mode='eager' applies to the allreduce transport; the p2p transport has no modes"),
         ({"drain_on_save": True}, r"drain_on_save=True is not supported by the p2p transport"),
         ({"heartbeat_interval": 0}, r"heartbeat_interval must be a number of seconds > 0"),

@@ -69,6 +69,13 @@ def _p2p_factory(max_staleness, group, timeout, monitor, buckets, optimizer, bac
                        timeout=timeout, monitor=monitor)
 
 
+def _horovod_factory(max_staleness, mode, timeout, monitor, **_):
+    from lightning_asyncpred.exchange.horovod import HorovodExchange
+
+    return HorovodExchange(max_staleness, mode=mode, timeout=timeout, monitor=monitor)
+
+
 register_transport("allreduce", _allreduce_factory)
+register_transport("horovod", _horovod_factory)
 register_transport("p2p", _p2p_factory)
 __all__ += ["TRANSPORTS", "create_exchange", "register_transport"]

@@ -231,21 +231,40 @@ class AllReduceExchange(Exchange):
         monitor: Optional[PeerMonitor] = None,
     ) -> None:
         super().__init__(max_staleness)
+        self.timeout = to_timedelta(timeout)
+        self.monitor = monitor
+        self._connect(group, mode)
+        self.queue: _PollingQueue = _PollingQueue(self.max_staleness)
+        self.abandoned = 0
+        self.wait_seconds = 0.0  # CPU time spent blocked on peers (NCCL: ~0, the stream waits instead)
+
+    # ------------------------------------------------------- backend adapter (torch.distributed)
+    def _connect(self, group: Optional[Any], mode: str) -> None:
+        """Set ``rank``, ``world_size``, ``backend``, ``mode`` and ``blocks_cpu_on_wait`` for this backend."""
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("AllReduceExchange needs an initialized torch.distributed process group")
         self.group = group
         self.backend = str(dist.get_backend(group))
         self.mode = check_mode(mode, self.backend)
-        self.timeout = to_timedelta(timeout)
-        self.monitor = monitor
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         # NCCL: wait() lets the stream wait; wait(timeout) would block the CPU (see the module docstring)
         self.blocks_cpu_on_wait = "nccl" not in self.backend.lower()
-        self.queue: _PollingQueue = _PollingQueue(self.max_staleness)
-        self.abandoned = 0
-        self.wait_seconds = 0.0  # CPU time spent blocked on peers (NCCL: ~0, the stream waits instead)
 
+    def _start(self, flat: Tensor, step: int, bucket: int) -> Any:
+        """Start the in-place sum of ``flat`` over the ranks; returns a handle."""
+        return dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+
+    def _wait_handle(self, work: Any) -> None:
+        if self.blocks_cpu_on_wait:
+            work.wait(timeout=self.timeout)
+        else:
+            work.wait()
+
+    def _is_done(self, work: Any) -> bool:
+        return work.is_completed()
+
+    # ----------------------------------------------------------------------- protocol
     @property
     def expected_staleness(self) -> float:
         if self.mode == "fixed":
@@ -254,11 +273,11 @@ class AllReduceExchange(Exchange):
 
     def _submit(self, step: int, buckets: list[Tensor]) -> None:
         reduced, works = [], []
-        for b in buckets:
+        for k, b in enumerate(buckets):
             # a new buffer holding g / N: the caller's tensor is never reduced in place; the sum is the mean
             flat = b.detach().contiguous().div(self.world_size)
             if self.world_size > 1:
-                works.append(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+                works.append(self._start(flat, step, k))
             reduced.append(flat)
         # fixed: released exactly s submissions later; eager: at the latest then (earlier once completed)
         self.queue.submit((step, reduced, works), self.max_staleness)
@@ -267,10 +286,7 @@ class AllReduceExchange(Exchange):
         t0 = time.perf_counter()
         for work in item[2]:
             try:
-                if self.blocks_cpu_on_wait:
-                    work.wait(timeout=self.timeout)
-                else:
-                    work.wait()
+                self._wait_handle(work)
             except Exception as exc:  # timed out or a peer's connection broke
                 raise describe_peer_failure(exc, self.monitor, self.rank, f"the all_reduce of step {item[0]}", self.timeout) from exc
         self.wait_seconds += time.perf_counter() - t0
@@ -282,9 +298,8 @@ class AllReduceExchange(Exchange):
             out.append(ReadyGradient(r.item[0], r.staleness, self.world_size, r.item[1]))
         return out
 
-    @staticmethod
-    def _completed(item: _Item) -> bool:
-        return all(w.is_completed() for w in item[2])
+    def _completed(self, item: _Item) -> bool:
+        return all(self._is_done(w) for w in item[2])
 
     def _ready(self) -> list[ReadyGradient]:
         released = self.queue.ready()

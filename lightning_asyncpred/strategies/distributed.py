@@ -1,7 +1,9 @@
 """``AsyncPredStrategy``: multi-process asynchronous data parallelism over ``torch.distributed``.
 
 Registered as ``async_pred`` / ``async_pred_p2p`` (the point-to-point transport: sharded owners, truly
-asynchronous) and ``async_pred_allreduce`` (the stale-synchronous all-reduce transport).
+asynchronous), ``async_pred_allreduce`` (the stale-synchronous all-reduce transport) and ``async_pred_horovod``
+(the same protocol over Horovod's ``allreduce_async_``, launched with ``horovodrun``; ranks from Horovod's
+variables, Lightning's collectives on a torch.distributed Gloo group agreed through Horovod).
 
 Each rank trains a full replica on its shard of the data (Lightning adds the ``DistributedSampler``).
 Per optimizer step the fresh local gradient ``g_t^{(r)}`` goes into the exchange and the mean gradient
@@ -67,7 +69,10 @@ from lightning_asyncpred.exchange import (
     to_timedelta,
 )
 from lightning_asyncpred.exchange.sharding import partition
+from lightning_asyncpred.exchange.allreduce import MODES
+from lightning_asyncpred.exchange.horovod import import_horovod
 from lightning_asyncpred.strategies.base import AsyncUpdateMixin
+from lightning_asyncpred.strategies.horovod_env import LAUNCH_HINT, HorovodEnvironment, rendezvous_address
 from lightning_asyncpred.strategies.work_sharing import WorkSharing
 from lightning_asyncpred.validation import check_int
 
@@ -148,7 +153,13 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             raise ValueError(f"unknown transport {transport!r}; registered: {', '.join(sorted(TRANSPORTS))}")
         self.max_staleness = check_int("max_staleness", max_staleness, 0)
         self.transport = transport
-        if transport == "p2p":
+        if transport == "horovod":
+            if mode not in MODES:
+                raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+            self.mode = mode  # hvd.poll works with Gloo CPU ops too: eager on CPU as on GPU
+            if self.cluster_environment is None:
+                self.cluster_environment = HorovodEnvironment()  # reads variables only: no side effects here
+        elif transport == "p2p":
             if mode != "fixed":
                 raise ValueError(f"mode={mode!r} applies to the allreduce transport; the p2p transport has no modes")
             if drain_on_save:
@@ -240,6 +251,8 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
 
     # ---------------------------------------------------------- environment
     def setup_environment(self) -> None:
+        if self.transport == "horovod":
+            self._start_horovod()
         super().setup_environment()
         reset_seed()
         self.set_world_ranks()
@@ -249,6 +262,8 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             # Lightning's collectives on Gloo: NCCL calls from the main thread beside the communication thread's
             # are unsafe; the data plane gets its own groups (exchange/p2p.py)
             self._check_p2p_environment()
+            default_backend = "gloo"
+        elif self.transport == "horovod":  # the gradients go through Horovod; Lightning's collectives on Gloo
             default_backend = "gloo"
         else:
             check_mode(self.mode, backend)
@@ -262,6 +277,28 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             # a key unique to this fit in the store (a process group outlives a Trainer)
             key = self.broadcast(f"asyncpred/pool/{uuid.uuid4().hex}")
             self._work_sharing.connect(self._monitor.store, key)
+
+    def _start_horovod(self) -> None:
+        """``hvd.init()`` (here, never in ``__init__``), check the Trainer against Horovod's launch, and agree on the
+        torch.distributed rendezvous (``strategies/horovod_env.py``)."""
+        env = self.cluster_environment
+        if not isinstance(env, HorovodEnvironment) or not env.detect():
+            raise RuntimeError(f"async_pred_horovod needs processes started by Horovod (HOROVOD_RANK is not set): {LAUNCH_HINT}")
+        seconds = str(max(1, int(self._timeout.total_seconds())))
+        # a peer that hangs in a reduction ends the run after the timeout (Horovod's stall inspector), and so does
+        # Horovod's own Gloo rendezvous
+        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", seconds)
+        os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", seconds)
+        hvd = import_horovod()
+        hvd.init()
+        nodes = hvd.size() // max(1, hvd.local_size())
+        if hvd.local_size() != self.num_processes or hvd.size() != self.num_nodes * self.num_processes:
+            raise ValueError(
+                f"Horovod started {hvd.size()} processes, {hvd.local_size()} on this node (HOROVOD_SIZE, "
+                f"HOROVOD_LOCAL_SIZE), but the Trainer is configured for num_nodes={self.num_nodes} x "
+                f"devices={self.num_processes}: set Trainer(devices={hvd.local_size()}, num_nodes={nodes})"
+            )
+        env.set_main(*rendezvous_address(hvd))
 
     def _check_p2p_environment(self) -> None:
         from lightning_fabric.plugins.environments import SLURMEnvironment
@@ -312,7 +349,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         store = dist.distributed_c10d._get_default_store()
         self._monitor = PeerMonitor(store, dist.get_rank(), dist.get_world_size(), interval=self.heartbeat_interval)
         self._monitor.start()
-        if "nccl" in str(self._process_group_backend).lower():
+        if "nccl" in str(self._process_group_backend).lower() or self.transport == "horovod":
             # NCCL waits do not block the CPU, so no wait can raise PeerLostError, and aborting NCCL work can
             # itself hang: a watchdog ends the process with the named error (p2p: its data plane is NCCL)
             self._monitor.watch(self._end_on_lost_peer, lost_after=self.peer_lost_after)
@@ -326,8 +363,12 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
     def _end_on_lost_peer(self, ranks: list[int], seconds: float) -> None:
         err = PeerLostError(
             f"rank {self.global_rank}: lost rank {', '.join(str(r) for r in ranks)} (no heartbeat for {seconds:.0f}s). "
-            f"NCCL waits on the GPU stream, so this process ends now rather than when NCCL's watchdog times the "
-            f"collective out ({self._timeout.total_seconds():g}s)",
+            + (
+                "Horovod's waits cannot be interrupted, so this process ends now"
+                if self.transport == "horovod"
+                else f"NCCL waits on the GPU stream, so this process ends now rather than when NCCL's watchdog times "
+                f"the collective out ({self._timeout.total_seconds():g}s)"
+            ),
             ranks,
         )
         log.error("%s: %s", type(err).__name__, err)
