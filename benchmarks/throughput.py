@@ -24,6 +24,7 @@ communication cost (``w = c + d``):
     python benchmarks/throughput.py            # 2 ranks, default length (a few minutes on 2 cores)
     python benchmarks/throughput.py --quick    # shorter
     python benchmarks/throughput.py --ranks 4
+    python benchmarks/throughput.py --horovod  # everything under horovodrun, plus async_pred_horovod rows
 
 Prints a table, writes ``benchmarks/out/throughput.png`` and ``throughput.json``; the last lines are
 ``jitter_efficiency=<fraction>`` (allreduce, ``max_staleness=4``, with jitter) and ``p2p_jitter_efficiency=``,
@@ -43,14 +44,23 @@ from pathlib import Path
 from _launch import launch_workers
 
 HERE = Path(__file__).resolve().parent
-# (row name, transport, max_staleness)
+# (row name, transport, max_staleness, mode)
 CONFIGS = (
-    ("async_pred_allreduce s=1", "allreduce", 1),
-    ("async_pred_allreduce s=2", "allreduce", 2),
-    ("async_pred_allreduce s=4", "allreduce", 4),
-    ("async_pred (p2p) s=1", "p2p", 1),
-    ("async_pred (p2p) s=2", "p2p", 2),
+    ("async_pred_allreduce s=1", "allreduce", 1, "fixed"),
+    ("async_pred_allreduce s=2", "allreduce", 2, "fixed"),
+    ("async_pred_allreduce s=4", "allreduce", 4, "fixed"),
+    ("async_pred (p2p) s=1", "p2p", 1, "fixed"),
+    ("async_pred (p2p) s=2", "p2p", 2, "fixed"),
 )
+# with --horovod (every configuration then runs under horovodrun, ddp included)
+HOROVOD_CONFIGS = (
+    ("async_pred_horovod s=1 fixed", "horovod", 1, "fixed"),
+    ("async_pred_horovod s=2 eager", "horovod", 2, "eager"),
+)
+
+
+def configs(horovod: bool) -> tuple:
+    return CONFIGS + (HOROVOD_CONFIGS if horovod else ())
 
 
 # ------------------------------------------------------------------ ideal schedules (pure python)
@@ -145,7 +155,16 @@ def worker(args: argparse.Namespace) -> None:
         def on_train_end(self, trainer, pl_module):
             self.train_time = time.perf_counter() - self._t_start - self._val_time
 
-    rank = int(os.environ["RANK"])
+    env = None
+    if "HOROVOD_RANK" in os.environ:  # started by horovodrun: every strategy takes its ranks from Horovod
+        import horovod.torch as hvd
+
+        from lightning_asyncpred.strategies.horovod_env import HorovodEnvironment, rendezvous_address
+
+        hvd.init()
+        env = HorovodEnvironment()
+        env.set_main(*rendezvous_address(hvd))
+    rank = env.global_rank() if env is not None else int(os.environ["RANK"])
     out = Path(args.out)
 
     def fit(name: str, strategy, steps: int, delays: list[float], val_every: int) -> dict:
@@ -173,12 +192,18 @@ def worker(args: argparse.Namespace) -> None:
             json.dump(rec, f)
         return rec
 
-    def async_strategy(transport: str, s: int):
+    def async_strategy(transport: str, s: int, mode: str = "fixed"):
         # static shards and max_steps: the per-step comparison (benchmarks/straggler.py measures the shared pool)
-        return la.AsyncPredStrategy(transport=transport, max_staleness=s, timeout=120, shared_pool=False)
+        return la.AsyncPredStrategy(transport=transport, max_staleness=s, mode=mode, timeout=120, shared_pool=False,
+                                    cluster_environment=env)
+
+    def ddp():
+        from pytorch_lightning.strategies import DDPStrategy
+
+        return DDPStrategy(cluster_environment=env) if env is not None else "ddp"
 
     # warm-up (discarded) and calibration of the per-step compute time
-    fit("warmup_ddp", "ddp", 30, [], 10**6)
+    fit("warmup_ddp", ddp(), 30, [], 10**6)
     calib = fit("calibration", async_strategy("allreduce", 1), 60, [], 10**6)
     t = torch.tensor([statistics.median(calib["compute"][10:])], dtype=torch.float64)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
@@ -190,12 +215,12 @@ def worker(args: argparse.Namespace) -> None:
     # configurations interleaved, repeated: slow drifts of the machine's load hit every configuration alike
     for rep in range(args.repeats):
         for label, delays in (("nojitter", base), ("jitter", jitter)):
-            fit(f"ddp_{label}.r{rep}", "ddp", args.steps, delays, args.val_every)
-            for i, (_, transport, s) in enumerate(CONFIGS):
-                fit(f"async{i}_{label}.r{rep}", async_strategy(transport, s), args.steps, delays, args.val_every)
+            fit(f"ddp_{label}.r{rep}", ddp(), args.steps, delays, args.val_every)
+            for i, (_, transport, s, mode) in enumerate(configs(env is not None)):
+                fit(f"async{i}_{label}.r{rep}", async_strategy(transport, s, mode), args.steps, delays, args.val_every)
     if rank == 0:
         (out / "meta.json").write_text(json.dumps({"mean_compute": mean_c, "nproc": args.nproc, "repeats": args.repeats,
-                                                   "base_delay": args.base_delay}))
+                                                   "base_delay": args.base_delay, "horovod": env is not None}))
 
 
 # ------------------------------------------------------------------------------------ report
@@ -253,7 +278,7 @@ def report(args: argparse.Namespace) -> float:
     for label in ("nojitter", "jitter"):
         ddp = _summarize(out, f"ddp_{label}", nproc, repeats, args.batch_size, args.target, None)
         rows.append(dict(label=label, name="ddp", ratio=1.0, eff=1.0, **ddp))
-        for i, (row, transport, s) in enumerate(CONFIGS):
+        for i, (row, transport, s, _) in enumerate(configs(meta.get("horovod", False))):
             a = _summarize(out, f"async{i}_{label}", nproc, repeats, args.batch_size, args.target, s, transport)
             ratio = a["sps"] / ddp["sps"]
             rows.append(dict(label=label, name=row, ratio=ratio, eff=ratio / a["limit"], **a))
@@ -319,6 +344,8 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "out"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--report-only", action="store_true", help="re-print the table from the files in --out")
+    p.add_argument("--horovod", action="store_true",
+                   help="launch with horovodrun --gloo and add async_pred_horovod rows (needs asyncpred-install-horovod)")
     args = p.parse_args()
     if args.quick:
         args.steps, args.repeats = 300, 1
@@ -330,14 +357,17 @@ def main() -> None:
         seconds = launch_workers(__file__, args.nproc, [
             "--out", args.out, "--ranks", str(args.nproc), "--steps", str(args.steps), "--val-every", str(args.val_every),
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed), "--repeats", str(args.repeats),
-            "--base-delay", str(args.base_delay)])
-        print(f"workers finished in {seconds:.0f}s")
+            "--base-delay", str(args.base_delay)], horovodrun=args.horovod)
+        print(f"workers finished in {seconds:.0f}s" + (" (horovodrun --gloo)" if args.horovod else ""))
     rows = report(args)
     print(f"plot: {Path(args.out) / 'throughput.png'}")
     pick = {r["name"]: r for r in rows if r["label"] == "jitter"}
     print(f"jitter_efficiency={pick['async_pred_allreduce s=4']['eff']:.3f}")
     print(f"p2p_jitter_efficiency={pick['async_pred (p2p) s=2']['eff']:.3f}")
     print(f"p2p_jitter_speedup_vs_ddp={pick['async_pred (p2p) s=2']['ratio']:.3f}")
+    for name, _, _, _ in HOROVOD_CONFIGS:
+        if name in pick:
+            print(f"{name.replace(' ', '_').replace('=', '')}_jitter_speedup_vs_ddp={pick[name]['ratio']:.3f}")
 
 
 if __name__ == "__main__":

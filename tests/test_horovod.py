@@ -59,7 +59,7 @@ def test_fixed_mode_keeps_identical_replicas_and_applies_every_gradient(tmp_path
 
 def test_eager_mode_polls_completion_on_the_cpu(tmp_path):
     out = tmp_path / "eager"
-    codes, logs = _run(out, "--mode", "eager", "--max-staleness", "3", "--max-steps", "30")
+    codes, logs = _run(out, "--mode", "eager", "--max-staleness", "3", "--max-steps", "30", "--precision", "bf16-mixed")
     assert codes == [0, 0], logs
     res = results(out)
     assert_balanced(res)
@@ -88,6 +88,15 @@ def test_a_lost_rank_ends_the_survivor_with_an_error_naming_it(tmp_path):
     assert codes[0] not in (0, None), logs  # ended, not hung (None: killed at the timeout)
     text = (out / "rank0.json").read_text() if (out / "rank0.json").exists() else logs
     assert "lost rank 1" in text, text[-3000:]
+
+
+def test_devices_that_do_not_match_the_horovod_launch_are_a_clear_error(tmp_path):
+    out = tmp_path / "mismatch"
+    codes, logs = _run(out, "--devices", "1", "--max-steps", "4")  # the last --devices wins: Trainer(devices=1)
+    assert codes[0] not in (0, None), logs
+    err = json.loads((out / "rank0.json").read_text())["error"]
+    assert ("Horovod started 2 processes, 2 on this node (HOROVOD_SIZE, HOROVOD_LOCAL_SIZE), but the Trainer is "
+            "configured for num_nodes=1 x devices=1: set Trainer(devices=2, num_nodes=1)") in err
 
 
 def test_horovod_missing_is_a_clear_error(monkeypatch):
