@@ -199,6 +199,19 @@ def test_loaders_the_pool_cannot_share_are_clear_errors(make, message):
     assert isinstance(pooled.sampler, SharedPoolSampler) and pooled.batch_size == 2
 
 
+def test_a_reloaded_loader_keeps_the_users_limit_and_the_pools_epoch():
+    ws = WorkSharing()
+    ws.connect(dist.HashStore(), "k")
+    trainer = _fake_trainer()
+    trainer.limit_train_batches = 0.5
+    loader = DataLoader(list(range(160)), batch_size=8, sampler=DistributedSampler(list(range(160)), num_replicas=2, rank=0))
+    ws.install(trainer, loader)
+    assert ws.pool.size() == 10 and trainer.limit_train_batches == 1.0  # the pool applies the limit, not Lightning
+    ws.pool.set_epoch(3)
+    ws.install(trainer, loader)  # reload_dataloaders_every_n_epochs
+    assert ws.pool.size() == 10 and ws.pool.epoch == 3
+
+
 def test_a_budget_of_samples_sets_max_epochs_and_cuts_the_last_epoch():
     ws = WorkSharing(max_samples=300)
     ws.connect(dist.HashStore(), "k")

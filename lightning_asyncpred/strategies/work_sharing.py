@@ -69,10 +69,11 @@ class WorkSharing:
         self.store: Optional[CounterStore] = None
         self.key = ""
         self.pool: Optional[BatchPool] = None
+        self._limit: Optional[Any] = None  # the user's limit_train_batches (the trainer's then reads 1.0)
 
     def connect(self, store: CounterStore, key: str) -> None:
         """The store and a key unique to this fit (the same on every rank)."""
-        self.store, self.key, self.pool = store, key, None
+        self.store, self.key, self.pool, self._limit = store, key, None, None
 
     # ----------------------------------------------------------------- checks
     def check_trainer(self, trainer: "pl.Trainer") -> None:
@@ -166,8 +167,9 @@ class WorkSharing:
         if self.store is None:
             raise RuntimeError("WorkSharing.make_pool() before connect(): the strategy has no store yet")
         pool = BatchPool(self.store, self.key, num_samples, batch_size, drop_last=drop_last, shuffle=shuffle, seed=seed)
-        limit = trainer.limit_train_batches
-        pool.set_limit(int(_parse_num_batches(RunningStage.TRAINING, pool.batches_per_epoch, limit)))
+        if self._limit is None:  # a reloaded loader (reload_dataloaders_every_n_epochs) keeps the user's limit
+            self._limit = trainer.limit_train_batches
+        pool.set_limit(int(_parse_num_batches(RunningStage.TRAINING, pool.batches_per_epoch, self._limit)))
         # the pool applies the limit to the epoch over all ranks; Lightning must not cut a rank's unsized loader
         trainer.limit_train_batches = 1.0
         if self.pool is not None:  # a reloaded loader: the pool continues (same epoch, same restored position)
