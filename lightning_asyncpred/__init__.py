@@ -4,7 +4,7 @@ Importing the package registers the strategies (``async_pred``, ``async_pred_all
 ``StrategyRegistry``. The package uses the ``pytorch_lightning`` namespace throughout.
 """
 
-from lightning_asyncpred.callbacks import LinearPrediction, StalenessMonitor
+from lightning_asyncpred.callbacks import LinearPrediction, StalenessMonitor, StalenessRemedies
 from lightning_asyncpred.data import DigitsDataModule, ImageNetDataModule
 from lightning_asyncpred.exchange import AllReduceExchange, PeerLostError
 from lightning_asyncpred.module import ImageClassifier
@@ -30,6 +30,7 @@ __all__ = [
     "PeerLostError",
     "SimulatedAsyncStrategy",
     "StalenessMonitor",
+    "StalenessRemedies",
     "StalenessStats",
     "parse_staleness",
     "register_strategies",

@@ -232,3 +232,108 @@ def plot_histogram(histogram: list[int], path: str, title: str = "") -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+class StalenessRemedies(Callback):
+    """Staleness remedies besides prediction (the math: :mod:`lightning_asyncpred.remedies`).
+
+    Args:
+        staleness_lr: scale each applied gradient by ``1 / max(1, tau)`` (staleness-aware learning rate).
+        dc_lambda: DC-ASGD delay compensation with this ``lambda`` (``None``: off); the parameters every gradient
+            was computed at (``w_read``, the predicted ones under :class:`LinearPrediction`) are kept until it is
+            applied (up to ``max_staleness + 1`` copies of the parameters, saved in checkpoints).
+        dc_adaptive: DC-ASGD-a (``lambda`` divided elementwise by the root mean square of the gradients).
+        momentum_correction: lower each parameter group's momentum to ``max(0, mu - E[tau] / (1 + E[tau]))``
+            before every step, ``mu`` its configured value and ``E[tau]`` the strategy's expected staleness.
+
+    ``staleness_lr`` and ``dc_lambda`` act on the gradient the strategy applies (``async_pred_sim``,
+    ``async_pred_allreduce``, ``async_pred_horovod``), in ``on_before_optimizer_step`` (before clipping). When an
+    update sums several gradients (eager mode), the oldest one's staleness and read parameters are used. Under
+    ``async_pred`` (p2p) the owners apply the gradients: there only ``momentum_correction`` is available (the
+    owners take the momentum from the user's parameter groups).
+    """
+
+    def __init__(
+        self,
+        staleness_lr: bool = False,
+        dc_lambda: Optional[float] = None,
+        dc_adaptive: bool = False,
+        momentum_correction: bool = False,
+    ) -> None:
+        from lightning_asyncpred.remedies import DelayCompensation
+
+        self.staleness_lr = bool(staleness_lr)
+        self.dc = DelayCompensation(dc_lambda, adaptive=dc_adaptive) if dc_lambda is not None else None
+        if dc_adaptive and dc_lambda is None:
+            raise ValueError("dc_adaptive=True needs dc_lambda (the lambda_0 of DC-ASGD-a), e.g. dc_lambda=0.04")
+        self.momentum_correction = bool(momentum_correction)
+        if not (self.staleness_lr or self.dc or self.momentum_correction):
+            raise ValueError("StalenessRemedies with nothing on: set staleness_lr, dc_lambda or momentum_correction")
+        self._reads: dict[int, list[Any]] = {}
+        self._base_momentum: list[float] = []
+
+    def _params(self, trainer: "pl.Trainer") -> list[Any]:
+        opt = trainer.optimizers[0]
+        return [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        strategy = trainer.strategy
+        if not hasattr(strategy, "expected_staleness"):
+            raise ValueError(f"StalenessRemedies needs an asynchronous strategy (async_pred_*), got {type(strategy).__name__}")
+        if (self.staleness_lr or self.dc) and getattr(strategy, "_exchange_returns_parameters", False):
+            raise ValueError(
+                "StalenessRemedies(staleness_lr=..., dc_lambda=...) act on the gradient the strategy applies, but under "
+                "the p2p transport the owners apply the gradients; use momentum_correction=True or LinearPrediction "
+                "there, or strategy='async_pred_allreduce'"
+            )
+        if self.momentum_correction:
+            groups = trainer.optimizers[0].param_groups
+            if any("momentum" not in g for g in groups):
+                raise ValueError(
+                    f"momentum_correction=True needs an optimizer with a 'momentum' hyperparameter (SGD), got "
+                    f"{type(trainer.optimizers[0]).__name__}"
+                )
+            self._base_momentum = [float(g["momentum"]) for g in groups]
+
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        if self.momentum_correction:
+            from lightning_asyncpred.remedies import corrected_momentum
+
+            tau = float(trainer.strategy.expected_staleness)
+            for g, mu in zip(trainer.optimizers[0].param_groups, self._base_momentum):
+                g["momentum"] = corrected_momentum(mu, tau)
+
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Any) -> None:
+        if self.dc is not None:  # the parameters this gradient is computed at, under the step it will be submitted as
+            self._reads[int(trainer.strategy.local_steps)] = [p.detach().clone() for p in self._params(trainer)]
+
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
+        from lightning_asyncpred.remedies import staleness_scale
+
+        strategy = trainer.strategy
+        steps = list(getattr(strategy, "last_ready_steps", []))
+        if not steps:
+            return  # not a stale gradient (e.g. an AMP overflow step of a one-process strategy)
+        params = self._params(trainer)
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.dc is not None and len(grads) == len(params):
+            reads = [self._reads.pop(s, None) for s in sorted(steps)]
+            read = next((r for r in reads if r is not None), None)
+            if read is not None:
+                self.dc.apply_(grads, [p.detach() for p in params], read)
+        if self.staleness_lr:
+            scale = staleness_scale(int(strategy.last_staleness or 0))
+            for g in grads:
+                g.mul_(scale)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"base_momentum": list(self._base_momentum)}
+        if self.dc is not None:
+            state["reads"] = {s: [t.cpu() for t in r] for s, r in self._reads.items()}
+            state["dc"] = self.dc.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.dc is not None and "reads" in state_dict:
+            self._reads = {int(s): [t.clone() for t in r] for s, r in state_dict["reads"].items()}
+            self.dc.load_state_dict(state_dict.get("dc", {}))

@@ -79,6 +79,7 @@ class AsyncUpdateMixin:
         self._pending_async_state: Optional[dict[str, Any]] = None
         self._resumed_world_size: Optional[int] = None
         self._in_training_step = False
+        self.last_ready_steps: list[int] = []  # the steps of the gradients in the update being applied
 
     # ----------------------------------------------------------- to implement
     def _create_exchange(self) -> Exchange:  # pragma: no cover - abstract
@@ -260,10 +261,14 @@ class AsyncUpdateMixin:
         total = sum_buckets([r.buckets for r in ready])
         self._buckets.load_grads(total, scale)
         self._last_staleness = ready[-1].staleness
+        self.last_ready_steps = [r.step for r in ready]  # for callbacks in on_before_optimizer_step (remedies)
         # The mixed-precision plugin skips the step when the closure returned None (this rank's training_step
         # returned None): the ready gradient must still be applied, as on every other rank.
         replay = closure_result if closure_result is not None else torch.zeros(())
-        out = self.precision_plugin.optimizer_step(optimizer, model=model, closure=lambda: replay, **kwargs)
+        try:
+            out = self.precision_plugin.optimizer_step(optimizer, model=model, closure=lambda: replay, **kwargs)
+        finally:
+            self.last_ready_steps = []
         self.applied_updates += len(ready)
         self.applied_steps += 1
         return out

@@ -160,6 +160,7 @@ def main() -> None:
     p.add_argument("--clip", type=float, default=None)
     p.add_argument("--manual", action="store_true")
     p.add_argument("--prediction", action="store_true")
+    p.add_argument("--remedies", action="store_true", help="StalenessRemedies: DC-ASGD, staleness-aware lr, momentum")
     p.add_argument("--velocity", default="last")
     p.add_argument("--early-stopping", action="store_true")
     p.add_argument("--throughput", action="store_true", help="add Lightning's ThroughputMonitor")
@@ -192,6 +193,8 @@ def main() -> None:
     if args.prediction:
         callbacks.append(la.LinearPrediction(horizon="auto", velocity=args.velocity, log_every_n_steps=5))
         callbacks.append(la.StalenessMonitor(log_every_n_steps=5, plot_path=os.path.join(args.out, "staleness.png")))
+    if args.remedies:
+        callbacks.append(la.StalenessRemedies(staleness_lr=True, dc_lambda=0.04, dc_adaptive=True, momentum_correction=True))
     if args.kill_rank is not None:
         callbacks.append(Killer(args.kill_rank, args.kill_step))
     if args.marker_step is not None:

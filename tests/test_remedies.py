@@ -1,0 +1,119 @@
+"""Staleness remedies: their math on tiny tensors, and ``StalenessRemedies`` differentially under ``async_pred_sim``."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import pytorch_lightning as pl
+
+from lightning_asyncpred import SimulatedAsyncStrategy, StalenessRemedies
+from lightning_asyncpred.remedies import DelayCompensation, corrected_momentum, implicit_momentum, staleness_scale
+from tests.helpers import model_and_data, real_params, trainer
+
+
+def test_staleness_aware_scale():
+    assert [staleness_scale(t) for t in (0, 1, 2, 4)] == [1.0, 1.0, 0.5, 0.25]
+    with pytest.raises(ValueError, match="staleness must be >= 0, got -1"):
+        staleness_scale(-1)
+
+
+def test_momentum_correction_keeps_the_total_momentum():
+    assert implicit_momentum(0) == 0.0 and implicit_momentum(4) == pytest.approx(0.8)
+    assert corrected_momentum(0.9, 4) == pytest.approx(0.1)
+    assert corrected_momentum(0.9, 0) == 0.9
+    assert corrected_momentum(0.5, 9) == 0.0  # never negative
+
+
+def test_delay_compensation_is_the_taylor_correction():
+    g = [torch.tensor([1.0, -2.0, 0.5])]
+    now, read = [torch.tensor([1.0, 1.0, 1.0])], [torch.tensor([0.0, 2.0, 1.0])]
+    DelayCompensation(lam=0.5).apply_(g, now, read)
+    # g + 0.5 * g^2 * (now - read) = [1 + 0.5, -2 + 0.5*4*(-1), 0.5 + 0]
+    assert torch.equal(g[0], torch.tensor([1.5, -4.0, 0.5]))
+
+
+def test_adaptive_delay_compensation_divides_by_the_root_mean_square():
+    dc = DelayCompensation(lam=0.1, adaptive=True, beta=0.5, eps=0.0)
+    g = [torch.tensor([2.0])]
+    dc.apply_(g, [torch.tensor([1.0])], [torch.tensor([0.0])])
+    # m = 0.5 * 0 + 0.5 * 4 = 2; g + 0.1 * 4 * 1 / sqrt(2)
+    assert g[0].item() == pytest.approx(2.0 + 0.4 / 2**0.5)
+    state = dc.state_dict()
+    other = DelayCompensation(lam=0.1, adaptive=True, beta=0.5, eps=0.0)
+    other.load_state_dict(state)
+    assert torch.equal(other.mean_square[0], dc.mean_square[0])
+
+
+def test_bad_remedy_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match=r"lam must be a number >= 0, got -1"):
+        DelayCompensation(lam=-1)
+    with pytest.raises(ValueError, match=r"nothing on: set staleness_lr, dc_lambda or momentum_correction"):
+        StalenessRemedies()
+    with pytest.raises(ValueError, match=r"dc_adaptive=True needs dc_lambda"):
+        StalenessRemedies(dc_adaptive=True)
+
+
+def test_gradient_remedies_are_refused_under_p2p_where_the_owners_apply():
+    fake = SimpleNamespace(strategy=SimpleNamespace(expected_staleness=2.0, _exchange_returns_parameters=True),
+                           optimizers=[torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)])
+    with pytest.raises(ValueError, match=r"under the p2p transport the owners apply the gradients; use momentum_correction"):
+        StalenessRemedies(staleness_lr=True).on_fit_start(fake, None)
+    StalenessRemedies(momentum_correction=True).on_fit_start(fake, None)  # fine there
+
+
+class _LastStep(pl.Callback):
+    """The parameters after the last training step (before the end of fit drains what is in flight)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.params = real_params(pl_module)
+
+
+def _fit(tmp_path, callbacks, lr, staleness=2):
+    model, data = model_and_data(lr=lr, momentum=0.0)
+    last = _LastStep()
+    t = trainer(tmp_path, [*callbacks, last], strategy=SimulatedAsyncStrategy(staleness=staleness), max_steps=10,
+                limit_val_batches=0)
+    t.fit(model, data)
+    return last.params
+
+
+def test_staleness_aware_lr_at_fixed_staleness_equals_dividing_the_lr(tmp_path):
+    # plain SGD, every gradient exactly 2 updates late: g / 2 with lr is lr / 2 with g (until the end of fit drains
+    # the gradients in flight, which are less stale)
+    with_remedy = _fit(tmp_path / "a", [StalenessRemedies(staleness_lr=True)], lr=0.1)
+    half_lr = _fit(tmp_path / "b", [], lr=0.05)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(with_remedy, half_lr))
+    assert not all(torch.equal(a, b) for a, b in zip(with_remedy, _fit(tmp_path / "c", [], lr=0.1)))
+
+
+def test_delay_compensation_with_lambda_0_changes_nothing_and_with_lambda_it_does(tmp_path):
+    plain = _fit(tmp_path / "a", [], lr=0.1)
+    zero = _fit(tmp_path / "b", [StalenessRemedies(dc_lambda=0.0)], lr=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(plain, zero))
+    dc = _fit(tmp_path / "c", [StalenessRemedies(dc_lambda=2.0)], lr=0.1)
+    assert not all(torch.equal(a, b) for a, b in zip(plain, dc))
+
+
+def test_momentum_correction_sets_the_group_momentum_from_the_expected_staleness(tmp_path):
+    model, data = model_and_data(lr=0.05, momentum=0.9)
+    t = trainer(tmp_path, [StalenessRemedies(momentum_correction=True)], strategy=SimulatedAsyncStrategy(staleness=4),
+                max_steps=3, limit_val_batches=0)
+    t.fit(model, data)
+    assert all(g["momentum"] == pytest.approx(0.1) for g in t.optimizers[0].param_groups)  # 0.9 - 4/5
+
+
+def test_remedies_on_real_ranks_keep_allreduce_replicas_identical_and_resume_exactly(tmp_path):
+    from tests.dist_helpers import assert_balanced, assert_identical_replicas, params, results, run
+
+    full = tmp_path / "full"
+    run(full, "--max-staleness", "2", "--max-steps", "24", "--prediction", "--remedies", "--ckpt-every", "7")
+    assert_balanced(results(full))
+    assert_identical_replicas(full)  # the same corrections on identical inputs on every rank
+    resumed = tmp_path / "resumed"
+    run(resumed, "--max-staleness", "2", "--max-steps", "24", "--prediction", "--remedies",
+        "--resume", str(full / "ckpt" / "step=14.ckpt"))
+    a, b = params(full, 0), params(resumed, 0)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the read parameters and DC state travel in the checkpoint
