@@ -1,14 +1,23 @@
-"""Accuracy at equal steps: synchronous vs stale vs stale + linear prediction, on the digits set.
+"""Accuracy at equal steps: synchronous vs stale vs every staleness remedy, on the digits set.
 
-Protocol (same for every arm): the digits CNN, SGD momentum 0.9, batch 32, ``--steps`` optimizer steps,
-``SimulatedAsyncStrategy`` with a fixed staleness ``tau`` (``tau = 0`` is synchronous SGD), and for the
-prediction arm ``LinearPrediction(horizon="auto", velocity="last")``. Each arm runs at its own best
-learning rate from one grid, chosen by mean validation accuracy over seeds on a split carved from the
-training data; the test split is only read to report. Prints a markdown table, writes a PNG and ends with
-``recovered_gap_at_4=<fraction>``: ``(acc_pred - acc_stale) / (acc_sync - acc_stale)`` at ``tau = 4`` with
-test accuracies averaged over seeds.
+Protocol (same for every arm): a digits model (``--models``: the CNN and an MLP), SGD momentum 0.9, batch 32,
+``--steps`` optimizer steps, ``SimulatedAsyncStrategy`` with a staleness ``tau`` (a fixed value, or a
+distribution: ``uniform:0:8``, ``geometric:4``; ``tau = 0`` is synchronous SGD). Arms:
 
-    python benchmarks/staleness_sweep.py --quick
+- ``stale``: no remedy; ``pred``: ``LinearPrediction()`` with its defaults (horizon ``auto``);
+- ``dc`` / ``dc_a``: ``StalenessRemedies(dc_lambda=0.04)`` (DC-ASGD), adaptive (DC-ASGD-a);
+- ``slr``: staleness-aware learning rate; ``mc``: momentum correction;
+- ``pred+dc``, ``pred+mc``: combinations with prediction.
+
+Each arm runs at its own best learning rate from one grid, chosen by mean validation accuracy over seeds on a
+split carved from the training data; the test split is only read to report. Prints a markdown table per model,
+writes a PNG and ends with ``recovered_gap_at_4=``, ``recovered_gap_at_8=``, ``recovered_gap_geometric_4=`` (share
+of the sync-vs-stale test-accuracy gap that the default ``LinearPrediction`` recovers,
+``(acc_pred - acc_stale) / (acc_sync - acc_stale)``, first model, test accuracies averaged over seeds) and
+``best_remedy_at_8=<arm> <recovered>``. Staleness values left out of ``--staleness`` print ``nan``.
+
+    python benchmarks/staleness_sweep.py --quick   # CNN, staleness 4, 8, geometric:4, 3 lrs, 3 seeds (~5 min)
+    python benchmarks/staleness_sweep.py           # CNN and MLP, 2, 4, 8, 16, uniform:0:8, geometric:4
 """
 
 from __future__ import annotations
@@ -25,8 +34,15 @@ from concurrent.futures import ProcessPoolExecutor
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
 
-def run_arm(job: tuple[str, int, float, int, int]) -> dict:
-    arm, tau, lr, seed, steps = job
+ARMS = ("stale", "pred", "dc", "dc_a", "slr", "mc", "pred+dc", "pred+mc")
+
+
+def _parse_tau(text: str):
+    return int(text) if text.isdigit() else text
+
+
+def run_arm(job: tuple) -> dict:
+    arm, tau, lr, seed, steps, arch = job
     import torch
 
     torch.set_num_threads(1)
@@ -37,12 +53,18 @@ def run_arm(job: tuple[str, int, float, int, int]) -> dict:
         if name.startswith(("pytorch_lightning", "lightning_fabric")):
             logging.getLogger(name).setLevel(logging.ERROR)
 
-    from lightning_asyncpred import DigitsDataModule, ImageClassifier, LinearPrediction, SimulatedAsyncStrategy
+    from lightning_asyncpred import DigitsDataModule, ImageClassifier, LinearPrediction, SimulatedAsyncStrategy, StalenessRemedies
 
     pl.seed_everything(seed, verbose=False)
     data = DigitsDataModule(batch_size=32)
-    model = ImageClassifier(arch="digits_cnn", lr=lr, momentum=0.9)
-    callbacks = [LinearPrediction(horizon="auto", velocity="last", log_every_n_steps=10)] if arm == "pred" else []
+    model = ImageClassifier(arch=arch, lr=lr, momentum=0.9)
+    parts = arm.split("+")
+    callbacks = [LinearPrediction(log_every_n_steps=10)] if "pred" in parts else []
+    remedy = {"dc": dict(dc_lambda=0.04), "dc_a": dict(dc_lambda=0.04, dc_adaptive=True), "slr": dict(staleness_lr=True),
+              "mc": dict(momentum_correction=True)}
+    for part in parts:
+        if part in remedy:
+            callbacks.append(StalenessRemedies(**remedy[part]))
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
@@ -57,9 +79,9 @@ def run_arm(job: tuple[str, int, float, int, int]) -> dict:
             logits = model(x)
         return float((logits.argmax(1) == y).float().mean()) if torch.isfinite(logits).all() else 0.0
 
-    ratios = callbacks[0].error_ratios if callbacks else []
+    ratios = callbacks[0].error_ratios if "pred" in parts else []
     return {
-        "arm": arm, "tau": tau, "lr": lr, "seed": seed,
+        "arm": arm, "tau": tau, "lr": lr, "seed": seed, "arch": arch,
         "val": accuracy(data.val_set), "test": accuracy(data.test_set),
         "ratio": statistics.fmean(ratios) if ratios else float("nan"),
     }
@@ -67,49 +89,55 @@ def run_arm(job: tuple[str, int, float, int, int]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 seeds (default 5): under 10 minutes on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="the CNN, staleness 4, 8, geometric:4, 3 lrs, 300 steps")
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--staleness", type=int, nargs="+", default=[0, 2, 4, 8])
+    parser.add_argument("--staleness", nargs="+", default=["2", "4", "8", "16", "uniform:0:8", "geometric:4"])
+    parser.add_argument("--models", nargs="+", default=["digits_cnn", "digits_mlp"])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.05])
-    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    seeds = list(range(args.seeds if args.seeds is not None else (3 if args.quick else 5)))
-    if 0 not in args.staleness or 4 not in args.staleness:
-        parser.error("--staleness must include 0 (synchronous) and 4")
-
-    arms = [("stale", t) for t in args.staleness] + [("pred", t) for t in args.staleness if t > 0]
-    jobs = [(a, t, lr, s, args.steps) for (a, t), lr, s in itertools.product(arms, args.lrs, seeds)]
+    if args.quick:
+        args.staleness, args.models, args.lrs, args.steps = ["4", "8", "geometric:4"], ["digits_cnn"], [0.01, 0.02, 0.05], 300
+    taus = [_parse_tau(t) for t in args.staleness if t != "0"]
+    seeds = list(range(args.seeds))
+    arms = [(a, t) for a in args.arms for t in taus]
+    cells = [("stale", 0)] + arms
+    jobs = [(a, t, lr, s, args.steps, m) for m in args.models for (a, t), lr, s in itertools.product(cells, args.lrs, seeds)]
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         results = list(pool.map(run_arm, jobs))
     elapsed = time.perf_counter() - start
 
-    def mean(arm: str, tau: int, lr: float, key: str) -> float:
-        return statistics.fmean(r[key] for r in results if (r["arm"], r["tau"], r["lr"]) == (arm, tau, lr))
+    def mean(m: str, arm: str, tau, lr: float, key: str) -> float:
+        return statistics.fmean(r[key] for r in results if (r["arch"], r["arm"], r["tau"], r["lr"]) == (m, arm, tau, lr))
 
-    best = {}  # (arm, tau) -> (lr, mean test acc, std test acc, mean ratio)
-    for arm, tau in arms:
-        lr = max(args.lrs, key=lambda v: mean(arm, tau, v, "val"))
-        tests = [r["test"] for r in results if (r["arm"], r["tau"], r["lr"]) == (arm, tau, lr)]
-        best[(arm, tau)] = (lr, statistics.fmean(tests), statistics.pstdev(tests), mean(arm, tau, lr, "ratio"))
+    best = {}  # (model, arm, tau) -> (lr, mean test acc, std test acc, mean ratio)
+    for m in args.models:
+        for arm, tau in cells:
+            lr = max(args.lrs, key=lambda v: mean(m, arm, tau, v, "val"))
+            tests = [r["test"] for r in results if (r["arch"], r["arm"], r["tau"], r["lr"]) == (m, arm, tau, lr)]
+            best[(m, arm, tau)] = (lr, statistics.fmean(tests), statistics.pstdev(tests), mean(m, arm, tau, lr, "ratio"))
 
-    sync_lr, sync_acc, sync_sd, _ = best[("stale", 0)]
-    print(f"\nStaleness sweep on digits: {args.steps} steps, batch 32, SGD momentum 0.9, seeds {len(seeds)}, "
-          f"lr grid {args.lrs} chosen on validation ({elapsed:.0f} s)\n")
-    print("| staleness | sync acc (lr) | stale acc (lr) | stale+pred acc (lr) | pred error ratio | gap recovered |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    recovered = {}
-    for tau in args.staleness:
-        s_lr, s_acc, s_sd, _ = best[("stale", tau)]
-        if tau == 0:
-            print(f"| 0 | {sync_acc:.3f} ± {sync_sd:.3f} ({sync_lr}) | = sync | = sync | - | - |")
-            continue
-        p_lr, p_acc, p_sd, ratio = best[("pred", tau)]
-        gap = sync_acc - s_acc
-        recovered[tau] = (p_acc - s_acc) / gap if gap > 0 else float("nan")
-        print(f"| {tau} | {sync_acc:.3f} ({sync_lr}) | {s_acc:.3f} ± {s_sd:.3f} ({s_lr}) | {p_acc:.3f} ± {p_sd:.3f} ({p_lr}) "
-              f"| {ratio:.3f} | {recovered[tau]:.2f} |")
+    def recovered(m: str, arm: str, tau) -> float:
+        sync, stale, got = best[(m, "stale", 0)][1], best[(m, "stale", tau)][1], best[(m, arm, tau)][1]
+        return (got - stale) / (sync - stale) if sync > stale else float("nan")
+
+    print(f"\nStaleness sweep on digits: {args.steps} steps, batch 32, SGD momentum 0.9, {len(seeds)} seeds, lr grid "
+          f"{args.lrs} chosen on validation, test accuracy mean (lr), gap recovered in brackets ({elapsed:.0f} s)")
+    for m in args.models:
+        sync_lr, sync_acc, sync_sd, _ = best[(m, "stale", 0)]
+        print(f"\n{m}: synchronous {sync_acc:.3f} ± {sync_sd:.3f} (lr {sync_lr})\n")
+        print("| staleness | " + " | ".join(args.arms) + " | pred error ratio |")
+        print("|---|" + "---:|" * (len(args.arms) + 1))
+        for tau in taus:
+            cols = []
+            for arm in args.arms:
+                lr, acc, sd, _ = best[(m, arm, tau)]
+                cols.append(f"{acc:.3f} ({lr})" + ("" if arm == "stale" else f" [{recovered(m, arm, tau):.2f}]"))
+            ratio = best[(m, "pred", tau)][3] if "pred" in args.arms else float("nan")
+            print(f"| {tau} | " + " | ".join(cols) + f" | {ratio:.3f} |")
 
     os.makedirs(OUT, exist_ok=True)
     import matplotlib
@@ -117,25 +145,33 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    taus = [t for t in args.staleness if t > 0]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.axhline(sync_acc, color="k", linestyle="--", label=f"synchronous (lr {sync_lr})")
-    for arm, label in (("stale", "stale"), ("pred", "stale + linear prediction")):
-        ax1.errorbar(taus, [best[(arm, t)][1] for t in taus], yerr=[best[(arm, t)][2] for t in taus], marker="o",
-                     capsize=3, label=label)
-    ax1.set_xlabel("staleness (updates)")
-    ax1.set_ylabel(f"test accuracy after {args.steps} steps")
-    ax1.legend()
-    ax2.plot(taus, [best[("pred", t)][3] for t in taus], marker="o")
-    ax2.axhline(1.0, color="k", linestyle=":")
-    ax2.set_xlabel("staleness (updates)")
-    ax2.set_ylabel("||w_hat - w_{t+tau}|| / ||w_t - w_{t+tau}||")
-    fig.suptitle("digits CNN, SGD momentum 0.9: staleness vs linear prediction")
+    fig, axes = plt.subplots(1, len(args.models), figsize=(6 * len(args.models), 4), squeeze=False)
+    for ax, m in zip(axes[0], args.models):
+        ax.axhline(best[(m, "stale", 0)][1], color="k", linestyle="--", label="synchronous")
+        x = list(range(len(taus)))
+        for arm in args.arms:
+            ax.errorbar(x, [best[(m, arm, t)][1] for t in taus], yerr=[best[(m, arm, t)][2] for t in taus], marker="o",
+                        capsize=3, label=arm)
+        ax.set_xticks(x, [str(t) for t in taus])
+        ax.set_xlabel("staleness")
+        ax.set_ylabel(f"test accuracy after {args.steps} steps")
+        ax.set_title(m)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     png = os.path.join(OUT, "staleness_sweep.png")
     fig.savefig(png, dpi=100)
     print(f"\nplot: {png}")
-    print(f"recovered_gap_at_4={recovered[4]:.3f}")
+    first = args.models[0]
+
+    def gap(tau) -> float:
+        return recovered(first, "pred", tau) if tau in taus and "pred" in args.arms else float("nan")
+
+    print(f"recovered_gap_at_4={gap(4):.3f}")
+    print(f"recovered_gap_at_8={gap(8):.3f}")
+    print(f"recovered_gap_geometric_4={gap('geometric:4'):.3f}")
+    if 8 in taus:
+        name = max((a for a in args.arms if a != "stale"), key=lambda a: best[(first, a, 8)][1])
+        print(f"best_remedy_at_8={name} {recovered(first, name, 8):.3f}")
 
 
 if __name__ == "__main__":

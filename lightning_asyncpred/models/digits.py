@@ -36,3 +36,11 @@ class DigitsCNN(nn.Module):
 @register_model("digits_cnn")
 def digits_cnn(num_classes: int = 10, **kwargs) -> nn.Module:
     return DigitsCNN(num_classes=num_classes, **kwargs)
+
+
+@register_model("digits_mlp")
+def digits_mlp(num_classes: int = 10, hidden: int = 128, in_features: int = 64, **kwargs) -> nn.Module:
+    """flatten -> fc(hidden) -> ReLU -> fc(hidden) -> ReLU -> fc(num_classes): a second, non-convolutional model
+    for the digits benchmarks (input ``(N, 1, 8, 8)``)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, num_classes))
