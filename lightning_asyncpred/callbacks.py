@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from lightning_asyncpred.prediction import LinearPredictor, check_velocity_mode
+from lightning_asyncpred.remedies import DelayCompensation, corrected_momentum, staleness_scale
 from lightning_asyncpred.validation import check_int
 
 log = logging.getLogger(__name__)
@@ -260,8 +261,6 @@ class StalenessRemedies(Callback):
         dc_adaptive: bool = False,
         momentum_correction: bool = False,
     ) -> None:
-        from lightning_asyncpred.remedies import DelayCompensation
-
         self.staleness_lr = bool(staleness_lr)
         self.dc = DelayCompensation(dc_lambda, adaptive=dc_adaptive) if dc_lambda is not None else None
         if dc_adaptive and dc_lambda is None:
@@ -297,8 +296,6 @@ class StalenessRemedies(Callback):
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         if self.momentum_correction:
-            from lightning_asyncpred.remedies import corrected_momentum
-
             tau = float(trainer.strategy.expected_staleness)
             for g, mu in zip(trainer.optimizers[0].param_groups, self._base_momentum):
                 g["momentum"] = corrected_momentum(mu, tau)
@@ -308,8 +305,6 @@ class StalenessRemedies(Callback):
             self._reads[int(trainer.strategy.local_steps)] = [p.detach().clone() for p in self._params(trainer)]
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
-        from lightning_asyncpred.remedies import staleness_scale
-
         strategy = trainer.strategy
         steps = list(getattr(strategy, "last_ready_steps", []))
         if not steps:

@@ -50,7 +50,8 @@ def check_mode(mode: Any, backend: Optional[str] = None) -> str:
     """Validate an allreduce ``mode`` (and, when known, that ``backend`` supports it). Returns the mode."""
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"unknown allreduce mode {mode!r}; allowed: {', '.join(repr(m) for m in MODES)}")
-    if mode == "eager" and backend is not None and "nccl" not in str(backend).lower():
+    # pollable: NCCL's Work.is_completed() and Horovod's hvd.poll (also with its Gloo CPU operations)
+    if mode == "eager" and backend is not None and not any(b in str(backend).lower() for b in ("nccl", "horovod")):
         raise ValueError(
             f"mode='eager' needs a backend whose Work completion can be polled (NCCL), but the process group "
             f"backend is {backend!r}: Gloo reports completion only after wait(). Use mode='fixed' with {backend!r}"

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from lightning_asyncpred.exchange.allreduce import MODES, AllReduceExchange
+from lightning_asyncpred.exchange.allreduce import AllReduceExchange, check_mode
 
 
 def import_horovod() -> Any:
@@ -45,12 +45,10 @@ class HorovodExchange(AllReduceExchange):
         hvd = import_horovod()
         if not hvd.is_initialized():
             raise RuntimeError("HorovodExchange needs hvd.init() first")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.hvd = hvd
         self.group = None
         self.backend = "horovod"
-        self.mode = mode  # hvd.poll works with Gloo CPU ops too: eager everywhere
+        self.mode = check_mode(mode, self.backend)  # hvd.poll works with Gloo CPU ops too: eager everywhere
         self.rank = hvd.rank()
         self.world_size = hvd.size()
         self.blocks_cpu_on_wait = True

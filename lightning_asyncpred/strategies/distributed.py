@@ -69,7 +69,6 @@ from lightning_asyncpred.exchange import (
     to_timedelta,
 )
 from lightning_asyncpred.exchange.sharding import partition
-from lightning_asyncpred.exchange.allreduce import MODES
 from lightning_asyncpred.exchange.horovod import import_horovod
 from lightning_asyncpred.strategies.base import AsyncUpdateMixin
 from lightning_asyncpred.strategies.horovod_env import LAUNCH_HINT, HorovodEnvironment, rendezvous_address
@@ -154,9 +153,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         self.max_staleness = check_int("max_staleness", max_staleness, 0)
         self.transport = transport
         if transport == "horovod":
-            if mode not in MODES:
-                raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-            self.mode = mode  # hvd.poll works with Gloo CPU ops too: eager on CPU as on GPU
+            self.mode = check_mode(mode, "horovod")  # hvd.poll works with Gloo CPU ops too: eager on CPU as on GPU
             if self.cluster_environment is None:
                 self.cluster_environment = HorovodEnvironment()  # reads variables only: no side effects here
         elif transport == "p2p":

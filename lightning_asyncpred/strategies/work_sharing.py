@@ -30,6 +30,7 @@ import math
 from typing import Any, Callable, Optional
 
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
+from torchdata.stateful_dataloader.sampler import BatchSampler as StatefulBatchSampler
 
 import pytorch_lightning as pl
 from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
@@ -45,10 +46,6 @@ _OFF = "pass shared_pool=False to the strategy to keep Lightning's static Distri
 
 
 def _plain_batch_sampler(batch_sampler: Any) -> bool:
-    try:
-        from torchdata.stateful_dataloader.sampler import BatchSampler as StatefulBatchSampler
-    except ImportError:  # pragma: no cover - torchdata is a dependency
-        StatefulBatchSampler = BatchSampler
     return type(batch_sampler) in (BatchSampler, StatefulBatchSampler)
 
 
