@@ -4,19 +4,22 @@ Protocol (same for every arm): a digits model (``--models``: the CNN and an MLP)
 ``--steps`` optimizer steps, ``SimulatedAsyncStrategy`` with a staleness ``tau`` (a fixed value, or a
 distribution: ``uniform:0:8``, ``geometric:4``; ``tau = 0`` is synchronous SGD). Arms:
 
-- ``stale``: no remedy; ``pred``: ``LinearPrediction()`` with its defaults (horizon ``auto``);
+- ``stale``: no remedy; ``pred``: ``LinearPrediction()`` with its defaults (horizon ``auto``: the observed lag);
+  ``pred_tau``: ``LinearPrediction(horizon="staleness")`` (the expected staleness: lightning-asyncpred 0.1);
 - ``dc`` / ``dc_a``: ``StalenessRemedies(dc_lambda=0.04)`` (DC-ASGD), adaptive (DC-ASGD-a);
 - ``slr``: staleness-aware learning rate; ``mc``: momentum correction;
 - ``pred+dc``, ``pred+mc``: combinations with prediction.
 
 Each arm runs at its own best learning rate from one grid, chosen by mean validation accuracy over seeds on a
-split carved from the training data; the test split is only read to report. Prints a markdown table per model,
+split carved from the training data; the test split is only read to report. The error ratio of a prediction arm is
+pooled over its probes, ``sqrt(sum ||w_hat - w_apply||^2 / sum ||w - w_apply||^2)`` with ``w_apply`` the parameters
+each probed gradient was applied to. Prints a markdown table per model,
 writes a PNG and ends with ``recovered_gap_at_4=``, ``recovered_gap_at_8=``, ``recovered_gap_geometric_4=`` (share
 of the sync-vs-stale test-accuracy gap that the default ``LinearPrediction`` recovers,
 ``(acc_pred - acc_stale) / (acc_sync - acc_stale)``, first model, test accuracies averaged over seeds) and
-``best_remedy_at_8=<arm> <recovered>``. Staleness values left out of ``--staleness`` print ``nan``.
+``best_remedy_at_8=<arm> <recovered>``, then ``pred_error_ratio_geometric_4=``. Staleness values left out of ``--staleness`` print ``nan``.
 
-    python benchmarks/staleness_sweep.py --quick   # CNN, staleness 4, 8, geometric:4, 3 lrs, 3 seeds (~5 min)
+    python benchmarks/staleness_sweep.py --quick   # CNN, staleness 4, 8, geometric:4, 3 lrs, 5 seeds (~7 min)
     python benchmarks/staleness_sweep.py           # CNN and MLP, 2, 4, 8, 16, uniform:0:8, geometric:4
 """
 
@@ -34,7 +37,7 @@ from concurrent.futures import ProcessPoolExecutor
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
 
-ARMS = ("stale", "pred", "dc", "dc_a", "slr", "mc", "pred+dc", "pred+mc")
+ARMS = ("stale", "pred", "pred_tau", "dc", "dc_a", "slr", "mc", "pred+dc", "pred+mc")
 
 
 def _parse_tau(text: str):
@@ -60,6 +63,8 @@ def run_arm(job: tuple) -> dict:
     model = ImageClassifier(arch=arch, lr=lr, momentum=0.9)
     parts = arm.split("+")
     callbacks = [LinearPrediction(log_every_n_steps=10)] if "pred" in parts else []
+    if "pred_tau" in parts:  # lightning-asyncpred 0.1's horizon: the expected staleness
+        callbacks = [LinearPrediction(horizon="staleness", log_every_n_steps=10)]
     remedy = {"dc": dict(dc_lambda=0.04), "dc_a": dict(dc_lambda=0.04, dc_adaptive=True), "slr": dict(staleness_lr=True),
               "mc": dict(momentum_correction=True)}
     for part in parts:
@@ -79,27 +84,29 @@ def run_arm(job: tuple) -> dict:
             logits = model(x)
         return float((logits.argmax(1) == y).float().mean()) if torch.isfinite(logits).all() else 0.0
 
-    ratios = callbacks[0].error_ratios if "pred" in parts else []
+    pooled = callbacks[0].pooled_error_ratio if callbacks and isinstance(callbacks[0], LinearPrediction) else float("nan")
     return {
         "arm": arm, "tau": tau, "lr": lr, "seed": seed, "arch": arch,
         "val": accuracy(data.val_set), "test": accuracy(data.test_set),
-        "ratio": statistics.fmean(ratios) if ratios else float("nan"),
+        "ratio": pooled,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the CNN, staleness 4, 8, geometric:4, 3 lrs, 300 steps")
+    parser.add_argument("--quick", action="store_true", help="the CNN, staleness 4, 8, geometric:4, 3 lrs, 300 steps, 5 seeds")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--staleness", nargs="+", default=["2", "4", "8", "16", "uniform:0:8", "geometric:4"])
     parser.add_argument("--models", nargs="+", default=["digits_cnn", "digits_mlp"])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.05])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=None, help="default: 5 with --quick, 3 otherwise")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     if args.quick:
         args.staleness, args.models, args.lrs, args.steps = ["4", "8", "geometric:4"], ["digits_cnn"], [0.01, 0.02, 0.05], 300
+    if args.seeds is None:
+        args.seeds = 5 if args.quick else 3
     taus = [_parse_tau(t) for t in args.staleness if t != "0"]
     seeds = list(range(args.seeds))
     arms = [(a, t) for a in args.arms for t in taus]
@@ -129,15 +136,16 @@ def main() -> None:
     for m in args.models:
         sync_lr, sync_acc, sync_sd, _ = best[(m, "stale", 0)]
         print(f"\n{m}: synchronous {sync_acc:.3f} ± {sync_sd:.3f} (lr {sync_lr})\n")
-        print("| staleness | " + " | ".join(args.arms) + " | pred error ratio |")
-        print("|---|" + "---:|" * (len(args.arms) + 1))
+        ratio_arms = [a for a in ("pred", "pred_tau") if a in args.arms]
+        print("| staleness | " + " | ".join(args.arms) + "".join(f" | {a} error ratio" for a in ratio_arms) + " |")
+        print("|---|" + "---:|" * (len(args.arms) + len(ratio_arms)))
         for tau in taus:
             cols = []
             for arm in args.arms:
                 lr, acc, sd, _ = best[(m, arm, tau)]
                 cols.append(f"{acc:.3f} ({lr})" + ("" if arm == "stale" else f" [{recovered(m, arm, tau):.2f}]"))
-            ratio = best[(m, "pred", tau)][3] if "pred" in args.arms else float("nan")
-            print(f"| {tau} | " + " | ".join(cols) + f" | {ratio:.3f} |")
+            ratios = "".join(f" | {best[(m, a, tau)][3]:.3f}" for a in ratio_arms)
+            print(f"| {tau} | " + " | ".join(cols) + ratios + " |")
 
     os.makedirs(OUT, exist_ok=True)
     import matplotlib
@@ -169,6 +177,8 @@ def main() -> None:
     print(f"recovered_gap_at_4={gap(4):.3f}")
     print(f"recovered_gap_at_8={gap(8):.3f}")
     print(f"recovered_gap_geometric_4={gap('geometric:4'):.3f}")
+    ratio_geo = best[(first, "pred", "geometric:4")][3] if "geometric:4" in taus and "pred" in args.arms else float("nan")
+    print(f"pred_error_ratio_geometric_4={ratio_geo:.3f}")
     if 8 in taus:
         name = max((a for a in args.arms if a != "stale"), key=lambda a: best[(first, a, 8)][1])
         print(f"best_remedy_at_8={name} {recovered(first, name, 8):.3f}")

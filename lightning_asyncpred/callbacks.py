@@ -10,13 +10,14 @@ from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
-from lightning_asyncpred.prediction import LinearPredictor, check_velocity_mode
+from lightning_asyncpred.prediction import LagEstimator, LinearPredictor, check_velocity_mode
 from lightning_asyncpred.remedies import DelayCompensation, corrected_momentum, staleness_scale
 from lightning_asyncpred.validation import check_int
 
 log = logging.getLogger(__name__)
 
 HorizonSpec = Union[str, int, float]
+HORIZONS = ("auto", "staleness")
 
 
 def _update_count(trainer: "pl.Trainer") -> int:
@@ -33,9 +34,12 @@ class LinearPrediction(Callback):
     Real parameters are also restored before validation, testing, checkpointing and on exceptions.
 
     Args:
-        horizon: ``"auto"`` reads the strategy's ``expected_staleness`` every step (an error is raised at
-            setup if the strategy has none: use an ``async_pred*`` strategy or pass a number); or a fixed
-            number ``>= 0`` of updates.
+        horizon: ``"auto"``: the mean observed lag of recent gradients read with as many gradients in flight
+            (:class:`~lightning_asyncpred.prediction.LagEstimator`: the updates actually applied between reading the
+            parameters and applying the gradient; robust to staleness that varies per gradient and to updates that
+            arrive in bursts; the strategy's expected staleness until a gradient was applied). ``"staleness"``: the
+            strategy's ``expected_staleness`` (the behaviour of lightning-asyncpred 0.1). Both need an
+            ``async_pred*`` strategy (an error is raised at setup otherwise). Or a fixed number ``>= 0`` of updates.
         velocity: ``"last"`` (last applied update) or ``"ema"`` (moving average of updates).
         ema_decay: decay ``beta`` of the ``"ema"`` velocity.
         warmup_steps: ``gamma`` ramps linearly from 0 to 1 over this many updates.
@@ -52,17 +56,22 @@ class LinearPrediction(Callback):
         log_every_n_steps: int = 50,
     ) -> None:
         if isinstance(horizon, str):
-            if horizon != "auto":
-                raise ValueError(f"horizon must be 'auto' or a number >= 0, got {horizon!r}")
+            if horizon not in HORIZONS:
+                raise ValueError(f"horizon must be 'auto', 'staleness' or a number >= 0, got {horizon!r}")
         elif isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not math.isfinite(horizon) or horizon < 0:
-            raise ValueError(f"horizon must be 'auto' or a number >= 0, got {horizon!r}")
+            raise ValueError(f"horizon must be 'auto', 'staleness' or a number >= 0, got {horizon!r}")
         self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 1)
         self.horizon = horizon
         self.velocity = check_velocity_mode(velocity)
         self.ema_decay = ema_decay
         self.warmup_steps = warmup_steps
         self.predictor: Optional[LinearPredictor] = None
-        self.error_ratios: list[float] = []
+        self.lags = LagEstimator()
+        self.error_ratios: list[float] = []  # every measured ratio (finite ones; also logged)
+        self.error_terms: list[tuple[float, float]] = []  # (||w_hat - w_apply||, ||w - w_apply||) of every probe
+        self._step_start: Optional[list[Any]] = None  # the real parameters at this batch's start, while a probe waits
+        self._count_at_start = 0
+        self._applied_at_start = 0
         self._last_count = 0
         self._reported_ratio: Optional[float] = None
         self._pending_state: Optional[dict[str, Any]] = None
@@ -70,8 +79,18 @@ class LinearPrediction(Callback):
     # ------------------------------------------------------------ helpers
     def current_horizon(self, trainer: "pl.Trainer") -> float:
         if self.horizon == "auto":
+            strategy = trainer.strategy
+            return self.lags.horizon(int(strategy.gradients_in_flight), float(strategy.expected_staleness))
+        if self.horizon == "staleness":
             return float(trainer.strategy.expected_staleness)
         return float(self.horizon)
+
+    @property
+    def pooled_error_ratio(self) -> float:
+        """``sqrt(sum ||w_hat - w_apply||^2 / sum ||w - w_apply||^2)`` over every probe of this fit, including
+        gradients applied before the parameters moved (where a single ratio is undefined); nan before any."""
+        den = sum(d * d for _, d in self.error_terms)
+        return math.sqrt(sum(n * n for n, _ in self.error_terms) / den) if den > 0 else math.nan
 
     def _restore(self) -> bool:
         return self.predictor.restore_() if self.predictor is not None else False
@@ -80,10 +99,10 @@ class LinearPrediction(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        if self.horizon == "auto" and not hasattr(trainer.strategy, "expected_staleness"):
+        if self.horizon in HORIZONS and not hasattr(trainer.strategy, "expected_staleness"):
             raise ValueError(
-                f"LinearPrediction(horizon='auto') needs a strategy that reports expected_staleness "
-                f"(async_pred, async_pred_allreduce, async_pred_sim), but the trainer uses "
+                f"LinearPrediction(horizon={self.horizon!r}) needs a strategy that reports its staleness "
+                f"(async_pred, async_pred_allreduce, async_pred_horovod, async_pred_sim), but the trainer uses "
                 f"{type(trainer.strategy).__name__}; pass a number, e.g. LinearPrediction(horizon=4)"
             )
 
@@ -98,9 +117,19 @@ class LinearPrediction(Callback):
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         if self.predictor is None:
             return
+        strategy = trainer.strategy
+        # the gradient computed now is submitted as step ``local_steps`` (strategies that report which steps each
+        # update applies: its lag and its probe are resolved when it is applied)
+        key = int(strategy.local_steps) if hasattr(strategy, "last_applied_steps") else None
+        self._count_at_start = _update_count(trainer)
+        self._applied_at_start = int(getattr(strategy, "applied_updates", 0))
+        horizon = self.current_horizon(trainer)
+        if key is not None:
+            self.lags.read(key, self._count_at_start, int(strategy.gradients_in_flight))
         # no probe before the first update: with zero velocity the ratio is 1 by construction
         probe = self.predictor.updates > 0 and self.predictor.updates % self.log_every_n_steps == 0
-        self.predictor.predict_(self.current_horizon(trainer), probe=probe)
+        self.predictor.predict_(horizon, probe=probe, probe_key=key)
+        self._step_start = self.predictor.real_parameters() if self.predictor.probe_key is not None else None
 
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._restore()
@@ -109,6 +138,19 @@ class LinearPrediction(Callback):
         if self.predictor is None:
             return
         self._restore()  # backward may have been skipped (training_step returned None)
+        strategy = trainer.strategy
+        if int(getattr(strategy, "applied_updates", 0)) != self._applied_at_start:
+            # the gradients applied in this batch's update landed on the parameters of the batch's start
+            applied = list(getattr(strategy, "last_applied_steps", ()))
+            for key in applied:
+                self.lags.applied(key, self._count_at_start)
+                if key == self.predictor.probe_key and self._step_start is not None:
+                    self.predictor.resolve_(key, self._step_start)
+            probe_key = self.predictor.probe_key
+            if probe_key is not None and applied and max(applied) > probe_key:
+                self.predictor.cancel_probe()  # its gradient was never submitted (gradients are applied in order)
+        if self.predictor.probe_key is None:
+            self._step_start = None
         count = _update_count(trainer)
         if count != self._last_count:
             self._last_count = count
@@ -116,6 +158,7 @@ class LinearPrediction(Callback):
         ratio = self.predictor.last_error_ratio
         if ratio is not None and ratio is not self._reported_ratio:
             self._reported_ratio = ratio
+            self.error_terms.append(self.predictor.last_error_terms)
             if math.isfinite(ratio):
                 self.error_ratios.append(ratio)
                 pl_module.log("prediction/error_ratio", ratio, on_step=True, on_epoch=False)
@@ -152,7 +195,7 @@ class LinearPrediction(Callback):
         uninterrupted one would have."""
         if self.predictor is None:
             return {}
-        return {**self.predictor.state_dict(), "last_count": self._last_count}
+        return {**self.predictor.state_dict(), "last_count": self._last_count, "lags": self.lags.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -167,6 +210,8 @@ class LinearPrediction(Callback):
         if "last_count" in state:  # (checkpoints of lightning-asyncpred 0.1 lack it: keep the strategy's count)
             self._last_count = int(state["last_count"])
         self._reported_ratio = self.predictor.last_error_ratio  # already logged by the run that saved it
+        if "lags" in state:
+            self.lags.load_state_dict(state["lags"])
 
 
 class StalenessMonitor(Callback):
@@ -247,11 +292,16 @@ class StalenessRemedies(Callback):
         momentum_correction: lower each parameter group's momentum to ``max(0, mu - E[tau] / (1 + E[tau]))``
             before every step, ``mu`` its configured value and ``E[tau]`` the strategy's expected staleness.
 
-    ``staleness_lr`` and ``dc_lambda`` act on the gradient the strategy applies (``async_pred_sim``,
-    ``async_pred_allreduce``, ``async_pred_horovod``), in ``on_before_optimizer_step`` (before clipping). When an
-    update sums several gradients (eager mode), the oldest one's staleness and read parameters are used. Under
-    ``async_pred`` (p2p) the owners apply the gradients: there only ``momentum_correction`` is available (the
-    owners take the momentum from the user's parameter groups).
+    ``staleness_lr`` and ``dc_lambda`` act on the gradient the strategy applies: under ``async_pred_sim``,
+    ``async_pred_allreduce`` and ``async_pred_horovod`` in ``on_before_optimizer_step`` (before clipping; when an
+    update sums several gradients, eager mode, the oldest one's staleness and read parameters are used); under
+    ``async_pred`` (p2p) at the owners, on every gradient shard as it is applied, with ``tau`` in owner updates and
+    ``w_read`` the master version the worker read, from a history of the owner's past masters (about
+    ``max_staleness + 1`` copies of the model per rank, nothing more on the wire; see
+    :mod:`lightning_asyncpred.exchange.owner`). Under p2p ``w_read`` is the real master the worker read, not the
+    predicted parameters of :class:`LinearPrediction`, and the owners' DC state (history, DC-ASGD-a's mean square) is
+    not in checkpoints: it restarts on resume. ``momentum_correction`` works everywhere (the owners take the
+    momentum from the user's parameter groups).
     """
 
     def __init__(
@@ -270,6 +320,7 @@ class StalenessRemedies(Callback):
             raise ValueError("StalenessRemedies with nothing on: set staleness_lr, dc_lambda or momentum_correction")
         self._reads: dict[int, list[Any]] = {}
         self._base_momentum: list[float] = []
+        self._at_owners = False
 
     def _params(self, trainer: "pl.Trainer") -> list[Any]:
         opt = trainer.optimizers[0]
@@ -279,12 +330,13 @@ class StalenessRemedies(Callback):
         strategy = trainer.strategy
         if not hasattr(strategy, "expected_staleness"):
             raise ValueError(f"StalenessRemedies needs an asynchronous strategy (async_pred_*), got {type(strategy).__name__}")
-        if (self.staleness_lr or self.dc) and getattr(strategy, "_exchange_returns_parameters", False):
-            raise ValueError(
-                "StalenessRemedies(staleness_lr=..., dc_lambda=...) act on the gradient the strategy applies, but under "
-                "the p2p transport the owners apply the gradients; use momentum_correction=True or LinearPrediction "
-                "there, or strategy='async_pred_allreduce'"
-            )
+        self._at_owners = bool(getattr(strategy, "_exchange_returns_parameters", False))
+        if self._at_owners and (self.staleness_lr or self.dc):
+            # the owners apply the gradients: the remedies go there (exchange/owner.py)
+            exchange = strategy.exchange
+            dc = DelayCompensation(self.dc.lam, adaptive=self.dc.adaptive) if self.dc is not None else None
+            history = strategy.world_size * (exchange.max_staleness + 1) + 1
+            exchange.owner.set_remedies(self.staleness_lr, dc, history=history)
         if self.momentum_correction:
             groups = trainer.optimizers[0].param_groups
             if any("momentum" not in g for g in groups):
@@ -301,7 +353,7 @@ class StalenessRemedies(Callback):
                 g["momentum"] = corrected_momentum(mu, tau)
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Any) -> None:
-        if self.dc is not None:  # the parameters this gradient is computed at, under the step it will be submitted as
+        if self.dc is not None and not self._at_owners:  # the parameters this gradient is computed at, by its step
             self._reads[int(trainer.strategy.local_steps)] = [p.detach().clone() for p in self._params(trainer)]
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:

@@ -12,11 +12,26 @@ with horizon ``h`` (the expected staleness), velocity ``v_t`` and a warm-up fact
   momentum it equals ``-lr * momentum_buffer``.
 - ``"ema"``: an exponential moving average of updates ``v_t = beta v_{t-1} + (1 - beta)(w_t - w_{t-1})``.
 
-The quality of a prediction made at ``t`` with horizon ``h`` is measured ``h`` updates later as
+The quality of a prediction is measured against the parameters ``w_apply`` its gradient is actually applied to,
+when the strategy reports which gradient an update applies (every ``async_pred*`` strategy):
 
-    ratio = ||w_hat - w_{t+h}|| / ||w_t - w_{t+h}||
+    ratio = ||w_hat - w_apply|| / ||w_t - w_apply||
 
-Below 1 means the prediction is closer to the future parameters than the current ones are.
+(otherwise ``h`` updates later: ``w_apply = w_{t+h}``). Below 1 means the prediction is closer to the parameters the
+gradient lands on than the current ones are.
+
+Horizon. Staleness is counted in *submissions* (gradients sent), the velocity in *updates* (parameter changes).
+They agree under a fixed staleness, but not when staleness varies: with first-in-first-out delivery a late
+gradient holds back the ones behind it, which then arrive together in one update (a burst), while steps pass
+without any update. A gradient with staleness ``tau`` then lands after far fewer than ``tau`` updates, and
+``w_t + E[tau] v_t`` overshoots (on ``geometric:4`` its error ratio is above 1: worse than not predicting).
+:class:`LagEstimator` measures what the linear model needs instead, the *lag* of every applied gradient
+
+    L = (updates applied before the update that applies it) - (updates applied when it was read),
+
+and predicts with ``h = E[L | F]``, the mean lag of recent gradients read with the same number ``F`` of gradients
+in flight (the queue ahead of it, known at read time). Under a fixed staleness ``tau`` in steady state,
+``L = F = tau``: the same horizon as before.
 """
 
 from __future__ import annotations
@@ -47,9 +62,83 @@ def _norm(tensors: list[Tensor]) -> float:
 
 @dataclass
 class _Probe:
-    due: int
+    due: int  # resolved by observe() at this update count (key is None), or by resolve_(key, ...)
     real: list[Tensor]
     predicted: list[Tensor]
+    key: Optional[int] = None
+
+
+def _error_terms(predicted: list[Tensor], real: list[Tensor], target: list[Tensor]) -> tuple[float, float]:
+    """``(||predicted - target||, ||real - target||)``."""
+    return _norm(torch._foreach_sub(predicted, target)), _norm(torch._foreach_sub(real, target))
+
+
+def _ratio(num: float, den: float) -> float:
+    """``num / den``: 1 when nothing moved, nan when only the prediction did (undefined)."""
+    return num / den if den > 0 else (math.nan if num > 0 else 1.0)
+
+
+class LagEstimator:
+    r"""The prediction horizon from the observed lags of applied gradients (pure Python; see the module docstring).
+
+    :meth:`read` records a gradient (a key, e.g. the step that submits it) with the update count ``u_read`` and the
+    number ``F`` of gradients in flight when its parameters are read; :meth:`applied` its lag
+    ``L = u_apply - u_read`` when it is applied (``u_apply``: updates applied before its update). :meth:`horizon`
+    is the exponentially weighted mean of recent lags (decay ``beta`` per observation)
+
+    .. math:: h(F) = rac{\sum_i eta^{n-i} L_i [F_i = F]}{\sum_i eta^{n-i} [F_i = F]}
+
+    over the gradients read with the same ``F`` once it has ``min_samples`` of them (else those of the nearest ``F``
+    that has), and ``fallback`` (the expected staleness) until some ``F`` has ``min_samples`` lags. Under a fixed
+    staleness ``tau`` this is ``tau`` from the first step on, as with the expected staleness.
+    """
+
+    def __init__(self, decay: float = 0.9, min_samples: int = 3, max_pending: int = 4096) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.min_samples = check_int("min_samples", min_samples, 1)
+        self.max_pending = check_int("max_pending", max_pending, 1)
+        self._pending: dict[int, tuple[int, int]] = {}  # key -> (u_read, F)
+        self._by_in_flight: dict[int, list[float]] = {}  # F -> [weighted lag sum, weight sum, samples]
+
+    def read(self, key: int, updates: int, in_flight: int) -> None:
+        """Record that the gradient ``key`` is computed now, after ``updates`` updates, ``in_flight`` ahead of it.
+        A key read twice (accumulated micro-batches of one step) keeps its first reading."""
+        if key not in self._pending:
+            if len(self._pending) >= self.max_pending:  # gradients never reported applied (e.g. dropped): forget
+                self._pending.pop(next(iter(self._pending)))
+            self._pending[key] = (int(updates), int(in_flight))
+
+    def applied(self, key: int, updates: int) -> Optional[int]:
+        """The gradient ``key`` is applied by the update after ``updates`` updates: record and return its lag."""
+        read = self._pending.pop(key, None)
+        if read is None:
+            return None
+        lag = max(0, int(updates) - read[0])
+        acc = self._by_in_flight.setdefault(read[1], [0.0, 0.0, 0.0])
+        acc[0] = self.decay * acc[0] + lag
+        acc[1] = self.decay * acc[1] + 1.0
+        acc[2] += 1
+        return lag
+
+    def horizon(self, in_flight: int, fallback: float) -> float:
+        known = [f for f, acc in self._by_in_flight.items() if acc[2] >= self.min_samples]
+        if not known:
+            return float(fallback)
+        # the same F, else the nearest F observed (the lower one on a tie)
+        acc = self._by_in_flight[min(known, key=lambda f: (abs(f - int(in_flight)), f))]
+        return acc[0] / acc[1]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "pending": {k: list(v) for k, v in self._pending.items()},
+            "by_in_flight": {f: list(a) for f, a in self._by_in_flight.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = {int(k): (int(v[0]), int(v[1])) for k, v in state["pending"].items()}
+        self._by_in_flight = {int(f): [float(x) for x in a] for f, a in state["by_in_flight"].items()}
 
 
 class LinearPredictor:
@@ -83,6 +172,9 @@ class LinearPredictor:
         self._probe: Optional[_Probe] = None
         self.updates = 0
         self.last_error_ratio: Optional[float] = None
+        # (||w_hat - w_apply||, ||w_t - w_apply||) of the last probe: pooled over probes, sqrt(sum num^2 / sum den^2)
+        # also counts the gradients whose parameters did not move before they landed (ratio undefined: den = 0)
+        self.last_error_terms: Optional[tuple[float, float]] = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -114,19 +206,18 @@ class LinearPredictor:
         torch._foreach_copy_(self._prev, real)
         self.updates += 1
         probe = self._probe
-        if probe is not None and self.updates >= probe.due:
-            # ||w_hat - w_{t+h}|| / ||w_t - w_{t+h}||
-            num = _norm(torch._foreach_sub(probe.predicted, real))
-            den = _norm(torch._foreach_sub(probe.real, real))
-            self.last_error_ratio = num / den if den > 0 else (math.nan if num > 0 else 1.0)
+        if probe is not None and probe.key is None and self.updates >= probe.due:
+            self.last_error_terms = _error_terms(probe.predicted, probe.real, real)  # target w_{t+h}
+            self.last_error_ratio = _ratio(*self.last_error_terms)
             self._probe = None
 
     @torch.no_grad()
-    def predict_(self, horizon: float, probe: bool = False) -> None:
+    def predict_(self, horizon: float, probe: bool = False, probe_key: Optional[int] = None) -> None:
         """Swap ``w_hat = w_t + gamma * horizon * v_t`` into the parameters (saving ``w_t``).
 
-        With ``probe=True`` (and no probe pending) it also records ``w_t`` and ``w_hat`` to measure the
-        error ratio ``ceil(horizon)`` updates later (see :attr:`last_error_ratio`).
+        With ``probe=True`` (and no probe pending) it also records ``w_t`` and ``w_hat`` to measure the error
+        ratio (see :attr:`last_error_ratio`): against the parameters passed to :meth:`resolve_` with the same
+        ``probe_key`` (those the gradient is applied to), or, without a key, ``ceil(horizon)`` updates later.
         """
         if horizon < 0 or not math.isfinite(horizon):
             raise ValueError(f"prediction horizon must be a finite number >= 0, got {horizon!r}")
@@ -142,7 +233,29 @@ class LinearPredictor:
                 due=self.updates + int(math.ceil(horizon)),
                 real=[t.clone() for t in self._saved],
                 predicted=[t.clone() for t in real],
+                key=probe_key,
             )
+
+    @property
+    def probe_key(self) -> Optional[int]:
+        """The key of the pending keyed probe (``None``: none pending)."""
+        return self._probe.key if self._probe is not None else None
+
+    def cancel_probe(self) -> None:
+        """Forget the pending probe (its gradient will never be applied, e.g. a skipped step)."""
+        self._probe = None
+
+    @torch.no_grad()
+    def resolve_(self, key: int, applied_to: list[Tensor]) -> Optional[float]:
+        """The gradient of probe ``key`` was applied to the parameters ``applied_to``: measure
+        ``||w_hat - w_apply|| / ||w_t - w_apply||`` (also :attr:`last_error_ratio`) and return it."""
+        probe = self._probe
+        if probe is None or probe.key is None or probe.key != key:
+            return None
+        self.last_error_terms = _error_terms(probe.predicted, probe.real, list(applied_to))
+        self.last_error_ratio = _ratio(*self.last_error_terms)
+        self._probe = None
+        return self.last_error_ratio
 
     @torch.no_grad()
     def restore_(self) -> bool:
@@ -173,7 +286,9 @@ class LinearPredictor:
             "velocity": cpu(self._velocity),
             "prev": cpu(self._prev),
             "last_error_ratio": self.last_error_ratio,
-            "probe": None if probe is None else {"due": probe.due, "real": cpu(probe.real), "predicted": cpu(probe.predicted)},
+            "last_error_terms": self.last_error_terms,
+            "probe": None if probe is None else {"due": probe.due, "key": probe.key, "real": cpu(probe.real),
+                                                 "predicted": cpu(probe.predicted)},
         }
 
     @torch.no_grad()
@@ -197,8 +312,12 @@ class LinearPredictor:
         self._prev = placed(state["prev"])
         self.updates = int(state["updates"])
         self.last_error_ratio = state.get("last_error_ratio")
+        terms = state.get("last_error_terms")
+        self.last_error_terms = tuple(terms) if terms is not None else None
         probe = state.get("probe")
-        self._probe = None if probe is None else _Probe(int(probe["due"]), placed(probe["real"]), placed(probe["predicted"]))
+        self._probe = None if probe is None else _Probe(
+            int(probe["due"]), placed(probe["real"]), placed(probe["predicted"]), probe.get("key")
+        )
 
     def reset(self) -> None:
         """Forget the trajectory (velocity 0, ``w_{t-1} = w_t``), e.g. after loading a checkpoint."""

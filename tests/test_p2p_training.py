@@ -120,3 +120,15 @@ def test_p2p_refuses_different_models(tmp_path):
     assert proc.returncode != 0
     for x in results(out):
         assert x["error_type"] == "ModelMismatchError"
+
+
+def test_p2p_owners_apply_delay_compensation_and_the_staleness_aware_lr(tmp_path):
+    out = tmp_path / "run"
+    run(out, *P2P, "--max-staleness", "2", "--max-updates", "80", "--prediction", "--remedies", "--seed-offset-by-rank",
+        timeout=240)
+    res = _assert_p2p_end_state(out)
+    for x in res:
+        applied, skipped, slr = x["owner_dc"]
+        # every gradient shard this owner applied was corrected with the master its worker read (none too old)
+        assert slr and skipped == 0 and applied == sum(y["global_step"] for y in res)
+        assert all(v == v and abs(v) < 1e6 for v in x["val_losses"])  # trained to finite losses

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightning_asyncpred.prediction import LinearPredictor
+from lightning_asyncpred.prediction import LagEstimator, LinearPredictor
 
 
 def _params(seed=0):
@@ -162,3 +162,73 @@ def test_state_of_another_model_is_refused():
     b = LinearPredictor([torch.zeros(3, 4)])
     with pytest.raises(ValueError, match="holds 2 parameters that do not match the model's 1 trainable parameters"):
         b.load_state_dict(a.state_dict())
+
+
+# ---------------------------------------------------------------- LagEstimator and keyed probes
+def test_lag_is_updates_applied_between_read_and_apply():
+    lags = LagEstimator(decay=0.5, min_samples=1)
+    lags.read(0, updates=3, in_flight=2)
+    lags.read(0, updates=9, in_flight=7)  # a second micro-batch of the same step keeps the first reading
+    lags.read(1, updates=4, in_flight=2)
+    assert lags.applied(0, updates=7) == 4
+    assert lags.applied(1, updates=4) == 0  # applied in the same burst as nothing before it: no update in between
+    assert lags.applied(5, updates=9) is None  # never read
+    # h(F=2) = (0.5 * 4 + 0) / (0.5 + 1)
+    assert lags.horizon(2, fallback=99.0) == pytest.approx(2.0 / 1.5)
+
+
+def test_lag_horizon_per_in_flight_count_nearest_and_fallback():
+    lags = LagEstimator(decay=0.9, min_samples=2)
+    assert lags.horizon(4, fallback=6.5) == 6.5  # nothing applied yet: the expected staleness
+    for key, (f, lag) in enumerate([(1, 1), (1, 1), (4, 2), (4, 4), (6, 9)]):
+        lags.read(key, updates=10 * key, in_flight=f)
+        lags.applied(key, updates=10 * key + lag)
+    assert lags.horizon(1, 0.0) == pytest.approx(1.0)
+    assert lags.horizon(4, 0.0) == pytest.approx((0.9 * 2 + 4) / 1.9)  # exponentially weighted mean
+    assert lags.horizon(6, 0.0) == pytest.approx((0.9 * 2 + 4) / 1.9)  # F=6 has 1 < min_samples lags: nearest F=4
+    assert lags.horizon(2, 0.0) == pytest.approx(1.0)  # nearest is F=1 (distance 1) before F=4 (distance 2)
+    lags2 = LagEstimator(decay=0.9, min_samples=2)
+    lags2.load_state_dict(lags.state_dict())
+    assert [lags2.horizon(f, 0.0) for f in range(8)] == [lags.horizon(f, 0.0) for f in range(8)]
+
+
+def test_lag_estimator_forgets_gradients_never_applied_beyond_max_pending():
+    lags = LagEstimator(max_pending=3)
+    for key in range(5):
+        lags.read(key, updates=0, in_flight=0)
+    assert lags.applied(0, updates=1) is None and lags.applied(1, updates=1) is None  # forgotten, oldest first
+    assert lags.applied(4, updates=1) == 1
+
+
+@pytest.mark.parametrize("kwargs, match", [({"decay": 1.0}, "decay must be in"), ({"min_samples": 0}, "min_samples")])
+def test_lag_estimator_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LagEstimator(**kwargs)
+
+
+def test_keyed_probe_is_measured_against_the_parameters_the_gradient_lands_on():
+    params = _params()
+    pred = LinearPredictor(params)
+    for p in params:
+        p.add_(1.0)
+    pred.observe()  # v = 1 everywhere
+    pred.predict_(horizon=3, probe=True, probe_key=17)  # w_hat = w + 3
+    real = [p.clone() for p in pred.real_parameters()]
+    pred.restore_()
+    for _ in range(5):  # later updates do not resolve a keyed probe
+        for p in params:
+            p.add_(1.0)
+        pred.observe()
+    assert pred.probe_key == 17 and pred.last_error_ratio is None
+    assert pred.resolve_(16, [r + 1.0 for r in real]) is None  # another gradient
+    # it landed on w + 1 (one update in between): ||(w + 3) - (w + 1)|| / ||w - (w + 1)|| = 2
+    assert pred.resolve_(17, [r + 1.0 for r in real]) == pytest.approx(2.0)
+    assert pred.probe_key is None and pred.last_error_ratio == pytest.approx(2.0)
+    pred.predict_(horizon=1, probe=True, probe_key=18)
+    pred.restore_()
+    state = pred.state_dict()
+    assert state["probe"]["key"] == 18
+    pred.cancel_probe()
+    assert pred.probe_key is None
+    pred.load_state_dict(state)
+    assert pred.probe_key == 18

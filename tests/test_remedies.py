@@ -10,6 +10,7 @@ import torch
 import pytorch_lightning as pl
 
 from lightning_asyncpred import SimulatedAsyncStrategy, StalenessRemedies
+from lightning_asyncpred.exchange import ShardOwner
 from lightning_asyncpred.remedies import DelayCompensation, corrected_momentum, implicit_momentum, staleness_scale
 from tests.helpers import model_and_data, real_params, trainer
 
@@ -56,12 +57,49 @@ def test_bad_remedy_arguments_are_clear_errors():
         StalenessRemedies(dc_adaptive=True)
 
 
-def test_gradient_remedies_are_refused_under_p2p_where_the_owners_apply():
-    fake = SimpleNamespace(strategy=SimpleNamespace(expected_staleness=2.0, _exchange_returns_parameters=True),
-                           optimizers=[torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)])
-    with pytest.raises(ValueError, match=r"under the p2p transport the owners apply the gradients; use momentum_correction"):
-        StalenessRemedies(staleness_lr=True).on_fit_start(fake, None)
-    StalenessRemedies(momentum_correction=True).on_fit_start(fake, None)  # fine there
+def _owner(lr=0.5):
+    w = [torch.tensor([1.0, 2.0], requires_grad=True), torch.tensor([-1.0], requires_grad=True)]
+    return ShardOwner(torch.optim.SGD(w, lr=lr), w, [0, 1])
+
+
+def test_owner_applies_delay_compensation_with_the_master_the_worker_read():
+    owner = _owner()
+    owner.set_remedies(dc=DelayCompensation(lam=0.5), history=2)
+    w0 = owner.flat.clone()
+    g1 = torch.tensor([1.0, -1.0, 2.0])
+    w1 = owner.apply(g1.clone(), staleness=0).clone()  # read the current master: no correction
+    assert torch.equal(w1, w0 - 0.5 * g1)
+    g2 = torch.tensor([2.0, 1.0, -1.0])
+    w2 = owner.apply(g2.clone(), staleness=1).clone()  # read w0, one update ago
+    assert torch.allclose(w2, w1 - 0.5 * (g2 + 0.5 * g2 * g2 * (w1 - w0)))
+    g3 = torch.tensor([1.0, 1.0, 1.0])
+    w3 = owner.apply(g3.clone(), staleness=2).clone()  # read w0 again, two updates ago
+    assert torch.allclose(w3, w2 - 0.5 * (g3 + 0.5 * g3 * g3 * (w2 - w0)))
+    assert (owner.dc_applied, owner.dc_skipped) == (3, 0)
+    owner.apply(g3.clone(), staleness=3)  # older than the history of 2 masters: applied uncorrected, counted
+    assert owner.dc_skipped == 1
+
+
+def test_owner_applies_the_staleness_aware_lr_in_owner_updates():
+    owner = _owner()
+    owner.set_remedies(staleness_lr=True)
+    w0 = owner.flat.clone()
+    g = torch.tensor([4.0, 4.0, 4.0])
+    after = owner.apply(g.clone(), staleness=4).clone()
+    assert torch.allclose(after, w0 - 0.5 * g / 4)
+    with pytest.raises(ValueError, match="history of at least 1"):
+        owner.set_remedies(dc=DelayCompensation(), history=0)
+
+
+def test_gradient_remedies_under_p2p_are_installed_at_the_owners():
+    owner = _owner()
+    exchange = SimpleNamespace(owner=owner, max_staleness=2)
+    fake = SimpleNamespace(strategy=SimpleNamespace(expected_staleness=2.0, _exchange_returns_parameters=True,
+                                                    exchange=exchange, world_size=4),
+                           optimizers=[owner.user])
+    StalenessRemedies(staleness_lr=True, dc_lambda=0.1, dc_adaptive=True).on_fit_start(fake, None)
+    assert owner.staleness_lr and owner.dc.lam == 0.1 and owner.dc.adaptive
+    assert owner._history.maxlen == 4 * (2 + 1) + 1  # every worker's steps in flight, in owner updates
 
 
 class _LastStep(pl.Callback):

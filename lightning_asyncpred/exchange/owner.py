@@ -5,15 +5,26 @@ it) and the optimizer state for it only (ZeRO-1: about ``1/N`` of a replica's op
 is built from the user's: the same class, one group per user group that has parameters in the shard, with that
 group's hyperparameters. Before every step the current hyperparameters of the user's groups (e.g. the ``lr`` a
 scheduler set) are copied over, so schedulers keep working. The user's optimizer itself is never stepped.
+
+Gradient remedies (:meth:`ShardOwner.set_remedies`) act here, where the gradients are applied: the staleness-aware
+learning rate ``g / max(1, tau)`` with ``tau`` the request's staleness in owner updates, and DC-ASGD
+``g + lam * g * g * (w_now - w_read)``. ``w_read`` is the master the worker held when it computed ``g`` (version
+``version - tau``): the owner keeps its master before each of its last ``history`` updates (each a copy of the
+shard, about ``1/N`` of the model: ``history`` ``~ N * (max_staleness + 1)`` copies cost about ``max_staleness + 1``
+copies of the model per rank) and sends nothing more over the wire. A request older than that history is applied
+without the correction (counted in :attr:`ShardOwner.dc_skipped`).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from lightning_asyncpred.remedies import DelayCompensation, staleness_scale
 
 
 class ShardOwner:
@@ -54,6 +65,24 @@ class ShardOwner:
                 groups.append({**hyper, "params": [m for m, gg in zip(self.masters, self.group_of) if gg == g]})
             self.optimizer = type(optimizer)(groups, **optimizer.defaults)
         self.steps = 0
+        self.staleness_lr = False
+        self.dc: Optional[DelayCompensation] = None
+        self._history: deque[Tensor] = deque(maxlen=1)  # masters before the last updates, newest last
+        self.dc_applied = self.dc_skipped = 0
+
+    def set_remedies(self, staleness_lr: bool = False, dc: Optional[DelayCompensation] = None, history: int = 0) -> None:
+        """Apply the staleness-aware learning rate and/or DC-ASGD (``dc``, keeping ``history`` past masters for
+        ``w_read``) to every gradient from now on (see the module docstring)."""
+        if dc is not None and history < 1:
+            raise ValueError(f"DC-ASGD at the owner needs a history of at least 1 past master, got {history}")
+        self.staleness_lr, self.dc = bool(staleness_lr), dc
+        self._history = deque(maxlen=max(1, int(history)))
+
+    def _read_master(self, staleness: int) -> Optional[Tensor]:
+        """The master ``staleness`` updates ago (the version the worker read); ``None`` if older than the history."""
+        if staleness == 0:
+            return self.flat
+        return self._history[-staleness] if staleness <= len(self._history) else None
 
     def _sync_hyperparameters(self) -> None:
         assert self.optimizer is not None
@@ -70,6 +99,18 @@ class ShardOwner:
         if grad.numel() != self.flat.numel():
             raise ValueError(f"gradient shard has {grad.numel()} elements, the shard {self.flat.numel()}")
         self._sync_hyperparameters()
+        if self.dc is not None or self.staleness_lr:
+            grad = grad.to(self.flat.dtype, copy=True)
+            if self.dc is not None:
+                read = self._read_master(staleness)
+                if read is None:
+                    self.dc_skipped += 1
+                else:
+                    self.dc.apply_([grad], [self.flat], [read])
+                    self.dc_applied += 1
+                self._history.append(self.flat.detach().clone())
+            if self.staleness_lr:
+                grad.mul_(staleness_scale(staleness))
         offset = 0
         for m in self.masters:
             m.grad = grad[offset : offset + m.numel()].view_as(m).to(m.dtype)

@@ -80,6 +80,9 @@ class AsyncUpdateMixin:
         self._resumed_world_size: Optional[int] = None
         self._in_training_step = False
         self.last_ready_steps: list[int] = []  # the steps of the gradients in the update being applied
+        # the steps whose gradients the last optimizer step applied (p2p: whose updates it installed); for
+        # LinearPrediction's lags and error ratios, read after the step
+        self.last_applied_steps: list[int] = []
 
     # ----------------------------------------------------------- to implement
     def _create_exchange(self) -> Exchange:  # pragma: no cover - abstract
@@ -184,6 +187,7 @@ class AsyncUpdateMixin:
                 f"{type(self).__name__}.optimizer_step() before setup: the exchange does not exist yet"
             )
         model = model or self.lightning_module
+        self.last_applied_steps = []
         if self._exchange_returns_parameters:
             return self._owner_step(optimizer, closure, model, **kwargs)
         closure_result = closure()
@@ -245,6 +249,7 @@ class AsyncUpdateMixin:
         if ready:
             self.applied_updates += len(ready)
             self._last_staleness = ready[-1].staleness
+            self.last_applied_steps = [r.step for r in ready]
         if params:
             self.applied_steps += 1
 
@@ -262,6 +267,7 @@ class AsyncUpdateMixin:
         self._buckets.load_grads(total, scale)
         self._last_staleness = ready[-1].staleness
         self.last_ready_steps = [r.step for r in ready]  # for callbacks in on_before_optimizer_step (remedies)
+        self.last_applied_steps = list(self.last_ready_steps)
         # The mixed-precision plugin skips the step when the closure returned None (this rank's training_step
         # returned None): the ready gradient must still be applied, as on every other rank.
         replay = closure_result if closure_result is not None else torch.zeros(())

@@ -292,6 +292,7 @@ def main() -> None:
     if owner is not None:  # p2p: this rank's master shard equals its replica's copy of that shard after the end
         result["master_equals_replica"] = bool(torch.equal(owner.flat, s._buckets.flatten_params()[rank]))
         result["optimizer_state_bytes"] = owner.state_bytes()
+        result["owner_dc"] = [owner.dc_applied, owner.dc_skipped, owner.staleness_lr]
         result["error_ratios"] = next((c.error_ratios for c in callbacks if isinstance(c, la.LinearPrediction)), [])
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(args.out, f"rank{rank}.pt"))
     _write_json(os.path.join(args.out, f"rank{rank}.json"), result)
