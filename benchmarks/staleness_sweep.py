@@ -8,16 +8,19 @@ distribution: ``uniform:0:8``, ``geometric:4``; ``tau = 0`` is synchronous SGD).
   ``pred_tau``: ``LinearPrediction(horizon="staleness")`` (the expected staleness: lightning-asyncpred 0.1);
 - ``dc`` / ``dc_a``: ``StalenessRemedies(dc_lambda=0.04)`` (DC-ASGD), adaptive (DC-ASGD-a);
 - ``slr``: staleness-aware learning rate; ``mc``: momentum correction;
-- ``pred+dc``, ``pred+mc``: combinations with prediction.
+- ``pred+dc``, ``pred+slr``, ``pred+mc``: combinations with prediction.
 
 Each arm runs at its own best learning rate from one grid, chosen by mean validation accuracy over seeds on a
-split carved from the training data; the test split is only read to report. The error ratio of a prediction arm is
-pooled over its probes, ``sqrt(sum ||w_hat - w_apply||^2 / sum ||w - w_apply||^2)`` with ``w_apply`` the parameters
-each probed gradient was applied to. Prints a markdown table per model,
+split carved from the training data; the test split is only read to report. A prediction arm's error ratio is
+shown twice: *logged*, the mean of ``prediction/error_ratio`` (``||w_hat - w_apply|| / ||w - w_apply||`` of a probed
+gradient, ``w_apply`` the parameters it was applied to; undefined, so left out, when the parameters did not move
+before it landed) and *pooled*, ``sqrt(sum ||w_hat - w_apply||^2 / sum ||w - w_apply||^2)`` over every probe of
+every seed (those included). Prints a markdown table per model,
 writes a PNG and ends with ``recovered_gap_at_4=``, ``recovered_gap_at_8=``, ``recovered_gap_geometric_4=`` (share
 of the sync-vs-stale test-accuracy gap that the default ``LinearPrediction`` recovers,
 ``(acc_pred - acc_stale) / (acc_sync - acc_stale)``, first model, test accuracies averaged over seeds) and
-``best_remedy_at_8=<arm> <recovered>``, then ``pred_error_ratio_geometric_4=``. Staleness values left out of ``--staleness`` print ``nan``.
+``best_remedy_at_8=<arm> <recovered>``, then ``pred_error_ratio_geometric_4=`` (logged) and
+``pred_pooled_error_ratio_geometric_4=``. Staleness values left out of ``--staleness`` print ``nan``.
 
     python benchmarks/staleness_sweep.py --quick   # CNN, staleness 4, 8, geometric:4, 3 lrs, 5 seeds (~7 min)
     python benchmarks/staleness_sweep.py           # CNN and MLP, 2, 4, 8, 16, uniform:0:8, geometric:4
@@ -37,7 +40,7 @@ from concurrent.futures import ProcessPoolExecutor
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
 
-ARMS = ("stale", "pred", "pred_tau", "dc", "dc_a", "slr", "mc", "pred+dc", "pred+mc")
+ARMS = ("stale", "pred", "pred_tau", "dc", "dc_a", "slr", "mc", "pred+dc", "pred+slr", "pred+mc")
 
 
 def _parse_tau(text: str):
@@ -62,9 +65,9 @@ def run_arm(job: tuple) -> dict:
     data = DigitsDataModule(batch_size=32)
     model = ImageClassifier(arch=arch, lr=lr, momentum=0.9)
     parts = arm.split("+")
-    callbacks = [LinearPrediction(log_every_n_steps=10)] if "pred" in parts else []
+    callbacks = [LinearPrediction(log_every_n_steps=3)] if "pred" in parts else []
     if "pred_tau" in parts:  # lightning-asyncpred 0.1's horizon: the expected staleness
-        callbacks = [LinearPrediction(horizon="staleness", log_every_n_steps=10)]
+        callbacks = [LinearPrediction(horizon="staleness", log_every_n_steps=3)]
     remedy = {"dc": dict(dc_lambda=0.04), "dc_a": dict(dc_lambda=0.04, dc_adaptive=True), "slr": dict(staleness_lr=True),
               "mc": dict(momentum_correction=True)}
     for part in parts:
@@ -84,11 +87,13 @@ def run_arm(job: tuple) -> dict:
             logits = model(x)
         return float((logits.argmax(1) == y).float().mean()) if torch.isfinite(logits).all() else 0.0
 
-    pooled = callbacks[0].pooled_error_ratio if callbacks and isinstance(callbacks[0], LinearPrediction) else float("nan")
+    lp = callbacks[0] if callbacks and isinstance(callbacks[0], LinearPrediction) else None
+    terms = lp.error_terms if lp is not None else []
+    logged = statistics.fmean(lp.error_ratios) if lp is not None and lp.error_ratios else float("nan")
     return {
         "arm": arm, "tau": tau, "lr": lr, "seed": seed, "arch": arch,
         "val": accuracy(data.val_set), "test": accuracy(data.test_set),
-        "ratio": pooled,
+        "ratio": logged, "num2": sum(n * n for n, _ in terms), "den2": sum(d * d for _, d in terms),
     }
 
 
@@ -125,7 +130,11 @@ def main() -> None:
         for arm, tau in cells:
             lr = max(args.lrs, key=lambda v: mean(m, arm, tau, v, "val"))
             tests = [r["test"] for r in results if (r["arch"], r["arm"], r["tau"], r["lr"]) == (m, arm, tau, lr)]
-            best[(m, arm, tau)] = (lr, statistics.fmean(tests), statistics.pstdev(tests), mean(m, arm, tau, lr, "ratio"))
+            rs = [r for r in results if (r["arch"], r["arm"], r["tau"], r["lr"]) == (m, arm, tau, lr)]
+            den2 = sum(r["den2"] for r in rs)
+            pooled = (sum(r["num2"] for r in rs) / den2) ** 0.5 if den2 > 0 else float("nan")
+            best[(m, arm, tau)] = (lr, statistics.fmean(tests), statistics.pstdev(tests), mean(m, arm, tau, lr, "ratio"),
+                                   pooled)
 
     def recovered(m: str, arm: str, tau) -> float:
         sync, stale, got = best[(m, "stale", 0)][1], best[(m, "stale", tau)][1], best[(m, arm, tau)][1]
@@ -134,17 +143,18 @@ def main() -> None:
     print(f"\nStaleness sweep on digits: {args.steps} steps, batch 32, SGD momentum 0.9, {len(seeds)} seeds, lr grid "
           f"{args.lrs} chosen on validation, test accuracy mean (lr), gap recovered in brackets ({elapsed:.0f} s)")
     for m in args.models:
-        sync_lr, sync_acc, sync_sd, _ = best[(m, "stale", 0)]
+        sync_lr, sync_acc, sync_sd = best[(m, "stale", 0)][:3]
         print(f"\n{m}: synchronous {sync_acc:.3f} ± {sync_sd:.3f} (lr {sync_lr})\n")
         ratio_arms = [a for a in ("pred", "pred_tau") if a in args.arms]
-        print("| staleness | " + " | ".join(args.arms) + "".join(f" | {a} error ratio" for a in ratio_arms) + " |")
+        print("| staleness | " + " | ".join(args.arms) + "".join(f" | {a} error ratio (logged / pooled)" for a in ratio_arms)
+              + " |")
         print("|---|" + "---:|" * (len(args.arms) + len(ratio_arms)))
         for tau in taus:
             cols = []
             for arm in args.arms:
-                lr, acc, sd, _ = best[(m, arm, tau)]
+                lr, acc, sd = best[(m, arm, tau)][:3]
                 cols.append(f"{acc:.3f} ({lr})" + ("" if arm == "stale" else f" [{recovered(m, arm, tau):.2f}]"))
-            ratios = "".join(f" | {best[(m, a, tau)][3]:.3f}" for a in ratio_arms)
+            ratios = "".join(f" | {best[(m, a, tau)][3]:.3f} / {best[(m, a, tau)][4]:.3f}" for a in ratio_arms)
             print(f"| {tau} | " + " | ".join(cols) + ratios + " |")
 
     os.makedirs(OUT, exist_ok=True)
@@ -170,6 +180,7 @@ def main() -> None:
     fig.savefig(png, dpi=100)
     print(f"\nplot: {png}")
     first = args.models[0]
+    nan = float("nan")
 
     def gap(tau) -> float:
         return recovered(first, "pred", tau) if tau in taus and "pred" in args.arms else float("nan")
@@ -177,8 +188,9 @@ def main() -> None:
     print(f"recovered_gap_at_4={gap(4):.3f}")
     print(f"recovered_gap_at_8={gap(8):.3f}")
     print(f"recovered_gap_geometric_4={gap('geometric:4'):.3f}")
-    ratio_geo = best[(first, "pred", "geometric:4")][3] if "geometric:4" in taus and "pred" in args.arms else float("nan")
-    print(f"pred_error_ratio_geometric_4={ratio_geo:.3f}")
+    geo = best[(first, "pred", "geometric:4")] if "geometric:4" in taus and "pred" in args.arms else (nan,) * 5
+    print(f"pred_error_ratio_geometric_4={geo[3]:.3f}")
+    print(f"pred_pooled_error_ratio_geometric_4={geo[4]:.3f}")
     if 8 in taus:
         name = max((a for a in args.arms if a != "stale"), key=lambda a: best[(first, a, 8)][1])
         print(f"best_remedy_at_8={name} {recovered(first, name, 8):.3f}")

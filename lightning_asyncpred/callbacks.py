@@ -126,8 +126,11 @@ class LinearPrediction(Callback):
         horizon = self.current_horizon(trainer)
         if key is not None:
             self.lags.read(key, self._count_at_start, int(strategy.gradients_in_flight))
-        # no probe before the first update: with zero velocity the ratio is 1 by construction
-        probe = self.predictor.updates > 0 and self.predictor.updates % self.log_every_n_steps == 0
+        # no probe before the first update: with zero velocity the ratio is 1 by construction. Keyed probes are taken
+        # every n-th step, whatever just happened (every n-th update would pick the reads right after an update, a
+        # biased sample when updates come in bursts)
+        when = key if key is not None else self.predictor.updates
+        probe = self.predictor.updates > 0 and when % self.log_every_n_steps == 0
         self.predictor.predict_(horizon, probe=probe, probe_key=key)
         self._step_start = self.predictor.real_parameters() if self.predictor.probe_key is not None else None
 
