@@ -122,19 +122,20 @@ def main() -> None:
         results = list(pool.map(run_arm, jobs))
     elapsed = time.perf_counter() - start
 
-    def mean(m: str, arm: str, tau, lr: float, key: str) -> float:
-        return statistics.fmean(r[key] for r in results if (r["arch"], r["arm"], r["tau"], r["lr"]) == (m, arm, tau, lr))
+    def runs(m: str, arm: str, tau, lr: float) -> list[dict]:
+        return [r for r in results if (r["arch"], r["arm"], r["tau"], r["lr"]) == (m, arm, tau, lr)]
 
-    best = {}  # (model, arm, tau) -> (lr, mean test acc, std test acc, mean ratio)
+    # (model, arm, tau) -> (lr, mean test acc, std test acc, mean logged ratio, pooled ratio)
+    best = {}
     for m in args.models:
         for arm, tau in cells:
-            lr = max(args.lrs, key=lambda v: mean(m, arm, tau, v, "val"))
-            tests = [r["test"] for r in results if (r["arch"], r["arm"], r["tau"], r["lr"]) == (m, arm, tau, lr)]
-            rs = [r for r in results if (r["arch"], r["arm"], r["tau"], r["lr"]) == (m, arm, tau, lr)]
+            lr = max(args.lrs, key=lambda v: statistics.fmean(r["val"] for r in runs(m, arm, tau, v)))
+            rs = runs(m, arm, tau, lr)
+            tests = [r["test"] for r in rs]
             den2 = sum(r["den2"] for r in rs)
             pooled = (sum(r["num2"] for r in rs) / den2) ** 0.5 if den2 > 0 else float("nan")
-            best[(m, arm, tau)] = (lr, statistics.fmean(tests), statistics.pstdev(tests), mean(m, arm, tau, lr, "ratio"),
-                                   pooled)
+            best[(m, arm, tau)] = (lr, statistics.fmean(tests), statistics.pstdev(tests),
+                                   statistics.fmean(r["ratio"] for r in rs), pooled)
 
     def recovered(m: str, arm: str, tau) -> float:
         sync, stale, got = best[(m, "stale", 0)][1], best[(m, "stale", tau)][1], best[(m, arm, tau)][1]

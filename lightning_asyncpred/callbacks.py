@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from lightning_asyncpred.prediction import LagEstimator, LinearPredictor, check_velocity_mode
-from lightning_asyncpred.remedies import DelayCompensation, corrected_momentum, staleness_scale
+from lightning_asyncpred.remedies import DelayCompensation, correct_gradients_, corrected_momentum
 from lightning_asyncpred.validation import check_int
 
 log = logging.getLogger(__name__)
@@ -366,15 +366,12 @@ class StalenessRemedies(Callback):
             return  # not a stale gradient (e.g. an AMP overflow step of a one-process strategy)
         params = self._params(trainer)
         grads = [p.grad for p in params if p.grad is not None]
+        read = None
         if self.dc is not None and len(grads) == len(params):
             reads = [self._reads.pop(s, None) for s in sorted(steps)]
             read = next((r for r in reads if r is not None), None)
-            if read is not None:
-                self.dc.apply_(grads, [p.detach() for p in params], read)
-        if self.staleness_lr:
-            scale = staleness_scale(int(strategy.last_staleness or 0))
-            for g in grads:
-                g.mul_(scale)
+        w_now = [p.detach() for p in params] if read is not None else None
+        correct_gradients_(grads, int(strategy.last_staleness or 0), self.dc, w_now, read, self.staleness_lr)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"base_momentum": list(self._base_momentum)}

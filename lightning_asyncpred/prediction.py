@@ -86,7 +86,7 @@ class LagEstimator:
     ``L = u_apply - u_read`` when it is applied (``u_apply``: updates applied before its update). :meth:`horizon`
     is the exponentially weighted mean of recent lags (decay ``beta`` per observation)
 
-    .. math:: h(F) = rac{\sum_i eta^{n-i} L_i [F_i = F]}{\sum_i eta^{n-i} [F_i = F]}
+    .. math:: h(F) = \frac{\sum_i \beta^{n-i} L_i [F_i = F]}{\sum_i \beta^{n-i} [F_i = F]}
 
     over the gradients read with the same ``F`` once it has ``min_samples`` of them (else those of the nearest ``F``
     that has), and ``fallback`` (the expected staleness) until some ``F`` has ``min_samples`` lags. Under a fixed
@@ -250,7 +250,7 @@ class LinearPredictor:
         """The gradient of probe ``key`` was applied to the parameters ``applied_to``: measure
         ``||w_hat - w_apply|| / ||w_t - w_apply||`` (also :attr:`last_error_ratio`) and return it."""
         probe = self._probe
-        if probe is None or probe.key is None or probe.key != key:
+        if probe is None or probe.key != key:
             return None
         self.last_error_terms = _error_terms(probe.predicted, probe.real, list(applied_to))
         self.last_error_ratio = _ratio(*self.last_error_terms)

@@ -41,6 +41,25 @@ def corrected_momentum(momentum: float, expected_staleness: float) -> float:
     return max(0.0, momentum - implicit_momentum(expected_staleness))
 
 
+def correct_gradients_(
+    grads: Sequence[Tensor],
+    staleness: int,
+    dc: Optional["DelayCompensation"] = None,
+    w_now: Optional[Sequence[Tensor]] = None,
+    w_read: Optional[Sequence[Tensor]] = None,
+    staleness_lr: bool = False,
+) -> None:
+    """The gradient remedies in place, in the order every update path applies them: DC-ASGD
+    ``g <- g + lam * g * g * (w_now - w_read)`` (when ``dc`` and ``w_read`` are given), then the staleness-aware
+    learning rate ``g <- g / max(1, tau)`` (when ``staleness_lr``)."""
+    if dc is not None and w_read is not None:
+        dc.apply_(grads, w_now, w_read)
+    if staleness_lr:
+        scale = staleness_scale(staleness)
+        for g in grads:
+            g.mul_(scale)
+
+
 class DelayCompensation:
     """DC-ASGD: ``g <- g + lam * g * g * (w_now - w_read)`` in place (see the module docstring).
 

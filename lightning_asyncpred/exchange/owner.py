@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_asyncpred.remedies import DelayCompensation, staleness_scale
+from lightning_asyncpred.remedies import DelayCompensation, correct_gradients_
 
 
 class ShardOwner:
@@ -101,16 +101,16 @@ class ShardOwner:
         self._sync_hyperparameters()
         if self.dc is not None or self.staleness_lr:
             grad = grad.to(self.flat.dtype, copy=True)
+            read = None
             if self.dc is not None:
                 read = self._read_master(staleness)
                 if read is None:
                     self.dc_skipped += 1
                 else:
-                    self.dc.apply_([grad], [self.flat], [read])
                     self.dc_applied += 1
+            correct_gradients_([grad], staleness, self.dc, [self.flat], None if read is None else [read], self.staleness_lr)
+            if self.dc is not None:
                 self._history.append(self.flat.detach().clone())
-            if self.staleness_lr:
-                grad.mul_(staleness_scale(staleness))
         offset = 0
         for m in self.masters:
             m.grad = grad[offset : offset + m.numel()].view_as(m).to(m.dtype)
