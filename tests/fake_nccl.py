@@ -1,12 +1,17 @@
-"""An in-process simulation of NCCL point-to-point semantics, to prove the p2p protocol on CPU.
+"""A discrete-event model of the p2p data plane's rules, to check the protocol over thousands of schedules fast.
 
-NCCL's rules enforced here (see ../shared/REFERENCES.md): each communicator has one FIFO stream per member rank;
-only the operation at the head of a stream runs, so a posted receive holds up every later operation of that
-rank on that communicator, sends included; a send matches the receive at the head of the other member's
-stream (no any-source receive, no tags: order alone matches); the two must agree in element count and dtype.
-Operations complete after random delays. Everything runs in one thread in virtual time (a discrete-event
-simulation), so thousands of schedules take seconds and a deadlock shows up as an empty event queue while some
-rank is not done.
+The pure state machines (``Engine`` and ``DataPlane``) of every rank run in one thread in virtual time. The model
+(the same rules as ``tests/nccl_emulator.py``, which runs the real transport with threads, but fewer schedules):
+
+- headers are CPU messages delivered after a random delay, in order per (sender, receiver);
+- payload operations go on the 2-rank communicator of their pair, one FIFO stream per member: only the head of a
+  stream can run, so a posted operation holds up every later one of that member on that communicator (sends
+  included); the heads of the two members match when one is a send and the other a receive of the same size and
+  dtype (no tags, no any-source), and complete together after a random delay;
+- a rank has ``slots`` kernel slots: an operation at the head of its stream becomes resident only with a free slot,
+  and holds it until it completes (an unmatched receive holds one forever).
+
+A deadlock shows up as an empty event queue while some rank is not done.
 """
 
 from __future__ import annotations
@@ -17,130 +22,160 @@ import random
 from collections import deque
 from typing import Callable
 
-from lightning_asyncpred.exchange.p2p_protocol import Op
+from lightning_asyncpred.exchange.p2p_dataplane import Action, DataPlane
 
 
 class Deadlock(AssertionError):
     pass
 
 
-class FakeNCCL:
-    """Communicators keyed by the channel an operation names (a 2-rank communicator per key)."""
-
-    def __init__(self, rng: random.Random, max_delay: float = 1.0) -> None:
-        self.rng = rng
-        self.max_delay = max_delay
-        self.streams: dict[tuple[tuple[int, int], int], deque[Op]] = {}
-        self.busy: set[tuple[int, int]] = set()  # communicators whose head pair is in transit
-        self.ops_issued = 0
-
-    def issue(self, rank: int, op: Op) -> None:
-        comm = op.channel
-        if rank not in comm:
-            raise AssertionError(f"rank {rank} issued {op.kind} on communicator {comm} it is not a member of")
-        other = comm[1] if comm[0] == rank else comm[0]
-        if op.peer != other:
-            raise AssertionError(f"rank {rank}: {op.kind} with peer {op.peer} on communicator {comm} (NCCL: no any-source)")
-        self.streams.setdefault((comm, rank), deque()).append(op)
-        self.ops_issued += 1
-
-    def matches(self, comms) -> list[tuple[tuple[int, int], Op, int, Op, int]]:
-        """Head pairs of ``comms`` that can run now: a send at one member's head and a receive at the other's."""
-        out = []
-        for comm in comms:
-            if comm in self.busy:
-                continue
-            a, b = comm
-            qa, qb = self.streams.get((comm, a)), self.streams.get((comm, b))
-            if not qa or not qb:
-                continue
-            ha, hb = qa[0], qb[0]
-            if {ha.kind, hb.kind} != {"send", "recv"}:
-                continue  # two sends or two receives at the heads: blocked
-            if ha.buffer.numel() != hb.buffer.numel() or ha.buffer.dtype != hb.buffer.dtype:
-                raise AssertionError(
-                    f"size mismatch on {comm}: {ha.kind} of {ha.buffer.numel()} {ha.buffer.dtype} vs "
-                    f"{hb.kind} of {hb.buffer.numel()} {hb.buffer.dtype}"
-                )
-            out.append((comm, ha, a, hb, b))
-        return out
-
-    def complete(self, comm: tuple[int, int]) -> list[tuple[int, Op]]:
-        a, b = comm
-        ha, hb = self.streams[(comm, a)].popleft(), self.streams[(comm, b)].popleft()
-        send, recv = (ha, hb) if ha.kind == "send" else (hb, ha)
-        recv.buffer.copy_(send.buffer)
-        self.busy.discard(comm)
-        return [(a, ha), (b, hb)]
-
-    def pending(self) -> dict:
-        return {f"{comm} rank {r}": [op.kind for op in q] for (comm, r), q in self.streams.items() if q}
+class _Op:
+    def __init__(self, rank: int, action: Action) -> None:
+        self.rank, self.action = rank, action
+        self.resident = False
 
 
 def simulate(
     engines: list,
+    planes: list,
     workers: list,
     rng: random.Random,
+    slots: int,
     max_delay: float = 1.0,
     on_event: Callable[[], None] = lambda: None,
-) -> float:
-    """Run ``engines`` (one per rank) and their ``workers`` (generators yielding ("compute", seconds) or
-    ("wait", predicate)) to the end in virtual time. Returns the virtual time taken.
+) -> dict:
+    """Run ``engines`` and ``planes`` (one per rank) and their ``workers`` (generators yielding ("compute", seconds),
+    ("messages", list) or ("wait", predicate)) to the end in virtual time. Returns statistics.
 
     Raises:
-        Deadlock: no event left while some engine is not done (with the blocked streams).
+        Deadlock: no event left while some rank is not done (with the blocked streams).
     """
-    net = FakeNCCL(rng, max_delay)
+    n = len(engines)
     counter = itertools.count()
     events: list = []
     now = 0.0
     waiting: dict[int, Callable[[], bool]] = {}
+    last_header: dict[tuple[int, int], float] = {}
+    streams: dict[tuple[tuple[int, int], int], deque[_Op]] = {}
+    free = [slots] * n
+    busy: set[tuple[int, int]] = set()
+    stats = {"max_resident": [0] * n, "payloads": 0}
 
-    def issue(rank: int, ops: list[Op], touched=()) -> None:
+    def pair(a: int, b: int) -> tuple[int, int]:
+        return (min(a, b), max(a, b))
+
+    def run_actions(rank: int, actions: list[Action]) -> None:
+        for a in actions:
+            if a.kind == "header":
+                t = max(now + rng.uniform(0, max_delay), last_header.get((rank, a.peer), 0.0))
+                last_header[(rank, a.peer)] = t
+                heapq.heappush(events, (t, next(counter), "header", (rank, a.peer, list(a.words))))
+            else:
+                streams.setdefault((pair(rank, a.peer), rank), deque()).append(_Op(rank, a))
+        deliver(rank)
+        schedule()
+
+    def deliver(rank: int) -> None:
+        msgs = planes[rank].take_delivered()
+        out = []
+        for m in msgs:
+            out += engines[rank].on_message(m)
+        if out:
+            run_actions(rank, planes[rank].send(out))
+
+    def schedule() -> None:
+        """Make heads resident where a slot is free, then start every matched pair of heads."""
+        for (p, r), q in streams.items():
+            if q and not q[0].resident and free[r] > 0:
+                q[0].resident = True
+                free[r] -= 1
+                stats["max_resident"][r] = max(stats["max_resident"][r], slots - free[r])
+        for p in {p for (p, _r) in streams}:
+            if p in busy:
+                continue
+            qa, qb = streams.get((p, p[0])), streams.get((p, p[1]))
+            if not qa or not qb or not (qa[0].resident and qb[0].resident):
+                continue
+            ha, hb = qa[0].action, qb[0].action
+            if {ha.kind, hb.kind} != {"send", "recv"}:
+                continue  # two sends (or two receives) at the heads: blocked
+            sa, sb = ha.transfer.message.payload, hb.transfer.message.payload
+            if sa.numel() != sb.numel() or sa.dtype != sb.dtype:
+                raise AssertionError(f"size mismatch on {p}: {ha.kind} of {sa.numel()} vs {hb.kind} of {sb.numel()}")
+            busy.add(p)
+            heapq.heappush(events, (now + rng.uniform(0, max_delay), next(counter), "payload", p))
+
+    def complete(p: tuple[int, int]) -> None:
+        busy.discard(p)
+        ops = [streams[(p, p[0])].popleft(), streams[(p, p[1])].popleft()]
+        send, recv = ops if ops[0].action.kind == "send" else ops[::-1]
+        recv.action.transfer.message.payload.copy_(send.action.transfer.message.payload)
+        stats["payloads"] += 1
+        rng.shuffle(ops)
         for op in ops:
-            net.issue(rank, op)
-        for comm, *_ in net.matches({op.channel for op in ops} | set(touched)):
-            net.busy.add(comm)
-            heapq.heappush(events, (now + rng.uniform(0, max_delay), next(counter), "net", comm))
+            free[op.rank] += 1
+            run_actions(op.rank, planes[op.rank].on_complete(op.action.transfer))
 
     def advance(rank: int) -> None:
-        try:
-            what, arg = next(workers[rank])
-        except StopIteration:
-            return
-        if what == "compute":
-            heapq.heappush(events, (now + arg, next(counter), "worker", rank))
-        elif what == "ops":
-            issue(rank, arg)
-            advance(rank)
-        else:  # "wait": resume once the predicate holds
-            if arg():
-                advance(rank)
+        while True:
+            try:
+                what, arg = next(workers[rank])
+            except StopIteration:
+                return
+            if what == "compute":
+                heapq.heappush(events, (now + arg, next(counter), "worker", rank))
+                return
+            if what == "messages":
+                run_actions(rank, planes[rank].send(arg))
+            elif arg():  # "wait"
+                continue
             else:
                 waiting[rank] = arg
+                return
 
-    for r, engine in enumerate(engines):
-        issue(r, engine.start())
-    for r in range(len(engines)):
+    for r in range(n):
         advance(r)
     while events:
         now, _, kind, what = heapq.heappop(events)
         if kind == "worker":
             advance(what)
+        elif kind == "header":
+            src, dst, words = what
+            run_actions(dst, planes[dst].on_header(src, words))
         else:
-            completed = net.complete(what)
-            rng.shuffle(completed)
-            for rank, op in completed:
-                issue(rank, engines[rank].on_complete(op))
-            issue(0, [], touched=[what])  # the next operations on this communicator may match now
+            complete(what)
+        schedule()
         for rank, pred in list(waiting.items()):
             if pred():
                 del waiting[rank]
                 advance(rank)
         on_event()
-    if not all(e.done for e in engines):
+    if waiting or not all(e.done and pl.idle for e, pl in zip(engines, planes)):
+        blocked = {f"{p} rank {r}": [f"{o.action.kind}{'*' if o.resident else ''}" for o in q] for (p, r), q in streams.items() if q}
         raise Deadlock(
             f"no event left at t={now:.3f} but ranks {[r for r, e in enumerate(engines) if not e.done]} are not done; "
-            f"waiting workers {sorted(waiting)}; blocked streams {net.pending()}"
+            f"waiting workers {sorted(waiting)}; blocked streams (* resident) {blocked}"
         )
-    return now
+    return stats
+
+
+class PostOnArrival(DataPlane):
+    """Known wrong: no clear-to-send. The sender posts its send with the header and the receiver posts a receive as
+    soon as a header arrives (as receives posted ahead would be): the two ends of a pair issue in different orders."""
+
+    def _announce(self, peer):
+        actions = super()._announce(peer)
+        t = self._active[peer]
+        if t is not None and not getattr(t, "posted", False):
+            t.posted = True
+            actions.append(self._post("send", t))
+        return actions
+
+    def _reserve_receives(self):
+        actions = []
+        while self._wants_recv:
+            t = self._wants_recv.popleft()
+            self.recvs_used += 1
+            t.message.payload = self.alloc(int(t.message.payload))
+            actions.append(self._post("recv", t))
+        return actions

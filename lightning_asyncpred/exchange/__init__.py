@@ -11,13 +11,14 @@ from lightning_asyncpred.exchange.allreduce import (
 from lightning_asyncpred.exchange.base import Exchange, ReadyGradient
 from lightning_asyncpred.exchange.buckets import GradientBuckets, sum_buckets
 from lightning_asyncpred.exchange.owner import ShardOwner
-from lightning_asyncpred.exchange.p2p import P2PExchange, build_channels, warm_up
+from lightning_asyncpred.exchange.p2p import HandshakeError, P2PExchange
 from lightning_asyncpred.exchange.simulated import SimulatedExchange
 
 __all__ = [
     "AllReduceExchange",
     "Exchange",
     "GradientBuckets",
+    "HandshakeError",
     "P2PExchange",
     "PeerLostError",
     "PeerMonitor",
@@ -56,17 +57,15 @@ def _allreduce_factory(max_staleness, mode, group, timeout, monitor, **_):
     return AllReduceExchange(max_staleness, mode=mode, group=group, timeout=timeout, monitor=monitor)
 
 
-def _p2p_factory(max_staleness, group, timeout, monitor, buckets, optimizer, backend, **_):
-    """Owner of shard ``rank`` (the buckets are the shards), one channel per ordered pair, warmed up."""
+def _p2p_factory(max_staleness, group, timeout, monitor, buckets, optimizer, handshake_timeout=120.0, **_):
+    """Owner of shard ``rank`` (the buckets are the shards); the data plane (NCCL on CUDA, Gloo on CPU) connects
+    and makes a round trip with every peer before this returns (``exchange/p2p.py``)."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     owner = ShardOwner(optimizer, buckets.params, buckets.groups[rank])
-    channels = build_channels(world, backend, to_timedelta(timeout)) if world > 1 else {}
-    if channels:
-        warm_up(channels, rank, owner.flat.device, to_timedelta(timeout))
-    return P2PExchange(max_staleness, owner, buckets.numels, rank, world, channels, control_group=group,
-                       timeout=timeout, monitor=monitor)
+    return P2PExchange(max_staleness, owner, buckets.numels, rank, world, control_group=group, timeout=timeout,
+                       monitor=monitor, handshake_timeout=handshake_timeout)
 
 
 def _horovod_factory(max_staleness, mode, timeout, monitor, **_):

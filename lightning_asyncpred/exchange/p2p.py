@@ -1,18 +1,21 @@
-"""The point-to-point transport: the protocol of ``p2p_protocol.py`` over torch.distributed (pure torch).
+"""The point-to-point transport: the protocol of ``p2p_protocol.py`` over the data plane of ``p2p_dataplane.py``.
 
-Threads. One communication thread per rank drives the :class:`~.p2p_protocol.Engine`: it issues every
-data-plane operation (NCCL must not be driven from two threads) and runs the owner's optimizer steps. The main
-thread only hands it work (submit, finish) and reads its results under a lock; it waits only when this worker
-has more than ``max_staleness`` steps in flight, at the end of fit and for checkpoints, always with the
-timeout. Lightning's control collectives run on the default process group, which this transport never uses.
+Threads. One communication thread per rank drives the :class:`~.p2p_protocol.Engine` and the
+:class:`~.p2p_dataplane.DataPlane`: it issues every data-plane operation (NCCL must not be driven from two
+threads) and launches the owner's optimizer steps (on its own CUDA stream under NCCL). The main thread only hands
+it work (submit, finish) and reads its results under a lock; it waits only when this worker has more than
+``max_staleness`` steps in flight, at setup (the handshake), at the end of fit and for checkpoints, always with a
+deadline. Lightning's control collectives run on the default process group, which this transport never uses.
 
-Channels. One 2-rank process group per ordered pair of ranks (``dist.new_group`` called by every rank in the
-same order), warmed up at setup (a communicator's creation is a blocking handshake). NCCL on CUDA, Gloo on CPU.
+Setup. The communication thread creates the data plane's groups and warms every pair up (``p2p_backends.py``),
+then makes a round trip (``PING``/``PONG``, header and payload) with every peer; the constructor waits for it at
+most ``handshake_timeout`` seconds and otherwise fails with an error naming the peers that did not answer and
+``transport="allreduce"`` as the fallback: a data plane that cannot work on a cluster fails in seconds, never
+hangs.
 
-Backend adapters, the only difference between NCCL and Gloo: how the completion of an operation is noticed.
-Gloo's ``Work.is_completed()`` stays false until ``wait()``, so a waiter thread per channel blocks in ``wait()``
-(it does nothing else) and reports the completion; NCCL's Work future calls back when the operation is done.
-The communication thread sleeps on a queue: no core is spent spinning.
+Backends (``p2p_backends.py``): Gloo on CPU, NCCL on CUDA; the only difference is how a completion is noticed and
+the stream events. Every device interaction goes through the backend, so ``tests/test_p2p_nccl_emulator.py`` runs
+this class unchanged on an emulated GPU.
 """
 
 from __future__ import annotations
@@ -31,109 +34,19 @@ from torch import Tensor
 from lightning_asyncpred.exchange.allreduce import PeerLostError, PeerMonitor, describe_peer_failure, to_timedelta
 from lightning_asyncpred.exchange.base import Exchange, ReadyGradient
 from lightning_asyncpred.exchange.owner import ShardOwner
-from lightning_asyncpred.exchange.p2p_protocol import Engine, Op
+from lightning_asyncpred.exchange.p2p_backends import Backend, make_backend
+from lightning_asyncpred.exchange.p2p_dataplane import Action, DataPlane
+from lightning_asyncpred.exchange.p2p_protocol import Engine, Message
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
+DEFAULT_HANDSHAKE_TIMEOUT = 120.0
 
 
-# ---------------------------------------------------------------------------------------------- channels
-def build_channels(world_size: int, backend: str, timeout: timedelta) -> dict[tuple[int, int], Any]:
-    """One process group per ordered pair ``(src, dst)``; every rank must call this, in the same order."""
-    channels = {}
-    for src in range(world_size):
-        for dst in range(world_size):
-            if src != dst:
-                channels[(src, dst)] = dist.new_group(ranks=[src, dst], backend=backend, timeout=timeout)
-    return channels
+class HandshakeError(PeerLostError):
+    """The data plane could not make a round trip with every peer at setup."""
 
 
-def warm_up(channels: dict[tuple[int, int], Any], rank: int, device: torch.device, timeout: timedelta) -> None:
-    """One message over every channel this rank is on (creates NCCL communicators now, not mid-training)."""
-    works = []
-    for (src, dst), group in channels.items():
-        if rank == src:
-            works.append(dist.isend(torch.ones(1, device=device), dst=dst, group=group))
-        elif rank == dst:
-            works.append(dist.irecv(torch.zeros(1, device=device), src=src, group=group))
-    for work in works:
-        work.wait(timeout) if device.type == "cpu" else work.wait()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _GlooCompletions:
-    """Gloo: a waiter thread per channel blocks in ``wait()`` and reports each completion."""
-
-    def __init__(self, notify: Callable[[Op, Optional[BaseException]], None], timeout: timedelta) -> None:
-        self.notify, self.timeout = notify, timeout
-        self.queues: dict[tuple[str, int], queue.Queue] = {}
-        self.threads: list[threading.Thread] = []
-
-    def watch(self, op: Op, work: Any) -> None:
-        key = (op.kind, op.peer)
-        if key not in self.queues:
-            self.queues[key] = q = queue.Queue()
-            t = threading.Thread(target=self._wait_loop, args=(q,), name=f"asyncpred-p2p-{op.kind}-{op.peer}", daemon=True)
-            t.start()
-            self.threads.append(t)
-        self.queues[key].put((op, work))
-
-    def _wait_loop(self, q: queue.Queue) -> None:
-        while True:
-            item = q.get()
-            if item is _STOP:
-                return
-            op, work = item
-            try:
-                work.wait(self.timeout)
-                self.notify(op, None)
-            except BaseException as exc:  # noqa: BLE001 - reported to the communication thread
-                self.notify(op, exc)
-                return
-
-    def finalize(self, op: Op) -> None:
-        """Called on the communication thread before the engine reads ``op.buffer`` (Gloo: nothing to do)."""
-
-    def close(self, join_timeout: float) -> None:
-        for q in self.queues.values():
-            q.put(_STOP)
-        for t in self.threads:
-            t.join(join_timeout)
-
-
-class _NCCLCompletions:
-    """NCCL: the Work's future calls back when the operation has completed on the GPU; before the engine reads
-    a received buffer, the communication thread's stream waits on the operation (``Work.wait()``, no CPU block).
-    Not run multi-rank here (one GPU per machine): see ``benchmarks/GPU_CHECKS.md``."""
-
-    def __init__(self, notify: Callable[[Op, Optional[BaseException]], None], timeout: timedelta) -> None:
-        self.notify = notify
-        self.works: dict[int, Any] = {}
-
-    def watch(self, op: Op, work: Any) -> None:
-        self.works[id(op)] = work
-
-        def done(fut: Any) -> None:
-            try:
-                fut.value()  # raises if the operation failed
-                self.notify(op, None)
-            except BaseException as exc:  # noqa: BLE001
-                self.notify(op, exc)
-
-        work.get_future().add_done_callback(done)
-
-    def finalize(self, op: Op) -> None:
-        work = self.works.pop(id(op), None)
-        if work is not None:
-            work.wait()  # the current stream waits for the operation; the CPU does not block
-
-    def close(self, join_timeout: float) -> None:
-        self.works.clear()
-
-
-# ---------------------------------------------------------------------------------------------- the exchange
 class P2PExchange(Exchange):
     """Asynchronous exchange with sharded owners (see the module docstring and ``p2p_protocol.py``).
 
@@ -145,12 +58,14 @@ class P2PExchange(Exchange):
 
     Args:
         max_staleness: the most steps of this worker in flight (submitted, not yet answered by every owner).
-        owner: this rank's :class:`ShardOwner`.
+        owner: this rank's :class:`ShardOwner` (``flat``, ``apply``, ``state_dict``).
         shard_numels: elements of every shard.
-        channels: from :func:`build_channels` (``None`` with a world of one).
+        backend: the device adapter (default: :func:`~.p2p_backends.make_backend` for the owner's device).
         control_group: process group for the final gather and checkpoints (the default group).
         timeout: the longest any wait on a peer may last.
         monitor: names lost ranks in errors.
+        handshake_timeout: seconds the setup round trip with every peer may take.
+        send_slots, recv_slots: the most payload transfers this rank has posted at once, each way.
     """
 
     name = "p2p"
@@ -163,85 +78,141 @@ class P2PExchange(Exchange):
         shard_numels: Sequence[int],
         rank: int,
         world_size: int,
-        channels: Optional[dict[tuple[int, int], Any]] = None,
+        backend: Optional[Backend] = None,
         control_group: Optional[Any] = None,
         timeout: Any = timedelta(minutes=30),
         monitor: Optional[PeerMonitor] = None,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        send_slots: int = 2,
+        recv_slots: int = 2,
     ) -> None:
         super().__init__(max_staleness)
+        if isinstance(handshake_timeout, bool) or not isinstance(handshake_timeout, (int, float)) or handshake_timeout <= 0:
+            raise ValueError(f"handshake_timeout must be a number of seconds > 0, got {handshake_timeout!r}")
         self.owner = owner
         self.rank, self.world_size = int(rank), int(world_size)
         self.timeout = to_timedelta(timeout)
         self.monitor = monitor
-        self.channels = channels or {}
         self.control_group = control_group
         self.shard_numels = list(shard_numels)
-        self.engine = Engine(self.rank, self.world_size, self.shard_numels, owner.flat.dtype, owner.flat.device, owner.apply)
         self.device = owner.flat.device
+        self._events: queue.Queue = queue.Queue()
+        report = lambda *event: self._events.put(event)  # noqa: E731
+        self.backend = backend if backend is not None else make_backend(self.device, self.rank, self.world_size, owner.flat, report, self.timeout)
+        self.backend.report = report
+        self.engine = Engine(self.rank, self.world_size, self.shard_numels, owner.apply, owner.flat,
+                             launch=self.backend.launch, snapshot=self.backend.snapshot)
+        self.plane = DataPlane(self.rank, self.world_size, self.backend.alloc, send_slots, recv_slots)
         self.versions = [0] * self.world_size  # shard versions installed in this worker's replica
         # the replies of a step are installed together once the step is complete: every refresh of the replica is
         # coherent (each shard just after this worker's gradient), so its velocity is a steady per-step quantity
-        self._step_replies: dict[int, dict[int, tuple[int, Tensor]]] = {}
-        self._pending: dict[int, tuple[int, Tensor]] = {}  # shard -> (version, params) not yet taken
+        self._step_replies: dict[int, dict[int, tuple[int, Tensor, Any]]] = {}
+        self._pending: dict[int, tuple[int, Tensor, Any]] = {}  # shard -> (version, params, ready) not yet taken
         self.refreshes = 0  # take_parameters() calls that returned something (the worker's parameter refreshes)
         self._refresh_at_submit: dict[int, int] = {}
         self._delays: list[int] = []
         self._cond = threading.Condition()
-        self._events: queue.Queue = queue.Queue()
         self._failure: Optional[BaseException] = None
         self._processed = 0  # main-thread requests handled by the communication thread
         self._posted = 0
         self._quiesced_at = -1
+        self._bye_sent = False
         self.wait_seconds = 0.0
-        completions = _NCCLCompletions if self.device.type == "cuda" else _GlooCompletions
-        self._completions = completions(self._notify, self.timeout)
         self._thread = threading.Thread(target=self._run, name=f"asyncpred-p2p-{self.rank}", daemon=True)
         self._thread.start()
+        if self.world_size > 1:
+            self._handshake(float(handshake_timeout))
+
+    # ------------------------------------------------------------------ setup
+    def _handshake(self, seconds: float) -> None:
+        try:
+            self._wait_for(lambda: self.engine.handshake_done, "the setup handshake", seconds)
+        except PeerLostError as err:
+            self.close()
+            missing = sorted(p for p in self.engine.peers if p not in self.engine.pongs)
+            raise HandshakeError(
+                f"p2p transport ({self.backend.name}): rank {self.rank} could not make a round trip with rank(s) "
+                f"{', '.join(map(str, missing))} within {seconds:g}s at setup ({err}). The data plane does not work "
+                f"between these processes; check the {self.backend.name.upper()} setup, raise "
+                f"AsyncPredStrategy(handshake_timeout=...), or use AsyncPredStrategy(transport='allreduce')",
+                missing,
+            ) from err
 
     # ------------------------------------------------------------------ communication thread
-    def _notify(self, op: Op, exc: Optional[BaseException]) -> None:
-        self._events.put(("failed", op, exc) if exc is not None else ("done", op, None))
-
-    def _issue(self, ops: list[Op]) -> None:
-        for op in ops:
-            group = self.channels[op.channel]
-            if op.kind == "send":
-                work = dist.isend(op.buffer, dst=op.peer, group=group)
-            else:
-                work = dist.irecv(op.buffer, src=op.peer, group=group)
-            self._completions.watch(op, work)
-
     def _run(self) -> None:
         try:
-            with self._cond:
-                ops = self.engine.start()
-            self._issue(ops)
+            self.backend.start()
+            if self.world_size > 1:
+                self.backend.connect()
+                self.backend.post_header_recv()
+                with self._cond:
+                    actions = self.plane.send(self.engine.ping(lambda: self.backend.alloc(1)))
+                self._execute(actions)
             while True:
-                kind, arg, extra = self._events.get()
-                if kind == "stop":
+                try:
+                    event = self._events.get(timeout=self.backend.poll_interval())
+                except queue.Empty:
+                    event = None
+                if event is not None and event[0] == "stop":
                     return
                 with self._cond:
-                    if kind == "done":
-                        self._completions.finalize(arg)
-                        ops = self.engine.on_complete(arg)
-                    elif kind == "failed":
-                        raise extra
-                    elif kind == "submit":
-                        ops = self.engine.submit(*arg)
-                        self._processed += 1
-                    elif kind == "finish":
-                        ops = self.engine.finish()
-                        self._processed += 1
+                    actions = self._handle(event)
                     self._cond.notify_all()
-                self._issue(ops)
+                self._execute(actions)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which names the peer
             with self._cond:
                 self._failure = exc
                 self._cond.notify_all()
 
-    def _post(self, kind: str, arg: Any = None) -> int:
+    def _handle(self, event: Optional[tuple]) -> list[Action]:
+        """One event of the communication thread (under the lock); returns the operations to issue."""
+        actions: list[Action] = []
+        for t in self.backend.poll():
+            actions += self.plane.on_complete(t)
+        messages: list[Message] = []
+        if event is not None:
+            kind, *args = event
+            if kind == "header":
+                actions += self.plane.on_header(*args)
+                if not self.plane.all_byes:
+                    actions.append(Action("header-recv", -1))
+            elif kind == "complete":
+                actions += self.plane.on_complete(*args)
+            elif kind == "failed":
+                raise args[0]
+            elif kind == "submit":
+                step, grads, versions, produced = args
+                self.backend.adopt(produced, grads)
+                messages += self.engine.submit(step, grads, versions)
+                self._processed += 1
+            elif kind == "finish":
+                messages += self.engine.finish()
+                self._processed += 1
+        for msg in self.plane.take_delivered():
+            messages += self.engine.on_message(msg)
+        actions += self.plane.send(messages)
+        if any(r.ready is None for r in self.engine.inbox):
+            ready = self.backend.mark()
+            for r in self.engine.inbox:
+                if r.ready is None:
+                    r.ready = ready
+        if not self._bye_sent and self.engine.done and self.plane.idle:
+            self._bye_sent = True
+            actions += self.plane.bye()
+        return actions
+
+    def _execute(self, actions: list[Action]) -> None:
+        for a in actions:
+            if a.kind == "header":
+                self.backend.send_header(a.peer, a.words)
+            elif a.kind == "header-recv":
+                self.backend.post_header_recv()
+            else:
+                self.backend.post(a)
+
+    def _post(self, kind: str, *args: Any) -> int:
         self._posted += 1
-        self._events.put((kind, arg, None))
+        self._events.put((kind, *args))
         return self._posted
 
     def _wait_for(self, predicate: Callable[[], bool], what: str, seconds: Optional[float] = None) -> None:
@@ -285,9 +256,16 @@ class P2PExchange(Exchange):
             raise self._peer_error(self._failure, f"the submission of step {step}")
         # g / N, as the all-reduce transport applies the mean: N workers' gradients per round move the masters as
         # one ddp step would, so the learning rate means what it means under ddp
-        grads = [b.detach().to(self.device, copy=True).div_(self.world_size) for b in buckets]
+        grads = [b.new_empty(b.shape) for b in buckets]
+        n = self.world_size
+
+        def scale() -> None:
+            for g, b in zip(grads, buckets):
+                g.copy_(b.detach()).div_(n)
+
+        self.backend.launch(scale)  # on the training stream, after the backward that produced the buckets
         self._refresh_at_submit[step] = self.refreshes
-        seq = self._post("submit", (step, grads, list(self.versions)))
+        seq = self._post("submit", step, grads, list(self.versions), self.backend.produced())
         self._wait_for(lambda: self._processed >= seq and self.engine.in_flight <= self.max_staleness,
                        f"step {step} ({self.max_staleness} steps in flight)")
 
@@ -297,11 +275,11 @@ class P2PExchange(Exchange):
             replies = self.engine.take_replies()
             done, self.engine.completed_steps = self.engine.completed_steps, []
         for r in replies:
-            self._step_replies.setdefault(r.step, {})[r.shard] = (r.version, r.params)
+            self._step_replies.setdefault(r.step, {})[r.shard] = (r.version, r.params, r.ready)
         for step, staleness in done:  # steps complete in order (each owner answers a worker's requests in order)
-            for k, (version, params) in self._step_replies.pop(step).items():
-                if version > self.versions[k] and version > self._pending.get(k, (-1, None))[0]:
-                    self._pending[k] = (version, params)
+            for k, (version, params, ready) in self._step_replies.pop(step).items():
+                if version > self.versions[k] and version > self._pending.get(k, (-1, None, None))[0]:
+                    self._pending[k] = (version, params, ready)
             # the replies are installed at the next refresh (take_parameters), number refreshes + 1
             self._delays.append(self.refreshes + 1 - self._refresh_at_submit.pop(step, self.refreshes))
             out.append(ReadyGradient(step, max(staleness), len(staleness), []))
@@ -311,21 +289,27 @@ class P2PExchange(Exchange):
         return self._completed()
 
     def take_parameters(self) -> dict[int, Tensor]:
-        """The newest master of every shard received since the last call (flat, per shard), to install now."""
-        out = {k: params for k, (version, params) in self._pending.items()}
-        for k, (version, _) in self._pending.items():
+        """The newest master of every shard received since the last call (flat, per shard), to install now: the
+        current (training) stream waits until they have arrived."""
+        out = {}
+        for k, (version, params, ready) in self._pending.items():
+            self.backend.hand_over(ready, [params])
+            out[k] = params
             self.versions[k] = version
         self._pending = {}
         if out:
             self.refreshes += 1
         return out
 
+    def _finished(self) -> bool:
+        return self.engine.done and self.plane.idle and self._bye_sent and self.plane.all_byes
+
     def finish(self, seconds: Optional[float] = None) -> None:
         """This worker has finished its steps: tell every owner and serve until every rank has finished (at most
         ``seconds``, default the timeout)."""
         if not self.engine.finished:
             self._post("finish")
-        self._wait_for(lambda: self.engine.done, "the end of training (waiting for every rank to finish)", seconds)
+        self._wait_for(self._finished, "the end of training (waiting for every rank to finish)", seconds)
 
     def stop_gracefully(self, grace: float = 10.0) -> None:
         """SIGTERM: FIN to every owner and serve the peers for up to ``grace`` seconds while they stop too (no
@@ -348,10 +332,11 @@ class P2PExchange(Exchange):
     def _gather_masters(self) -> None:
         """Every owner's final master into ``take_parameters()``."""
         for k, (version, params) in enumerate(self._gather()):
-            self._pending[k] = (version, params)
+            self._pending[k] = (version, params, None)
 
     def _gather(self) -> list[tuple[int, Tensor]]:
         """``(version, flat master)`` of every owner, on every rank (a collective on the control group)."""
+        self.backend.synchronize()
         if self.world_size == 1:
             return [(self.engine.version, self.owner.flat.detach().clone())]
         size = max(self.shard_numels)
@@ -375,6 +360,7 @@ class P2PExchange(Exchange):
         self._wait_for(lambda: self._processed >= self._posted and self.engine.in_flight == 0, "a checkpoint")
         if self.world_size > 1:
             dist.barrier(group=self.control_group)
+        self.backend.synchronize()
         self._quiesced_at = self._posted
 
     def gather_masters(self) -> list[Tensor]:
@@ -383,6 +369,7 @@ class P2PExchange(Exchange):
 
     def gather_optimizer_states(self) -> dict[int, dict[str, Any]]:
         """Every owner's optimizer state, keyed by parameter index (a collective on the control group)."""
+        self.backend.synchronize()
         mine = self.owner.state_dict()
         if self.world_size == 1:
             return mine
@@ -406,16 +393,17 @@ class P2PExchange(Exchange):
         return self.device if "nccl" in backend else torch.device("cpu")
 
     def _stop_thread(self) -> None:
+        """Stop the communication thread and the backend's waiters. After a clean end (every rank finished, every
+        header receiver ended) the data plane's groups are destroyed; otherwise what is in flight is abandoned
+        (peers may be gone) and the threads, daemons, never block the exit."""
+        clean = self._finished()
         if self._thread.is_alive():
-            self._events.put(("stop", None, None))
-            self._thread.join(self.timeout.total_seconds())
-        self._completions.close(join_timeout=2.0)
+            self._events.put(("stop",))
+            self._thread.join(2.0)
+        self.backend.close(clean=clean, join_timeout=2.0 if clean else 0.1)
 
     def _close(self) -> None:
-        """Abandon what is in flight (peers may be gone); the threads are daemons and never block the exit."""
-        self._events.put(("stop", None, None))
-        self._thread.join(2.0)
-        self._completions.close(join_timeout=0.1)
+        self._stop_thread()
 
     @property
     def in_flight_steps(self) -> int:

@@ -8,72 +8,66 @@ v_read``, one optimizer step on the master, ``version_k += 1``; then it replies 
 version. The worker installs replies between its steps (the newest version of each shard). Its own shard takes
 the same path without messages.
 
-Messages. One tensor of ``H + M`` elements of the parameters' dtype: a 32-byte header (four int64: kind, step,
-version, and staleness or a count) and a payload of ``M`` elements, the largest shard's size (zero beyond the
-shard). Kinds: ``REQUEST`` (a gradient shard), ``REPLY`` (a master shard), ``FIN`` (the sender's last request
-is behind it; carries how many requests it sent). Every send therefore matches every receive in count and
-dtype, as NCCL requires.
+Messages (:class:`Message`). A header of four integers (kind, step, version, and staleness or a count) and a
+payload of exactly the shard's size (none for ``FIN``). Kinds: ``REQUEST`` (a gradient shard), ``REPLY`` (a
+master shard), ``FIN`` (the sender's last request is behind it; carries how many requests it sent), ``PING`` /
+``PONG`` (the round trip every rank makes with every peer at setup, before any step). How a message travels
+(header on the CPU, payload posted only once announced) is the data plane's business: ``p2p_dataplane.py``.
+This engine only relies on its guarantee: the messages from one peer are delivered in the order that peer sent
+them, each exactly once.
 
-Channels. Every ordered pair ``(a, b)`` has a channel of its own (a 2-rank communicator) that carries only
-messages from ``a`` to ``b``: ``a`` only sends on it and ``b`` only receives. Per channel, messages leave in FIFO
-order with at most one send and one receive outstanding (Gloo misbehaves with several outstanding unbound
-receives from one source and tag).
+Device work. The engine never reads device memory on the host. The owner's update and the snapshot of the master
+that a reply carries are handed to ``launch`` (on a GPU: run now, so their kernels queue on the communication
+stream in issue order; see ``p2p_backends.py``), and the snapshot is taken right after the update it answers.
 
-Why it cannot deadlock under NCCL's rules (a FIFO stream per communicator where a posted receive holds up every
-later operation, no any-source receive, no tags, one thread issuing every operation):
-
-1. A rank issues only sends on its outgoing channels and only receives on its incoming ones. A posted receive
-   can hold up only later receives on its own channel: no receive ever holds up a send.
-2. Every send is matched: ``b`` keeps a receive posted on channel ``(a, b)`` as long as ``a`` may still send on
-   it, that is until ``a``'s ``FIN`` has arrived (before it, requests may come) and while ``b`` waits for
-   replies from ``a`` (``a`` sends a reply only for a request of ``b``). ``a`` sends nothing else.
-3. Every posted receive is matched: ``b`` posts one only in the cases of 2, when a message is owed to it:
-   owners answer every request without waiting for anything, and every worker sends ``FIN`` after its last
-   request once it has finished.
-4. One thread drives each :class:`Engine` (the communication thread); main threads only hand it work.
-
-So every operation completes and the protocol ends once every worker has finished: a rank is :attr:`done`
-when it has sent ``FIN`` to every peer, received ``FIN`` from every peer, received every reply it is owed and
-completed every send. ``tests/test_p2p_protocol.py`` drives this code through a fake backend that enforces
-NCCL's rules over thousands of random schedules.
+Why it ends: owners answer every request without waiting for anything; every worker sends ``FIN`` after its last
+request once it has finished; so every rank eventually receives every reply it is owed and every ``FIN``. A rank
+is :attr:`done` when it has finished and received every reply and every ``FIN`` (the data plane adds: and every
+send of it has completed).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-import torch
 from torch import Tensor
 
-REQUEST, REPLY, FIN = 1, 2, 3
-HEADER_BYTES = 32  # four int64
+REQUEST, REPLY, FIN, PING, PONG = 1, 2, 3, 4, 5
+KINDS = {REQUEST: "REQUEST", REPLY: "REPLY", FIN: "FIN", PING: "PING", PONG: "PONG"}
 
-# apply(gradient shard, source rank, step, staleness) -> the master shard after the update (flat)
-ApplyFn = Callable[[Tensor, int, int, int], Tensor]
+# apply(gradient shard, source rank, step, staleness): one optimizer step of the owner on its master (in place)
+ApplyFn = Callable[[Tensor, int, int, int], Any]
 
 
 @dataclass
-class Op:
-    """One point-to-point operation for a backend to issue: ``send`` on channel ``(rank, peer)`` or ``recv`` on
-    channel ``(peer, rank)``."""
+class Message:
+    """One protocol message to or from ``peer``: the header ``(kind, step, version, extra)`` and a flat payload of
+    exactly the size it needs (``None``: header only)."""
 
-    kind: str
     peer: int
-    channel: tuple[int, int]
-    buffer: Tensor
+    kind: int
+    step: int = 0
+    version: int = 0
+    extra: int = 0
+    payload: Optional[Tensor] = None
+
+    @property
+    def numel(self) -> int:
+        return 0 if self.payload is None else int(self.payload.numel())
 
 
 @dataclass
 class Reply:
-    """A master shard for the worker to install: ``shard`` at ``version``, answering the worker's ``step``."""
+    """A master shard for the worker to install: ``shard`` at ``version``, answering the worker's ``step``.
+    ``ready`` is set by the transport: what the training stream must wait for before it reads ``params``."""
 
     shard: int
     step: int
     version: int
     staleness: int
     params: Tensor
+    ready: Any = None
 
 
 @dataclass
@@ -82,14 +76,24 @@ class _Step:
     staleness: list[int] = field(default_factory=list)
 
 
+def _eager(fn: Callable[[], Any]) -> None:
+    fn()
+
+
+def _snapshot_eager(t: Tensor) -> Tensor:
+    return t.detach().clone()
+
+
 class Engine:
     """The protocol state machine of one rank (see the module docstring). Not thread-safe: one thread drives it.
 
     Args:
         rank, world_size: this rank and the number of ranks (= shards).
         shard_numels: elements of every shard (the same on every rank).
-        dtype, device: of the messages (the parameters').
         apply: the owner's update of this rank's shard (see :data:`ApplyFn`).
+        master: the owner's flat master (updated in place by ``apply``; replies carry snapshots of it).
+        launch: runs device work in stream order (default: now).
+        snapshot: a stream-ordered copy of a device tensor (default: ``clone``).
     """
 
     def __init__(
@@ -97,18 +101,18 @@ class Engine:
         rank: int,
         world_size: int,
         shard_numels: Sequence[int],
-        dtype: torch.dtype,
-        device: torch.device,
         apply: ApplyFn,
+        master: Tensor,
+        launch: Callable[[Callable[[], Any]], Any] = _eager,
+        snapshot: Callable[[Tensor], Tensor] = _snapshot_eager,
     ) -> None:
         if len(shard_numels) != world_size:
             raise ValueError(f"{len(shard_numels)} shard sizes for a world of {world_size}")
+        if master.numel() != int(shard_numels[rank]):
+            raise ValueError(f"rank {rank}: master of {master.numel()} elements for a shard of {shard_numels[rank]}")
         self.rank, self.world_size = rank, world_size
         self.shard_numels = [int(n) for n in shard_numels]
-        self.dtype, self.device = dtype, torch.device(device)
-        self.apply = apply
-        self.header = max(1, HEADER_BYTES // torch.empty((), dtype=dtype).element_size())
-        self.payload = max(self.shard_numels)
+        self.apply, self.master, self.launch, self.snapshot = apply, master, launch, snapshot
         self.peers = [p for p in range(world_size) if p != rank]
         # owner
         self.version = 0
@@ -120,46 +124,20 @@ class Engine:
         self.inbox: list[Reply] = []
         self.finished = False
         self.completed_steps: list[tuple[int, list[int]]] = []  # (step, staleness per shard), in completion order
-        # channels
-        self._out: dict[int, deque[Tensor]] = {p: deque() for p in self.peers}
-        self._sending = {p: False for p in self.peers}
-        self._receiving = {p: False for p in self.peers}
-        self._fin_sent = {p: False for p in self.peers}
         self._fin_received = {p: False for p in self.peers}
+        self.pongs: set[int] = set()
 
-    # ------------------------------------------------------------------ messages
-    def _message(self, kind: int, step: int, version: int, extra: int, payload: Optional[Tensor] = None) -> Tensor:
-        buf = torch.zeros(self.header + self.payload, dtype=self.dtype, device=self.device)
-        buf[: self.header].view(torch.int64)[:4] = torch.tensor([kind, step, version, extra], dtype=torch.int64, device=self.device)
-        if payload is not None and payload.numel():
-            buf[self.header : self.header + payload.numel()].copy_(payload.reshape(-1))
-        return buf
+    # ------------------------------------------------------------------ setup
+    def ping(self, payload: Callable[[], Tensor]) -> list[Message]:
+        """A round trip with every peer (``payload()``: a small device tensor, so the payload path is exercised)."""
+        return [Message(p, PING, payload=payload()) for p in self.peers]
 
-    def _parse(self, buf: Tensor) -> tuple[int, int, int, int]:
-        kind, step, version, extra = (int(x) for x in buf[: self.header].view(torch.int64)[:4].tolist())
-        return kind, step, version, extra
-
-    def _empty(self) -> Tensor:
-        return torch.empty(self.header + self.payload, dtype=self.dtype, device=self.device)
-
-    # ------------------------------------------------------------------ pumps
-    def _pump(self, peer: int) -> list[Op]:
-        ops = []
-        if not self._sending[peer] and self._out[peer]:
-            self._sending[peer] = True
-            ops.append(Op("send", peer, (self.rank, peer), self._out[peer].popleft()))
-        wants = not self._fin_received[peer] or self.replies_owed[peer] > 0
-        if wants and not self._receiving[peer]:
-            self._receiving[peer] = True
-            ops.append(Op("recv", peer, (peer, self.rank), self._empty()))
-        return ops
-
-    def start(self) -> list[Op]:
-        """The first operations: a receive on every incoming channel."""
-        return [op for p in self.peers for op in self._pump(p)]
+    @property
+    def handshake_done(self) -> bool:
+        return len(self.pongs) == len(self.peers)
 
     # ------------------------------------------------------------------ worker
-    def submit(self, step: int, grads: Sequence[Tensor], versions: Sequence[int]) -> list[Op]:
+    def submit(self, step: int, grads: Sequence[Tensor], versions: Sequence[int]) -> list[Message]:
         """Send the gradient shards of ``step`` (``grads[k]`` for owner ``k``, computed at shard versions
         ``versions``); this rank's own shard is applied at once."""
         if self.finished:
@@ -167,30 +145,29 @@ class Engine:
         if step in self.steps:
             raise ValueError(f"step {step} was already submitted")
         self.steps[step] = _Step(pending=set(range(self.world_size)))
-        ops = []
+        out = []
         for k in self.peers:
             self.requests_sent[k] += 1
             self.replies_owed[k] += 1
-            self._out[k].append(self._message(REQUEST, step, int(versions[k]), 0, grads[k]))
-            ops += self._pump(k)
+            out.append(Message(k, REQUEST, step, int(versions[k]), 0, grads[k] if grads[k].numel() else None))
         staleness = self.version - int(versions[self.rank])
-        master = self.apply(grads[self.rank], self.rank, step, staleness)
-        self.version += 1
+        snap = self._update(grads[self.rank], self.rank, step, staleness)
         self.requests_received[self.rank] += 1
-        self._answered(Reply(self.rank, step, self.version, staleness, master.detach().clone()))
-        return ops
+        self._answered(Reply(self.rank, step, self.version, staleness, snap))
+        return out
 
-    def finish(self) -> list[Op]:
+    def finish(self) -> list[Message]:
         """No more steps from this worker: ``FIN`` to every peer, behind its requests."""
         if self.finished:
             return []
         self.finished = True
-        ops = []
-        for p in self.peers:
-            self._out[p].append(self._message(FIN, 0, 0, self.requests_sent[p]))
-            self._fin_sent[p] = True
-            ops += self._pump(p)
-        return ops
+        return [Message(p, FIN, extra=self.requests_sent[p]) for p in self.peers]
+
+    def _update(self, grad: Tensor, source: int, step: int, staleness: int) -> Tensor:
+        """The owner's step on ``grad`` and a snapshot of the master right after it (both in stream order)."""
+        self.launch(lambda: self.apply(grad, source, step, staleness))
+        self.version += 1
+        return self.snapshot(self.master)
 
     def _answered(self, reply: Reply) -> None:
         self.inbox.append(reply)
@@ -210,53 +187,54 @@ class Engine:
         """Steps of this worker with replies outstanding."""
         return len(self.steps)
 
-    # ------------------------------------------------------------------ completions
-    def on_complete(self, op: Op) -> list[Op]:
-        """Handle a completed operation; returns the operations to issue next."""
-        peer = op.peer
-        if op.kind == "send":
-            self._sending[peer] = False
-            return self._pump(peer)
-        self._receiving[peer] = False
-        kind, step, version, extra = self._parse(op.buffer)
-        ops: list[Op] = []
+    # ------------------------------------------------------------------ messages
+    def on_message(self, msg: Message) -> list[Message]:
+        """Handle a message from ``msg.peer``; returns the messages to send."""
+        peer, kind = msg.peer, msg.kind
         if kind == REQUEST:
             if self._fin_received[peer]:
                 raise RuntimeError(f"rank {self.rank}: request from rank {peer} after its FIN")
-            staleness = self.version - version
             numel = self.shard_numels[self.rank]
-            master = self.apply(op.buffer[self.header : self.header + numel], peer, step, staleness)
-            self.version += 1
+            if msg.numel != numel:
+                raise RuntimeError(f"rank {self.rank}: request of {msg.numel} elements from rank {peer}, shard has {numel}")
+            staleness = self.version - msg.version
+            snap = self._update(msg.payload if numel else self.master[:0], peer, msg.step, staleness)
             self.requests_received[peer] += 1
-            self._out[peer].append(self._message(REPLY, step, self.version, staleness, master))
-        elif kind == REPLY:
+            return [Message(peer, REPLY, msg.step, self.version, staleness, snap if numel else None)]
+        if kind == REPLY:
             if self.replies_owed[peer] <= 0:
-                raise RuntimeError(f"rank {self.rank}: unexpected reply from rank {peer} for step {step}")
+                raise RuntimeError(f"rank {self.rank}: unexpected reply from rank {peer} for step {msg.step}")
             self.replies_owed[peer] -= 1
-            numel = self.shard_numels[peer]
-            self._answered(Reply(peer, step, version, extra, op.buffer[self.header : self.header + numel]))
-        elif kind == FIN:
-            if extra != self.requests_received[peer]:
+            params = msg.payload if msg.payload is not None else self.master[:0]
+            self._answered(Reply(peer, msg.step, msg.version, msg.extra, params))
+            return []
+        if kind == FIN:
+            if msg.extra != self.requests_received[peer]:
                 raise RuntimeError(
-                    f"rank {self.rank}: rank {peer} says it sent {extra} requests, {self.requests_received[peer]} arrived"
+                    f"rank {self.rank}: rank {peer} says it sent {msg.extra} requests, {self.requests_received[peer]} arrived"
                 )
             self._fin_received[peer] = True
-        else:
-            raise RuntimeError(f"rank {self.rank}: message of unknown kind {kind} from rank {peer}")
-        return ops + self._pump(peer)
+            return []
+        if kind == PING:
+            return [Message(peer, PONG, payload=msg.payload)]
+        if kind == PONG:
+            self.pongs.add(peer)
+            return []
+        raise RuntimeError(f"rank {self.rank}: message of unknown kind {kind} from rank {peer}")
 
     # ------------------------------------------------------------------ state
     @property
     def done(self) -> bool:
-        """Finished, every FIN sent and received, every reply received, every send completed."""
-        return (
-            self.finished
-            and not self.steps
-            and all(self._fin_received.values())
-            and not any(self._sending.values())
-            and not any(self._out.values())
-        )
+        """Finished, every FIN received, every reply received (the data plane adds: every send completed)."""
+        return self.finished and not self.steps and all(self._fin_received.values())
+
+    def expects_from(self, peer: int) -> bool:
+        """Whether ``peer`` may still send this rank a message."""
+        return not self._fin_received[peer] or self.replies_owed[peer] > 0 or (peer not in self.pongs)
 
     def missing(self) -> list[int]:
-        """Peers this rank still waits for (a reply or their FIN): named when a wait times out."""
-        return [p for p in self.peers if self.replies_owed[p] > 0 or (self.finished and not self._fin_received[p])]
+        """Peers this rank still waits for (a reply, their FIN or their PONG): named when a wait times out."""
+        return [
+            p for p in self.peers
+            if self.replies_owed[p] > 0 or (self.finished and not self._fin_received[p]) or p not in self.pongs
+        ]

@@ -68,6 +68,7 @@ from lightning_asyncpred.exchange import (
     describe_peer_failure,
     to_timedelta,
 )
+from lightning_asyncpred.exchange.p2p import DEFAULT_HANDSHAKE_TIMEOUT
 from lightning_asyncpred.exchange.sharding import partition
 from lightning_asyncpred.exchange.horovod import import_horovod
 from lightning_asyncpred.strategies.base import AsyncUpdateMixin
@@ -113,6 +114,9 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         max_samples: stop after this many training samples summed over all ranks (needs the shared pool;
             ``max_steps`` counts each rank's own steps, and a fast rank would stop early).
         max_updates: stop after this many optimizer steps summed over all ranks (needs the shared pool).
+        handshake_timeout: ``"p2p"``: seconds the data plane's setup may take (creating its groups, warming up
+            every pair, one round trip with every peer). A data plane that cannot work between these processes
+            fails then with an error naming the peers, instead of hanging at the first step.
     """
 
     strategy_name = "async_pred_allreduce"
@@ -131,6 +135,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         shared_pool: Optional[bool] = None,
         max_samples: Optional[int] = None,
         max_updates: Optional[int] = None,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -171,6 +176,9 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         if not (isinstance(heartbeat_interval, (int, float)) and not isinstance(heartbeat_interval, bool) and heartbeat_interval > 0):
             raise ValueError(f"heartbeat_interval must be a number of seconds > 0, got {heartbeat_interval!r}")
         self.heartbeat_interval = float(heartbeat_interval)
+        if not (isinstance(handshake_timeout, (int, float)) and not isinstance(handshake_timeout, bool) and handshake_timeout > 0):
+            raise ValueError(f"handshake_timeout must be a number of seconds > 0, got {handshake_timeout!r}")
+        self.handshake_timeout = float(handshake_timeout)
         self._process_group_backend = process_group_backend
         self.shared_pool = self._check_shared_pool(shared_pool, transport)
         if (max_samples is not None or max_updates is not None) and not self.shared_pool:
@@ -420,6 +428,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             buckets=self._buckets,
             optimizer=self._optimizer,
             backend=self._process_group_backend,
+            handshake_timeout=self.handshake_timeout,
         )
 
     def _make_buckets(self, params: list[Tensor]) -> GradientBuckets:

@@ -1,0 +1,327 @@
+"""The p2p transport (``P2PExchange`` with its ``NCCLBackend``, unchanged) on emulated GPUs (``tests/nccl_emulator.py``).
+
+Random schedules (2-8 workers of unequal speed, 0-3 steps in flight) and 32 / 64 ranks with few steps: each ends,
+every owner applies every gradient shard exactly once, every master equals a serial replay of its updates, every
+parameter a worker installs is the owner's master at the version it was told, no worker has more steps in flight
+than its bound, no data-plane operation runs on the training stream, at most ``send_slots + recv_slots`` kernels of
+the data plane are resident per GPU (the emulated GPUs have ``slots = send_slots + recv_slots + 1``), and every group
+the data plane created is destroyed at the end.
+
+Then designs known to be wrong, each caught: completion taken from ``get_future()`` (done at enqueue), payloads
+posted when announced without clear-to-send (the first design's receives posted ahead: a pair deadlocks), the
+communication thread left on the default stream, a gradient read without waiting for the training stream's event.
+The first design itself (``git show b121b6b:lightning_asyncpred/exchange/p2p.py``) hangs on this emulator at step 0:
+see ``CHANGELOG.md`` (0.3.0) and the README's data-plane section.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+
+from lightning_asyncpred.exchange import PeerLostError
+from lightning_asyncpred.exchange import p2p
+from lightning_asyncpred.exchange.p2p import HandshakeError, P2PExchange
+from lightning_asyncpred.exchange.p2p_backends import NCCLBackend
+from lightning_asyncpred.exchange.p2p_dataplane import DataPlane
+from lightning_asyncpred.exchange.sharding import partition
+from tests.fake_nccl import PostOnArrival
+from tests.nccl_emulator import EmulatorError, World, device_tensor
+
+LR, MOMENTUM = 0.1, 0.9
+SEND_SLOTS = RECV_SLOTS = 2
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    with torch._C.DisableTorchFunctionSubclass():
+        return t.detach().clone().as_subclass(torch.Tensor)
+
+
+class Owner:
+    """The owner of a shard on an emulated GPU: SGD with momentum on a flat master (its update runs as a kernel),
+    with a log of every update for the serial replay."""
+
+    def __init__(self, initial: torch.Tensor, rank: int) -> None:
+        self.initial = initial.clone()
+        self.flat = device_tensor(initial, rank)
+        self.momentum = device_tensor(torch.zeros_like(initial), rank)
+        self.log: list[tuple[int, int, int, torch.Tensor]] = []  # (source, step, staleness, gradient)
+
+    def apply(self, grad, source, step, staleness):
+        self.log.append((source, step, staleness, plain(grad)))
+        self.momentum.mul_(MOMENTUM).add_(grad)
+        self.flat.add_(self.momentum, alpha=-LR)
+        return self.flat
+
+    def state_dict(self):
+        return {}
+
+    def replay(self) -> list[torch.Tensor]:
+        """The master after each logged update, applied serially (version v: index v)."""
+        master, buf = self.initial.clone(), torch.zeros_like(self.initial)
+        versions = [master.clone()]
+        for *_, grad in self.log:
+            buf.mul_(MOMENTUM).add_(grad)
+            master.add_(buf, alpha=-LR)
+            versions.append(master.clone())
+        return versions
+
+
+def _gradient(seed: int, rank: int, step: int, numel: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + rank * 1009 + step)
+    return torch.randn(numel, generator=g, dtype=torch.float64)
+
+
+class Run:
+    """One schedule on emulated GPUs: a worker thread per rank builds its ``P2PExchange`` (the handshake needs them
+    all), trains ``steps[r]`` steps of ``speeds[r]`` seconds (a kernel on the training stream), installs what
+    comes back (a kernel on the training stream that records it), finishes and closes."""
+
+    def __init__(self, seed, world, steps, bound, speeds, sizes, backend_cls=NCCLBackend, plane_cls=DataPlane,
+                 slots=SEND_SLOTS + RECV_SLOTS + 1, timeout=30.0, handshake=30.0, lose=None):
+        self.seed, self.n, self.steps, self.bound, self.speeds = seed, world, steps, bound, speeds
+        self.rng = random.Random(seed)
+        shards = partition(sizes, world)
+        self.numels = [sum(sizes[i] for i in s) for s in shards]
+        init = torch.Generator().manual_seed(seed)
+        self.world = World(world, slots=slots, seed=seed, nccl_delay=self.rng.choice([0.0002, 0.002, 0.01]))
+        self.owners = [Owner(torch.randn(n, generator=init, dtype=torch.float64), r) for r, n in enumerate(self.numels)]
+        self.backend_cls, self.plane_cls = backend_cls, plane_cls
+        self.timeout, self.handshake, self.lose = timeout, handshake, lose
+        self.exchanges: list = [None] * world
+        self.errors: dict[int, BaseException] = {}
+        self.installed: list[list] = [[] for _ in range(world)]
+        self.max_in_flight = [0] * world
+        self.submitted = [0] * world
+        self.applied = [0] * world
+
+    def _worker(self, r: int) -> None:
+        api = self.world.api(r)
+        owner = self.owners[r]
+        backend = self.backend_cls(api, r, self.n, owner.flat, None, timedelta(seconds=self.timeout))
+        rng = random.Random(self.seed * 31 + r)
+        ex = None
+        try:
+            ex = P2PExchange(self.bound, owner, self.numels, r, self.n, backend=backend, timeout=self.timeout,
+                             handshake_timeout=self.handshake)
+            self.exchanges[r] = ex
+            for t in range(self.steps[r]):
+                if self.lose is not None and self.lose[0] == r and t == self.lose[1]:
+                    self.world.kill(r)
+                    ex.close()
+                    return
+                grads = [device_tensor(torch.zeros(n, dtype=torch.float64), r) for n in self.numels]
+                values = [_gradient(self.seed, r, t, n) for n in self.numels]
+
+                def compute(grads=grads, values=values):
+                    for g, v in zip(grads, values):
+                        g.copy_(v)
+
+                api.launch(compute, duration=self.speeds[r] * rng.uniform(0.5, 1.5))
+                ex.submit(t, grads)
+                self.max_in_flight[r] = max(self.max_in_flight[r], ex.in_flight_steps)
+                self._install(r, api, ex, ex.ready())
+            ex.finish()
+            self._install(r, api, ex, ex.ready())
+            api.current_stream().synchronize()
+            self.submitted[r], self.applied[r] = ex.submitted, ex.applied
+        except BaseException as exc:  # noqa: BLE001 - checked by the test
+            self.errors[r] = exc
+        finally:
+            if ex is not None:
+                ex.close()
+
+    def _install(self, r: int, api, ex, ready) -> None:
+        params = ex.take_parameters()
+        for k, p in params.items():
+            version = ex.versions[k]
+            api.launch(lambda k=k, p=p, v=version: self.installed[r].append((k, v, plain(p))))
+
+    def go(self, join: float = 120.0) -> "Run":
+        threads = [threading.Thread(target=self._worker, args=(r,), daemon=True) for r in range(self.n)]
+        p2p.DataPlane = self.plane_cls
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(join)
+        finally:
+            p2p.DataPlane = DataPlane
+        self.hung = [r for r, t in enumerate(threads) if t.is_alive()]
+        self.state = self.world.describe()
+        self.world.close()
+        return self
+
+    def check(self) -> None:
+        assert not self.hung, f"ranks {self.hung} did not end\n{self.state}"
+        assert not self.errors, f"{self.errors}\n{self.state}"
+        assert not self.world.failures, self.world.failures
+        n, steps = self.n, self.steps
+        replays = [o.replay() for o in self.owners]
+        for k, owner in enumerate(self.owners):
+            applied = sorted((src, step) for src, step, _, _ in owner.log)
+            assert applied == sorted((w, t) for w in range(n) for t in range(steps[w])), f"owner {k}"  # exactly once
+            assert torch.equal(plain(owner.flat), replays[k][-1]), f"owner {k} differs from the serial replay"
+            assert all(staleness >= 0 for _, _, staleness, _ in owner.log)
+        for w in range(n):
+            assert self.max_in_flight[w] <= self.bound
+            assert self.submitted[w] == self.applied[w] == steps[w]
+            for shard, version, params in self.installed[w]:  # what the training stream read: the master at that version
+                assert torch.equal(params, replays[shard][version]), (w, shard, version)
+            if steps[w]:  # the last refresh holds every shard just after this worker's last step
+                assert {s for s, _, _ in self.installed[w]} == set(range(n))
+        assert self.world.nccl_ops > 0
+        assert self.world.nccl_ops_from_default_stream == 0, "data-plane operations issued on the default (training) stream"
+        assert max(self.world.max_resident) <= SEND_SLOTS + RECV_SLOTS + 1  # + the training kernel
+        assert all(not groups for groups in self.world.live_groups.values()), self.world.live_groups
+
+
+def _random_schedule(seed: int, **kwargs) -> Run:
+    rng = random.Random(seed)
+    world = rng.randint(2, 8)
+    return Run(
+        seed, world,
+        steps=[rng.randint(0, 4) for _ in range(world)],
+        bound=rng.randint(0, 3),
+        speeds=[rng.choice([0.0005, 0.003, 0.01]) for _ in range(world)],
+        sizes=[rng.randint(1, 40) for _ in range(rng.randint(world, 2 * world + 3))],
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_random_schedules_on_emulated_gpus(block):
+    for seed in range(block * 8, block * 8 + 8):
+        _random_schedule(seed).go().check()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [32, 64])
+def test_many_ranks_with_few_steps(world):
+    rng = random.Random(world)
+    Run(world, world, steps=[2] * world, bound=1, speeds=[rng.choice([0.001, 0.004]) for _ in range(world)],
+        sizes=[rng.randint(1, 30) for _ in range(world + 5)], timeout=120, handshake=120).go(join=300).check()
+
+
+# ---------------------------------------------------------------------------------------------- known-wrong designs
+class FutureCompletion(NCCLBackend):
+    """Known wrong (the first design): a transfer counts as complete when its Work's future is done."""
+
+    def poll(self):
+        done = [t for work, t in self._posted if work.get_future().done()]
+        self._posted = [(w, t) for w, t in self._posted if t not in done]
+        return done
+
+
+class DefaultStream(NCCLBackend):
+    """Known wrong: the communication thread stays on the default stream, the one training runs on."""
+
+    def start(self):
+        self.stream = self.api.current_stream()
+
+
+class NoGradientEvent(NCCLBackend):
+    """Known wrong: the communication stream reads a submitted gradient without waiting for the training stream."""
+
+    def adopt(self, event, tensors):
+        pass
+
+
+def _wrong(**kwargs) -> Run:
+    return Run(3, 2, steps=[3, 3], bound=1, speeds=[0.01, 0.01], sizes=[6, 5, 4], timeout=4, handshake=10, **kwargs).go(join=30)
+
+
+def test_completion_by_future_is_caught():
+    run = _wrong(backend_cls=FutureCompletion)
+    with pytest.raises(AssertionError):
+        run.check()
+    # the payload is used before it arrived: a kernel read a receive buffer NCCL had not written yet
+    assert any("NCCL receive has not written yet" in str(e) for e in run.world.failures), run.world.failures
+
+
+def test_payloads_posted_without_clear_to_send_deadlock_a_pair():
+    run = _wrong(plane_cls=PostOnArrival)
+    with pytest.raises(AssertionError, match="HandshakeError"):
+        run.check()
+    # already the setup round trip: both ranks sent first on their shared communicator, two sends at the heads
+    assert isinstance(run.errors[0], HandshakeError) and run.errors[0].lost_ranks == [1]
+    assert run.state.count("nccl send to rank") == 2 and "resident" in run.state, run.state
+
+
+def test_communication_on_the_default_stream_is_caught():
+    run = _wrong(backend_cls=DefaultStream)
+    with pytest.raises(AssertionError, match="default"):
+        run.check()
+
+
+def test_gradient_read_before_the_training_stream_produced_it_is_caught():
+    run = _wrong(backend_cls=NoGradientEvent)
+    with pytest.raises(AssertionError, match="replay|owner"):
+        run.check()
+
+
+# ---------------------------------------------------------------------------------------------- failures
+def test_a_lost_peer_ends_every_survivor_with_its_name_within_the_timeout():
+    t0 = time.monotonic()
+    run = Run(5, 3, steps=[8, 8, 8], bound=1, speeds=[0.005] * 3, sizes=[5, 5, 5, 5], timeout=3, lose=(2, 2)).go(join=40)
+    assert not run.hung, run.state
+    for r in (0, 1):
+        err = run.errors[r]
+        assert isinstance(err, PeerLostError) and 2 in err.lost_ranks, err
+        assert "rank 2" in str(err)
+    assert time.monotonic() - t0 < 20
+
+
+def test_a_peer_that_never_answers_the_handshake_fails_setup_naming_it_and_the_fallback():
+    world = World(2, slots=5)
+    err = {}
+
+    def rank0():
+        api = world.api(0)
+        owner = Owner(torch.zeros(3, dtype=torch.float64), 0)
+        try:
+            P2PExchange(1, owner, [3, 3], 0, 2, backend=NCCLBackend(api, 0, 2, owner.flat, None, timedelta(seconds=30)),
+                        timeout=30, handshake_timeout=1.5)
+        except BaseException as exc:  # noqa: BLE001
+            err["e"] = exc
+
+    t0 = time.monotonic()
+    th = threading.Thread(target=rank0, daemon=True)
+    th.start()
+    th.join(20)
+    world.close()
+    e = err["e"]
+    assert isinstance(e, HandshakeError) and e.lost_ranks == [1]
+    assert "round trip with rank(s) 1 within 1.5s" in str(e) and "transport='allreduce'" in str(e) and "NCCL" in str(e)
+    assert time.monotonic() - t0 < 10
+
+
+def test_the_emulator_blocks_a_host_read_until_the_stream_reaches_it():
+    """The rule the first design broke: reading a received header on the host waits for the receive."""
+    world = World(2, slots=5, host_timeout=1.0)
+    try:
+        api0 = world.api(0)
+        group = world.new_group(0, [0, 1], "nccl")
+        world.new_group(1, [0, 1], "nccl")
+        buf = device_tensor(torch.zeros(4, dtype=torch.int64), 0)
+        work = api0.irecv(buf, 1, group)
+        assert work.get_future().done()  # "done" at enqueue
+        assert not work.is_completed()
+        work.wait()  # the current (default) stream now waits for the receive
+        with pytest.raises(EmulatorError, match=r"host read \(tolist\)"):
+            buf.tolist()
+        with pytest.raises(EmulatorError, match="outside any stream"):
+            buf.add_(1)
+        api1 = world.api(1)
+        api1.isend(device_tensor(torch.arange(4), 1), 0, group)
+        deadline = time.monotonic() + 5
+        while not work.is_completed() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert buf.tolist() == [0, 1, 2, 3]
+    finally:
+        world.close()
