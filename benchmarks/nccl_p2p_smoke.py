@@ -1,25 +1,25 @@
 """Multi-GPU smoke test of the p2p transport on NCCL: the digits CNN under ``ddp``, then under ``async_pred``.
 
-For each rank count ``N`` (``--ranks 2,8``) that this machine has GPUs for, two torchrun launches of this file
-(``--worker``, one process per GPU, a fresh world each, so neither strategy inherits the other's process groups),
-each under a wall-clock ``--timeout``. Same data, model (``recipes/digits.yaml``: lr 0.02, momentum 0.9, batch 32
-per rank) and samples: ``ddp`` runs ``max_steps=--steps`` per rank; ``async_pred`` (p2p, ``max_staleness=2``,
-``LinearPrediction`` as in the recipe) refuses ``max_steps`` under its shared batch pool and gets the same global
-budget, ``max_updates = steps * N`` (a fast rank takes more of it). No validation during fit. Reported per run (rank 0): wall
-seconds of ``fit`` (slowest rank), samples/s (all ranks), validation accuracy of rank 0's final model, process groups
-at the start of fit (the default group exists) and after it: ``torch.distributed.get_pg_count()`` (groups *created*:
-it never decreases) and the groups still alive (``pg count leak``: must be 0).
+For each rank count ``N`` in ``--ranks`` that this machine has GPUs for: two torchrun launches of this file (one
+process per GPU; a fresh world each, so neither strategy inherits the other's groups), each under ``--timeout``.
+Model and data as ``recipes/digits.yaml`` (lr 0.02, momentum 0.9, batch 32 per rank). ``ddp`` runs ``--steps``
+steps per rank; ``async_pred`` (p2p, ``max_staleness=2``, ``LinearPrediction``) refuses ``max_steps`` under its
+shared batch pool and gets the same samples as a global budget, ``max_updates = steps * N``. No validation during
+fit. Per run: seconds of ``fit`` (slowest rank), samples/s (all ranks), validation accuracy of rank 0's final model,
+and on rank 0 at the start of fit (default group up) and after it ``torch.distributed.get_pg_count()`` (groups
+created: it never decreases) and the groups alive (their difference is the ``pg count leak``: must be 0).
 
-    python benchmarks/nccl_p2p_smoke.py --ranks 2,8      # a machine with 8 GPUs; fewer: SKIP lines, exit 0
+    python benchmarks/nccl_p2p_smoke.py --ranks 2,8                  # fewer GPUs than N: a SKIP line, exit 0
     python benchmarks/nccl_p2p_smoke.py --ranks 2 --steps 20 --cpu   # self-test of the worker path on Gloo/CPU
 
-Prints a markdown table and the comparison lines, writes ``nccl_p2p_smoke.json`` and ``.png`` to ``--out``.
-Exit code 1 when a run failed or timed out. See "Multi-GPU p2p smoke (NCCL)" in ``benchmarks/GPU_CHECKS.md``.
+Prints a markdown table and the comparison lines; writes ``nccl_p2p_smoke.json``, ``.png`` and each launch's log
+to ``--out``. Exit code 1 if a run failed or timed out. See ``benchmarks/GPU_CHECKS.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -113,10 +113,8 @@ def run(args: argparse.Namespace, n: int, strategy: str) -> dict:
         status = "completed" if proc.returncode == 0 else "failed"
     except subprocess.TimeoutExpired:
         for pgid in [proc.pid, *(int(p.read_text()) for p in out.glob(f"n{n}_{strategy}.rank*.pid"))]:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # already gone
                 os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         stdout, stderr = proc.communicate(timeout=60)
         status = "timed out"
     (out / f"n{n}_{strategy}.log").write_text(stdout + stderr)
@@ -125,7 +123,7 @@ def run(args: argparse.Namespace, n: int, strategy: str) -> dict:
     row = {"n": n, "strategy": strategy, "status": status, "launch_seconds": time.time() - t0, **rank0}
     row["error"] = next((r["error"] for r in ranks if r.get("error")), None)
     if status != "completed" and not row["error"]:  # no rank recorded one: the launcher's last error line
-        lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(("=", " "))]
+        lines = [ln for ln in stderr.splitlines() if ln[:1].isalpha()]  # not torchrun's framed summary
         last = next((ln for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[-1] if lines else "")
         row["error"] = last if status == "failed" else f"no result within {args.timeout:g}s; last output: {last or '(none)'}"
     if status == "completed" and len(ranks) == n:
@@ -184,8 +182,7 @@ def main() -> None:
             skipped.append(n)
             continue
         for strategy in STRATEGIES:
-            rows.append(run(args, n, strategy))
-            r = rows[-1]
+            rows.append(r := run(args, n, strategy))
             print(f"n={n} {strategy}: {r['status']} in {r['launch_seconds']:.0f}s" + (f" ({r['error']})" if r["error"] else ""), flush=True)
 
     if rows:

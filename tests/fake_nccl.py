@@ -85,7 +85,7 @@ def simulate(
 
     def schedule() -> None:
         """Make heads resident where a slot is free, then start every matched pair of heads."""
-        for (p, r), q in streams.items():
+        for (_pair, r), q in streams.items():
             if q and not q[0].resident and free[r] > 0:
                 q[0].resident = True
                 free[r] -= 1

@@ -13,7 +13,9 @@ runs here unchanged, with real threads. What it models, and where the real seman
   is a device-to-host copy on the current stream followed by a wait of the host for it: it blocks the CPU until
   that stream reaches it (:class:`EmuTensor`). Device memory is an :class:`EmuTensor`; any other operation on it
   from a host thread is refused (``strict``): device work must be launched on a stream (``EmuAPI.launch``), as
-  torch does implicitly on a GPU. Fresh buffers are filled with NaN, so reading one before it is written shows.
+  torch does implicitly on a GPU. With ``strict=False`` (to run code written without the launch discipline) such
+  operations run at once, and a copy from host memory into device memory is a pageable host-to-device copy: the
+  host waits until the current stream reaches it. Fresh buffers are filled with NaN, so reading one before it is written shows.
 - **NCCL operations** (``ProcessGroupNCCL.cpp``): an operation is enqueued on its communicator's NCCL stream after
   that stream waits on the issuing thread's current stream ("syncStream": ``ncclEvent.record(currentStream);
   ncclEvent.block(ncclStream)``). ``Work.get_future()``: "For GPU work, ``fut.done()`` returns true only whether
@@ -260,6 +262,10 @@ class EmuTensor(torch.Tensor):
             out = func(*args, **kwargs)
             if name == "new_empty" and isinstance(out, Tensor) and out.is_floating_point():
                 out.fill_(float("nan"))  # fresh device memory: reading it before it is written shows
+        if (world is not None and name == "copy_" and not world.in_kernel() and len(args) > 1
+                and isinstance(args[1], Tensor) and not isinstance(args[1], EmuTensor)):
+            # (lenient mode) a pageable host-to-device copy: the host waits until the stream has reached it
+            world.host_sync(world.devices[rank].current_stream(), "a pageable host-to-device copy")
         return _wrap(out, rank)
 
 

@@ -87,6 +87,8 @@ def test_eager_on_cpu_fails_before_any_process_group(monkeypatch):
         ({"mode": "eager"}, r"mode='eager' applies to the allreduce transport; the p2p transport has no modes"),
         ({"drain_on_save": True}, r"drain_on_save=True is not supported by the p2p transport"),
         ({"heartbeat_interval": 0}, r"heartbeat_interval must be a number of seconds > 0"),
+        ({"handshake_timeout": -1}, r"handshake_timeout must be a number of seconds > 0, got -1"),
+        ({"handshake_timeout": "soon"}, r"handshake_timeout must be a number of seconds > 0, got 'soon'"),
     ],
 )
 def test_bad_options(kwargs, match):

@@ -10,8 +10,8 @@ the data plane created is destroyed at the end.
 Then designs known to be wrong, each caught: completion taken from ``get_future()`` (done at enqueue), payloads
 posted when announced without clear-to-send (the first design's receives posted ahead: a pair deadlocks), the
 communication thread left on the default stream, a gradient read without waiting for the training stream's event.
-The first design itself (``git show b121b6b:lightning_asyncpred/exchange/p2p.py``) hangs on this emulator at step 0:
-see ``CHANGELOG.md`` (0.3.0) and the README's data-plane section.
+The first design itself (commit b121b6b) hangs on this emulator at step 0:
+``python -m tests.first_design_on_emulator``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import torch
 
 import pytorch_lightning as pl
 import lightning_asyncpred as la
-from tests.dist_helpers import assert_balanced, assert_identical_replicas, params, results, run, run_external
+from tests.dist_helpers import SCRIPT, assert_balanced, assert_identical_replicas, params, results, run, run_external
 
 P2P = ("--transport", "p2p")
 
@@ -132,3 +132,19 @@ def test_p2p_owners_apply_delay_compensation_and_the_staleness_aware_lr(tmp_path
         # every gradient shard this owner applied was corrected with the master its worker read (none too old)
         assert slr and skipped == 0 and applied == sum(y["global_step"] for y in res)
         assert all(v == v and abs(v) < 1e6 for v in x["val_losses"])  # trained to finite losses
+
+
+def test_p2p_data_plane_groups_live_only_during_a_fit(tmp_path):
+    """Two fits in one process (3 ranks): the data plane's groups (a header group and one per peer) exist during each
+    fit and are destroyed after it."""
+    out = tmp_path / "fits"
+    nproc = 3
+    run(out, nproc=nproc, script=SCRIPT.parent / "two_fits.py", timeout=240)
+    for r in range(nproc):
+        points = json.loads((out / f"rank{r}.json").read_text())["points"]
+        assert [p[0] for p in points] == ["before", "during", "after", "during", "after"]
+        (_, _, _), (_, during1, _), (_, after1, count1), (_, during2, _), (_, after2, count2) = points
+        assert after1 == after2 == 1  # Lightning's default group only
+        assert during1 == during2 == after1 + 1 + (nproc - 1)  # + the header group + one 2-rank group per peer
+        # get_pg_count() counts creations (torch 2.14): every rank creates the header group and every pair's group
+        assert count2 - count1 == 1 + nproc * (nproc - 1) // 2

@@ -299,7 +299,8 @@ class NCCLBackend(Backend):
 
     def hand_over(self, event: Any, tensors: list[Tensor]) -> None:
         current = self.api.current_stream()
-        current.wait_event(event)
+        if event is not None:  # None: made on this thread (the final gather)
+            current.wait_event(event)
         for t in tensors:
             self.api.record_stream(t, current)
 
