@@ -32,6 +32,7 @@ from lightning_asyncpred.exchange.p2p_dataplane import DataPlane
 from lightning_asyncpred.exchange.sharding import partition
 from tests.fake_nccl import PostOnArrival
 from tests.nccl_emulator import EmulatorError, World, device_tensor
+from tests.test_p2p_protocol import _gradient
 
 LR, MOMENTUM = 0.1, 0.9
 SEND_SLOTS = RECV_SLOTS = 2
@@ -70,11 +71,6 @@ class Owner:
             master.add_(buf, alpha=-LR)
             versions.append(master.clone())
         return versions
-
-
-def _gradient(seed: int, rank: int, step: int, numel: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + rank * 1009 + step)
-    return torch.randn(numel, generator=g, dtype=torch.float64)
 
 
 class Run:

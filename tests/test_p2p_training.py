@@ -129,8 +129,11 @@ def test_p2p_owners_apply_delay_compensation_and_the_staleness_aware_lr(tmp_path
     res = _assert_p2p_end_state(out)
     for x in res:
         applied, skipped, slr = x["owner_dc"]
-        # every gradient shard this owner applied was corrected with the master its worker read (none too old)
-        assert slr and skipped == 0 and applied == sum(y["global_step"] for y in res)
+        # every gradient shard this owner applied was corrected with the master its worker read, except a request
+        # older than the history (N (s + 1) + 1 past masters: enough at equal speeds; a rank slowed down by the
+        # shared CPU can see more owner updates in one of its steps), which is applied uncorrected and counted
+        assert slr and applied + skipped == sum(y["global_step"] for y in res)
+        assert skipped <= 0.05 * (applied + skipped), (applied, skipped)
         assert all(v == v and abs(v) < 1e6 for v in x["val_losses"])  # trained to finite losses
 
 
