@@ -101,8 +101,9 @@ def main() -> None:
     threads = [threading.Thread(target=worker, args=(r,), name=f"worker-{r}", daemon=True) for r in range(N)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 30
     for t in threads:
-        t.join(30)
+        t.join(max(0.0, deadline - time.monotonic()))
     print(f"after 30 s: steps completed per rank {steps_done}, threads still running: "
           f"{[r for r, t in enumerate(threads) if t.is_alive()]} (its own timeout was 15 s)")
     print(world.describe())
