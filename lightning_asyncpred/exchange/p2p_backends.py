@@ -201,7 +201,8 @@ class Backend:
 
     # ------------------------------------------------------------------ streams (no-ops on the CPU)
     def launch(self, fn: Callable[[], Any]) -> None:
-        fn()
+        """Device work in stream order (on the CPU: now)."""
+        self.api.launch(fn)
 
     def snapshot(self, t: Tensor) -> Tensor:
         """A copy of ``t`` taken in stream order (after the work issued so far)."""
@@ -278,9 +279,6 @@ class NCCLBackend(Backend):
 
     def poll_interval(self) -> Optional[float]:
         return self._interval if self._posted else None
-
-    def launch(self, fn: Callable[[], Any]) -> None:
-        self.api.launch(fn)
 
     def produced(self) -> Any:
         event = self.api.new_event()
