@@ -105,7 +105,6 @@ class DataPlane:
         self.sends_used = self.recvs_used = 0
         self.byes_received: set[int] = set()
         self.delivered: deque[Message] = deque()
-        self.headers_sent = self.payloads_sent = 0
 
     # ------------------------------------------------------------------ outgoing
     def send(self, messages: list[Message]) -> list[Action]:
@@ -135,7 +134,6 @@ class DataPlane:
         return actions
 
     def _header(self, peer: int, typ: int, *words: int) -> Action:
-        self.headers_sent += 1
         w = [typ, *words]
         return Action("header", peer, w + [0] * (HEADER_WORDS - len(w)))
 
@@ -184,8 +182,6 @@ class DataPlane:
         return actions
 
     def _post(self, kind: str, t: Transfer) -> Action:
-        if kind == "send":
-            self.payloads_sent += 1
         return Action(kind, t.peer, transfer=t)
 
     def _deliver(self, peer: int) -> None:

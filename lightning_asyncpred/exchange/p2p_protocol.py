@@ -34,7 +34,6 @@ from typing import Any, Callable, Optional, Sequence
 from torch import Tensor
 
 REQUEST, REPLY, FIN, PING, PONG = 1, 2, 3, 4, 5
-KINDS = {REQUEST: "REQUEST", REPLY: "REPLY", FIN: "FIN", PING: "PING", PONG: "PONG"}
 
 # apply(gradient shard, source rank, step, staleness): one optimizer step of the owner on its master (in place)
 ApplyFn = Callable[[Tensor, int, int, int], Any]
@@ -227,10 +226,6 @@ class Engine:
     def done(self) -> bool:
         """Finished, every FIN received, every reply received (the data plane adds: every send completed)."""
         return self.finished and not self.steps and all(self._fin_received.values())
-
-    def expects_from(self, peer: int) -> bool:
-        """Whether ``peer`` may still send this rank a message."""
-        return not self._fin_received[peer] or self.replies_owed[peer] > 0 or (peer not in self.pongs)
 
     def missing(self) -> list[int]:
         """Peers this rank still waits for (a reply, their FIN or their PONG): named when a wait times out."""
