@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,9 +27,23 @@ def run(out: Path, *args: str, torchrun: bool = True, timeout: float = 150, chec
     else:  # Lightning's own subprocess launcher: Trainer(devices=nproc)
         cmd = [sys.executable, str(script), "--out", str(out), "--devices", str(nproc), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=out.parent)
+    if check and proc.returncode != 0 and _aborted_at_exit(proc, out, nproc):
+        shutil.rmtree(out, ignore_errors=True)  # once: the same symptom again fails below
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=out.parent)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+def _aborted_at_exit(proc: subprocess.CompletedProcess, out: Path, nproc: int) -> bool:
+    """KNOWN FLAKE (open): after every rank finished its fit and wrote its results, one process aborts while the
+    interpreter exits ("terminate called without an active exception", rc -6: a C++ thread object destroyed while
+    joinable). Seen under allreduce (tests/test_signals.py) and, more often since the p2p data plane creates and
+    destroys its groups per fit, in ``test_shared_pool`` at 3 ranks (2 of 12 runs). Only that exact symptom is
+    retried, once."""
+    log = proc.stdout + proc.stderr
+    finished = all((out / f"rank{r}.json").exists() for r in range(nproc))
+    return finished and "terminate called without an active exception" in log and "-6" in log
 
 
 def free_port() -> int:
