@@ -12,8 +12,9 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-def check_positive_number(name: str, value: Any) -> float:
-    """``value`` as a float if it is a number ``> 0`` (``bool`` and NaN are not), else a ``ValueError``."""
+def check_positive_number(name: str, value: Any, what: str = "a number") -> float:
+    """``value`` as a float if it is a number ``> 0`` (``bool`` and NaN are not), else a ``ValueError`` saying
+    ``name must be <what> > 0``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        raise ValueError(f"{name} must be {what} > 0, got {value!r}")
     return float(value)

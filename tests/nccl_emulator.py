@@ -8,7 +8,7 @@ runs here unchanged, with real threads. What it models, and where the real seman
   selected Stream for a given device", ``torch.cuda.current_stream``; ``torch.cuda.set_stream`` / ``stream()`` are
   per thread). Work on one stream runs in issue order; ``Stream.wait_event`` makes later work of the stream wait
   until the event's work is done; ``Event.query`` is true once the work before the record is done (and for an
-  event never recorded); ``Stream.synchronize`` / ``Event.synchronize`` block the host.
+  event never recorded); ``Stream.synchronize`` blocks the host.
 - **Host reads.** A host read of device memory (``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``, printing)
   is a device-to-host copy on the current stream followed by a wait of the host for it: it blocks the CPU until
   that stream reaches it (:class:`EmuTensor`). Device memory is an :class:`EmuTensor`; any other operation on it
@@ -92,17 +92,8 @@ class EmuStream:
             if event.token is not None:
                 self._put(_Item("wait", token=event.token))
 
-    def record_event(self, event: Optional["EmuEvent"] = None) -> "EmuEvent":
-        event = event or EmuEvent(self.device.world)
-        event.record(self)
-        return event
-
     def synchronize(self) -> None:
         self.device.world.host_sync(self, "Stream.synchronize")
-
-    def query(self) -> bool:
-        with self.device.world.lock:
-            return not self.queue
 
     def _put(self, item: _Item) -> None:  # under the world lock
         self.queue.append(item)
@@ -126,12 +117,6 @@ class EmuEvent:
     def query(self) -> bool:
         with self.world.lock:
             return self.token is None or self.token.done
-
-    def synchronize(self) -> None:
-        self.world.wait_token(self.token, "Event.synchronize")
-
-    def wait(self, stream: EmuStream) -> None:
-        stream.wait_event(self)
 
 
 class _Device:

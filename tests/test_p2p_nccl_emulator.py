@@ -32,9 +32,9 @@ from lightning_asyncpred.exchange.p2p_dataplane import DataPlane
 from lightning_asyncpred.exchange.sharding import partition
 from tests.fake_nccl import PostOnArrival
 from tests.nccl_emulator import EmulatorError, World, device_tensor
-from tests.test_p2p_protocol import _gradient
+from tests import test_p2p_protocol as protocol
+from tests.test_p2p_protocol import LR, MOMENTUM, _gradient
 
-LR, MOMENTUM = 0.1, 0.9
 SEND_SLOTS = RECV_SLOTS = 2
 
 
@@ -43,9 +43,9 @@ def plain(t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone().as_subclass(torch.Tensor)
 
 
-class Owner:
+class Owner(protocol.Owner):
     """The owner of a shard on an emulated GPU: SGD with momentum on a flat master (its update runs as a kernel),
-    with a log of every update for the serial replay."""
+    with a log of every update for the serial replay (``torch.optim.SGD``, inherited)."""
 
     def __init__(self, initial: torch.Tensor, rank: int) -> None:
         self.initial = initial.clone()
@@ -61,16 +61,6 @@ class Owner:
 
     def state_dict(self):
         return {}
-
-    def replay(self) -> list[torch.Tensor]:
-        """The master after each logged update, applied serially (version v: index v)."""
-        master, buf = self.initial.clone(), torch.zeros_like(self.initial)
-        versions = [master.clone()]
-        for *_, grad in self.log:
-            buf.mul_(MOMENTUM).add_(grad)
-            master.add_(buf, alpha=-LR)
-            versions.append(master.clone())
-        return versions
 
 
 class Run:
@@ -158,12 +148,7 @@ class Run:
         assert not self.errors, f"{self.errors}\n{self.state}"
         assert not self.world.failures, self.world.failures
         n, steps = self.n, self.steps
-        replays = [o.replay() for o in self.owners]
-        for k, owner in enumerate(self.owners):
-            applied = sorted((src, step) for src, step, _, _ in owner.log)
-            assert applied == sorted((w, t) for w in range(n) for t in range(steps[w])), f"owner {k}"  # exactly once
-            assert torch.equal(plain(owner.flat), replays[k][-1]), f"owner {k} differs from the serial replay"
-            assert all(staleness >= 0 for _, _, staleness, _ in owner.log)
+        replays = protocol.check_owners(self.owners, [plain(o.flat) for o in self.owners], steps)
         for w in range(n):
             assert self.max_in_flight[w] <= self.bound
             assert self.submitted[w] == self.applied[w] == steps[w]

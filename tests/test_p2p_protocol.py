@@ -93,15 +93,23 @@ def run_schedule(seed, world, steps, bound, speeds, sizes, send_slots=2, recv_sl
     return engines, owners, max_in_flight, replies, stats
 
 
-def _check(engines, owners, max_in_flight, replies, stats, steps, bound, slots=4):
-    world = len(engines)
+def check_owners(owners, masters, steps) -> list[list[torch.Tensor]]:
+    """Every owner applied every worker's every step exactly once, with staleness >= 0, and its final master
+    (``masters[k]``) is the serial replay of its log; returns the replays (version v of shard k: ``[k][v]``)."""
+    world = len(owners)
     replays = [owner.replay() for owner in owners]
     for k, owner in enumerate(owners):
         applied = sorted((src, step) for src, step, _, _ in owner.log)
         assert applied == sorted((w, t) for w in range(world) for t in range(steps[w])), f"owner {k}"  # exactly once
-        assert torch.equal(owner.master.detach(), replays[k][-1]), f"owner {k} differs from the serial replay"
+        assert torch.equal(masters[k], replays[k][-1]), f"owner {k} differs from the serial replay"
         assert all(staleness >= 0 for _, _, staleness, _ in owner.log)
-        assert engines[k].version == sum(steps)
+    return replays
+
+
+def _check(engines, owners, max_in_flight, replies, stats, steps, bound, slots=4):
+    world = len(engines)
+    replays = check_owners(owners, [o.master.detach() for o in owners], steps)
+    assert all(e.version == sum(steps) for e in engines)
     for w, e in enumerate(engines):
         assert e.done and e.in_flight == 0 and not e.steps
         assert max_in_flight[w] <= bound  # never more than `bound` steps in flight when computing the next one

@@ -37,6 +37,7 @@ from lightning_asyncpred.exchange.owner import ShardOwner
 from lightning_asyncpred.exchange.p2p_backends import Backend, make_backend
 from lightning_asyncpred.exchange.p2p_dataplane import Action, DataPlane
 from lightning_asyncpred.exchange.p2p_protocol import Engine, Message
+from lightning_asyncpred.validation import check_positive_number
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,7 @@ class P2PExchange(Exchange):
         recv_slots: int = 2,
     ) -> None:
         super().__init__(max_staleness)
-        if isinstance(handshake_timeout, bool) or not isinstance(handshake_timeout, (int, float)) or handshake_timeout <= 0:
-            raise ValueError(f"handshake_timeout must be a number of seconds > 0, got {handshake_timeout!r}")
+        handshake_timeout = check_positive_number("handshake_timeout", handshake_timeout, "a number of seconds")
         self.owner = owner
         self.rank, self.world_size = int(rank), int(world_size)
         self.timeout = to_timedelta(timeout)
@@ -97,9 +97,8 @@ class P2PExchange(Exchange):
         self.shard_numels = list(shard_numels)
         self.device = owner.flat.device
         self._events: queue.Queue = queue.Queue()
-        report = lambda *event: self._events.put(event)  # noqa: E731
-        self.backend = backend if backend is not None else make_backend(self.device, self.rank, self.world_size, owner.flat, report, self.timeout)
-        self.backend.report = report
+        self.backend = backend if backend is not None else make_backend(self.device, self.rank, self.world_size, owner.flat, None, self.timeout)
+        self.backend.report = lambda *event: self._events.put(event)  # its waiters' completions, to the communication thread
         self.engine = Engine(self.rank, self.world_size, self.shard_numels, owner.apply, owner.flat,
                              launch=self.backend.launch, snapshot=self.backend.snapshot)
         self.plane = DataPlane(self.rank, self.world_size, self.backend.alloc, send_slots, recv_slots)
@@ -121,7 +120,7 @@ class P2PExchange(Exchange):
         self._thread = threading.Thread(target=self._run, name=f"asyncpred-p2p-{self.rank}", daemon=True)
         self._thread.start()
         if self.world_size > 1:
-            self._handshake(float(handshake_timeout))
+            self._handshake(handshake_timeout)
 
     # ------------------------------------------------------------------ setup
     def _handshake(self, seconds: float) -> None:
@@ -129,7 +128,7 @@ class P2PExchange(Exchange):
             self._wait_for(lambda: self.engine.handshake_done, "the setup handshake", seconds)
         except PeerLostError as err:
             self.close()
-            missing = sorted(p for p in self.engine.peers if p not in self.engine.pongs)
+            missing = self.engine.missing()  # before any step: the peers whose PONG has not come
             raise HandshakeError(
                 f"p2p transport ({self.backend.name}): rank {self.rank} could not make a round trip with rank(s) "
                 f"{', '.join(map(str, missing))} within {seconds:g}s at setup ({err}). The data plane does not work "

@@ -125,7 +125,7 @@ class Backend:
         api: :class:`TorchAPI` (or the emulator's).
         rank, world_size: this rank and the number of ranks.
         like: a tensor on the payloads' device and dtype (buffers are ``like.new_empty(n)``).
-        report: ``report(kind, *args)`` puts an event on the communication thread's queue.
+        report: ``report(kind, *args)`` puts an event on the communication thread's queue (``P2PExchange`` sets it).
         timeout: of the payload groups and of every wait on a payload or a header send.
     """
 

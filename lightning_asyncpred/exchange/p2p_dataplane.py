@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from lightning_asyncpred.exchange.p2p_protocol import Message
+from lightning_asyncpred.validation import check_int
 
 # header words: [type, kind, step, version, extra, numel, 0, 0]
 HEADER_WORDS = 8
@@ -90,11 +91,8 @@ class DataPlane:
     """
 
     def __init__(self, rank: int, world_size: int, alloc: Callable[[int], Any], send_slots: int = 2, recv_slots: int = 2) -> None:
-        for name, value in (("send_slots", send_slots), ("recv_slots", recv_slots)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.rank, self.world_size, self.alloc = rank, world_size, alloc
-        self.send_slots, self.recv_slots = send_slots, recv_slots
+        self.send_slots, self.recv_slots = check_int("send_slots", send_slots, 1), check_int("recv_slots", recv_slots, 1)
         self.peers = [p for p in range(world_size) if p != rank]
         self._out: dict[int, deque[Message]] = {p: deque() for p in self.peers}  # not yet announced
         self._active: dict[int, Optional[Transfer]] = {p: None for p in self.peers}  # announced, send not complete

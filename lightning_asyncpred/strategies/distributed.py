@@ -74,7 +74,7 @@ from lightning_asyncpred.exchange.horovod import import_horovod
 from lightning_asyncpred.strategies.base import AsyncUpdateMixin
 from lightning_asyncpred.strategies.horovod_env import LAUNCH_HINT, HorovodEnvironment, rendezvous_address
 from lightning_asyncpred.strategies.work_sharing import WorkSharing
-from lightning_asyncpred.validation import check_int
+from lightning_asyncpred.validation import check_int, check_positive_number
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +173,8 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         else:
             self.mode = check_mode(mode, process_group_backend)
         self._timeout = to_timedelta(timeout)
-        if not (isinstance(heartbeat_interval, (int, float)) and not isinstance(heartbeat_interval, bool) and heartbeat_interval > 0):
-            raise ValueError(f"heartbeat_interval must be a number of seconds > 0, got {heartbeat_interval!r}")
-        self.heartbeat_interval = float(heartbeat_interval)
-        if not (isinstance(handshake_timeout, (int, float)) and not isinstance(handshake_timeout, bool) and handshake_timeout > 0):
-            raise ValueError(f"handshake_timeout must be a number of seconds > 0, got {handshake_timeout!r}")
-        self.handshake_timeout = float(handshake_timeout)
+        self.heartbeat_interval = check_positive_number("heartbeat_interval", heartbeat_interval, "a number of seconds")
+        self.handshake_timeout = check_positive_number("handshake_timeout", handshake_timeout, "a number of seconds")
         self._process_group_backend = process_group_backend
         self.shared_pool = self._check_shared_pool(shared_pool, transport)
         if (max_samples is not None or max_updates is not None) and not self.shared_pool:
