@@ -3,7 +3,9 @@
 Every rank of an ``N``-rank p2p run owns one shard of the trainable parameters (``exchange/sharding.py``:
 greedy largest-first) and keeps the optimizer state for it only; a ddp rank keeps the state of every
 parameter. Measured in one process, without communication: the bytes of the optimizer-state tensors after
-one step of the real optimizers (``ShardOwner`` of every rank for p2p, the user's optimizer for ddp), for
+one step of the real optimizers (``ShardOwner`` of every rank for p2p after a round and one more arrival, the
+user's optimizer for ddp), and the owners' own buffers (``ShardOwner.buffer_bytes``: the round's base, the
+published master, the round's sum, the preview's buffers), for
 ResNet-50 (torchvision, 25.6 M parameters) and the digits CNN, with SGD (momentum) and Adam.
 
     python benchmarks/optimizer_memory.py
@@ -46,14 +48,18 @@ def measure(arch: str, make_optimizer, ranks: list[int]) -> list[dict]:
     rows = []
     for n in ranks:
         shards = partition([p.numel() for p in params], n)
-        per_rank = []
+        per_rank, buffers = [], []
         for owned in shards:
-            owner = ShardOwner(make_optimizer(params), params, owned)
+            owner = ShardOwner(make_optimizer(params), params, owned, world_size=n)
             grad = torch.cat([params[i].grad.reshape(-1) for i in owned]) if owned else torch.zeros(0)
-            owner.apply(grad)
+            for _ in range(n + 1):  # a round (one real step) and one arrival of the next (the preview's buffers)
+                owner.apply(grad)
             per_rank.append(owner.state_bytes())
+            buffers.append(owner.buffer_bytes())
         assert sum(per_rank) == ddp, (arch, n, sum(per_rank), ddp)  # every state byte is somewhere, once
-        rows.append(dict(arch=arch, ranks=n, ddp=ddp, max=max(per_rank), min=min(per_rank), fraction=max(per_rank) / ddp))
+        total = max(s + b for s, b in zip(per_rank, buffers))
+        rows.append(dict(arch=arch, ranks=n, ddp=ddp, max=max(per_rank), min=min(per_rank), fraction=max(per_rank) / ddp,
+                         buffers=max(buffers), total=total, total_fraction=total / ddp))
     return rows
 
 
@@ -66,15 +72,17 @@ def main() -> None:
     for arch in ("resnet50", "digits_cnn"):
         for name, make in OPTIMIZERS.items():
             rows += [dict(optimizer=name, **r) for r in measure(arch, make, args.ranks)]
-    head = "| model | optimizer | ranks | ddp state / rank (MiB) | p2p state, largest rank (MiB) | smallest rank (MiB) | largest / ddp |"
+    head = ("| model | optimizer | ranks | ddp state / rank (MiB) | p2p state, largest rank (MiB) | smallest rank (MiB) | "
+            "largest / ddp | owner buffers, largest (MiB) | state + buffers, largest / ddp state |")
     print(head)
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['arch']} | {r['optimizer']} | {r['ranks']} | {r['ddp'] / 2**20:.2f} | {r['max'] / 2**20:.2f} | "
-              f"{r['min'] / 2**20:.2f} | {r['fraction']:.3f} |")
+              f"{r['min'] / 2**20:.2f} | {r['fraction']:.3f} | {r['buffers'] / 2**20:.2f} | {r['total_fraction']:.3f} |")
     _plot(rows, Path(args.out))
     pick = next(r for r in rows if r["arch"] == "resnet50" and r["optimizer"].startswith("SGD") and r["ranks"] == 4)
     print(f"p2p_state_fraction_4_ranks={pick['fraction']:.3f}")
+    print(f"p2p_state_plus_buffers_fraction_4_ranks={pick['total_fraction']:.3f}")
 
 
 def _plot(rows: list[dict], out: Path) -> None:

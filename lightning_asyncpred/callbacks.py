@@ -298,13 +298,15 @@ class StalenessRemedies(Callback):
     ``staleness_lr`` and ``dc_lambda`` act on the gradient the strategy applies: under ``async_pred_sim``,
     ``async_pred_allreduce`` and ``async_pred_horovod`` in ``on_before_optimizer_step`` (before clipping; when an
     update sums several gradients, eager mode, the oldest one's staleness and read parameters are used); under
-    ``async_pred`` (p2p) at the owners, on every gradient shard as it is applied, with ``tau`` in owner updates and
-    ``w_read`` the master version the worker read, from a history of the owner's past masters (about
-    ``max_staleness + 1`` copies of the model per rank, nothing more on the wire; see
-    :mod:`lightning_asyncpred.exchange.owner`). Under p2p ``w_read`` is the real master the worker read, not the
+    ``async_pred`` (p2p) at the owners, on every gradient shard as it arrives (before it joins its round), with
+    ``tau`` in rounds (the owners' real steps, each one ``ddp`` step: ``0`` in lockstep) and DC-ASGD correcting from
+    ``w_read``, the master version the worker read (from a history of the owner's published masters, about
+    ``max_staleness + 1`` copies of the model per rank, nothing more on the wire), to the round's base; see
+    :mod:`lightning_asyncpred.exchange.owner`. Under p2p ``w_read`` is the real master the worker read, not the
     predicted parameters of :class:`LinearPrediction`, and the owners' DC state (history, DC-ASGD-a's mean square) is
     not in checkpoints: it restarts on resume. ``momentum_correction`` works everywhere (the owners take the
-    momentum from the user's parameter groups).
+    momentum from the user's parameter groups); under p2p ``E[tau]`` is counted in rounds (the measured staleness
+    in owner arrivals divided by ``N``), the unit in which the owners' momentum decays.
     """
 
     def __init__(
@@ -352,6 +354,8 @@ class StalenessRemedies(Callback):
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         if self.momentum_correction:
             tau = float(trainer.strategy.expected_staleness)
+            if self._at_owners:  # staleness in owner arrivals; the owners' momentum decays once per round of N
+                tau /= trainer.world_size
             for g, mu in zip(trainer.optimizers[0].param_groups, self._base_momentum):
                 g["momentum"] = corrected_momentum(mu, tau)
 

@@ -151,3 +151,42 @@ def test_p2p_data_plane_groups_live_only_during_a_fit(tmp_path):
         assert during1 == during2 == after1 + 1 + (nproc - 1)  # + the header group + one 2-rank group per peer
         # get_pg_count() counts creations (torch 2.14): every rank creates the header group and every pair's group
         assert count2 - count1 == 1 + nproc * (nproc - 1) // 2
+
+
+def _semantics(tmp_path, mode):
+    out = tmp_path / mode
+    run(out, "--mode", mode, script=SCRIPT.parent / "optimizer_semantics.py", timeout=240)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _same(a, b):
+    return all(torch.allclose(torch.tensor(a[k]), torch.tensor(b[k]), rtol=1e-6, atol=1e-7) for k in ("w", "b"))
+
+
+def test_p2p_owners_step_the_users_optimizer_as_ddp_does(tmp_path):
+    """The same run under ddp and p2p (asynchronous: rank 1 is slow and the shared pool gives rank 0 more batches),
+    compared: SGD with Nesterov momentum and weight decay, and AdamW, two parameter groups, a per-step LambdaLR.
+    The gradient is constant, so the order of arrivals cannot matter: 16 arrivals per owner are 8 ddp steps, with
+    weight decay, momentum, Adam's normalised step and the schedule applied once per round (today's owner stepped
+    once per arrival: twice the decay, twice Adam's distance, the schedule on each rank's own steps)."""
+    ranks = _semantics(tmp_path, "compare")
+    for res in ranks:
+        for name in ("sgd", "adamw"):
+            ddp, p2p = res[name]["ddp"], res[name]["p2p"]
+            assert _same(p2p, ddp), (name, p2p, ddp)
+            assert p2p["scheduler_steps"] == ddp["scheduler_steps"] == 8  # once per round on every rank
+            assert p2p["lr"] == pytest.approx(ddp["lr"])
+            assert p2p["frequency"] == ddp["frequency"] == 1  # Lightning's own stepping is handed back after the fit
+    for name in ("sgd", "adamw"):
+        steps = [res[name]["p2p"]["local_steps"] for res in ranks]
+        assert sum(steps) == 16 and steps[0] > steps[1]  # really asynchronous: the fast rank took more batches
+
+
+def test_p2p_checkpoint_keeps_the_round_in_progress_and_resume_is_exact(tmp_path):
+    """15 batches per epoch on 2 ranks: the epoch-end checkpoint holds a round with one arrival; resuming from it
+    for epoch 2 ends where an uninterrupted 2-epoch run ends (without the round state it does not: the preview
+    would become the base and the arrival count twice)."""
+    for res in _semantics(tmp_path, "resume"):
+        assert res["saved_round"] == {"rounds": 7, "count": 1}
+        assert _same(res["resumed"], res["straight"]), (res["resumed"], res["straight"])
+        assert res["resumed"]["scheduler_steps"] == res["straight"]["scheduler_steps"] == 15

@@ -80,12 +80,14 @@ def test_owner_applies_delay_compensation_with_the_master_the_worker_read():
     assert owner.dc_skipped == 1
 
 
-def test_owner_applies_the_staleness_aware_lr_in_owner_updates():
-    owner = _owner()
+def test_owner_applies_the_staleness_aware_lr_in_rounds():
+    owner = _owner()  # one worker: every arrival is a round
     owner.set_remedies(staleness_lr=True)
+    for _ in range(4):
+        owner.apply(torch.zeros(3))
     w0 = owner.flat.clone()
     g = torch.tensor([4.0, 4.0, 4.0])
-    after = owner.apply(g.clone(), staleness=4).clone()
+    after = owner.apply(g.clone(), staleness=4).clone()  # read 4 arrivals (4 rounds) ago
     assert torch.allclose(after, w0 - 0.5 * g / 4)
     with pytest.raises(ValueError, match="history of at least 1"):
         owner.set_remedies(dc=DelayCompensation(), history=0)

@@ -63,7 +63,7 @@ def _p2p_factory(max_staleness, group, timeout, monitor, buckets, optimizer, han
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    owner = ShardOwner(optimizer, buckets.params, buckets.groups[rank])
+    owner = ShardOwner(optimizer, buckets.params, buckets.groups[rank], world_size=world)
     return P2PExchange(max_staleness, owner, buckets.numels, rank, world, control_group=group, timeout=timeout,
                        monitor=monitor, handshake_timeout=handshake_timeout)
 

@@ -253,16 +253,15 @@ class P2PExchange(Exchange):
     def _submit(self, step: int, buckets: list[Tensor]) -> None:
         if self._failure is not None:
             raise self._peer_error(self._failure, f"the submission of step {step}")
-        # g / N, as the all-reduce transport applies the mean: N workers' gradients per round move the masters as
-        # one ddp step would, so the learning rate means what it means under ddp
+        # the gradient as computed: each owner steps once per round of N arrivals with their mean (owner.py), so
+        # the learning rate means what it means under ddp
         grads = [b.new_empty(b.shape) for b in buckets]
-        n = self.world_size
 
-        def scale() -> None:
+        def copy() -> None:
             for g, b in zip(grads, buckets):
-                g.copy_(b.detach()).div_(n)
+                g.copy_(b.detach())
 
-        self.backend.launch(scale)  # on the training stream, after the backward that produced the buckets
+        self.backend.launch(copy)  # on the training stream, after the backward that produced the buckets
         self._refresh_at_submit[step] = self.refreshes
         seq = self._post("submit", step, grads, list(self.versions), self.backend.produced())
         self._wait_for(lambda: self._processed >= seq and self.engine.in_flight <= self.max_staleness,
@@ -376,13 +375,39 @@ class P2PExchange(Exchange):
         dist.all_gather_object(gathered, mine, group=self.control_group)
         return {i: state for part in gathered for i, state in part.items()}
 
+    def gather_round_states(self) -> dict[str, Any]:
+        """Every owner's round in progress merged (``ShardOwner.round_state``, keyed by parameter index; a
+        collective on the control group). After :meth:`quiesce` every owner has seen the same arrivals, so the
+        round count and the arrivals in the round are the same on every owner with parameters."""
+        self.backend.synchronize()
+        mine = self.owner.round_state() if self.owner.optimizer is not None else None
+        parts = [mine]
+        if self.world_size > 1:
+            parts = [None] * self.world_size
+            dist.all_gather_object(parts, mine, group=self.control_group)
+        parts = [p for p in parts if p is not None]
+        counts = {(p["rounds"], p["count"]) for p in parts}
+        if len(counts) != 1:
+            raise RuntimeError(f"the owners disagree on the round in progress (rounds, arrivals): {sorted(counts)}")
+        merged = {**parts[0], "base": {}, "acc": {}}
+        for p in parts:
+            merged["base"].update(p["base"])
+            merged["acc"].update(p["acc"])
+        return merged
+
     def state_dict(self) -> dict[str, Any]:
-        """After :meth:`quiesce` nothing is in flight: counters and statistics only (every submitted step counts
-        as applied: its owners have applied it)."""
+        """After :meth:`quiesce` nothing is in flight: counters, statistics and the owners' round in progress
+        (every submitted step counts as applied: its owners have applied it). A collective: every rank calls it."""
         if self.closed:
             raise RuntimeError(f"{type(self).__name__}.state_dict() after close()")
+        self.quiesce()
         return {"transport": self.name, "submitted": self.submitted, "applied": self.submitted,
-                "staleness": self.stats.state_dict(), "in_flight": {}}
+                "staleness": self.stats.state_dict(), "in_flight": {}, "rounds": self.gather_round_states()}
+
+    def load_state_dict(self, state: dict[str, Any], place: Any = list) -> None:
+        super().load_state_dict(state, place)
+        if "rounds" in state:
+            self.owner.load_round_state(state["rounds"])
 
     def _load_state_dict(self, state: Any, place: Any) -> int:
         return 0

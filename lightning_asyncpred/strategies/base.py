@@ -36,6 +36,7 @@ everything in flight (a smaller checkpoint, but every save bends the trajectory)
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -52,6 +53,8 @@ from lightning_asyncpred.strategies.work_sharing import WorkSharing
 from lightning_asyncpred.validation import check_positive_number
 
 log = logging.getLogger(__name__)
+
+_NEVER = sys.maxsize  # a scheduler frequency Lightning's per-batch stepping never reaches
 
 
 class AsyncUpdateMixin:
@@ -83,6 +86,7 @@ class AsyncUpdateMixin:
         # the steps whose gradients the last optimizer step applied (p2p: whose updates it installed); for
         # LinearPrediction's lags and error ratios, read after the step
         self.last_applied_steps: list[int] = []
+        self._round_schedules: list[tuple[Any, int]] = []  # (scheduler config, its frequency) stepped by the owner
 
     # ----------------------------------------------------------- to implement
     def _create_exchange(self) -> Exchange:  # pragma: no cover - abstract
@@ -436,8 +440,39 @@ class AsyncUpdateMixin:
             mine = {i: opt.state[p] for i, p in enumerate(self._buckets.params) if p in opt.state and opt.state[p]}
             self.exchange.owner.load_state(mine)
             opt.state.clear()  # the replica's optimizer is never stepped: its state would only take memory
+            self._schedule_on_rounds()
         super().on_train_start()  # type: ignore[misc]
+
+    def _schedule_on_rounds(self) -> None:
+        """Owner-based transports: per-step lr schedulers follow the global progress, not this rank's steps.
+
+        Each owner makes one real step per round of ``N`` arrivals (``exchange/owner.py``), and every owner sees the
+        same arrivals, so the round count is the number of ``ddp``-sized steps taken. A scheduler with
+        ``interval="step"`` (not ``ReduceLROnPlateau``) is stepped by this rank's owner after every ``frequency``-th
+        real step, as ``ddp`` steps it after its optimizer steps: the owner's step ``r`` uses the scheduler's value
+        after ``r`` steps. Lightning's own per-batch stepping of it is suspended for the fit (its ``frequency`` is
+        set out of reach and restored at the end). Manual optimization steps its schedulers itself."""
+        trainer = self.lightning_module.trainer
+        if not self.lightning_module.automatic_optimization:
+            return
+        configs = [c for c in trainer.lr_scheduler_configs if c.interval == "step" and not c.reduce_on_plateau]
+        self._round_schedules = [(c, c.frequency) for c in configs]
+        for config in configs:
+            config.frequency = _NEVER
+
+        def on_round(rounds: int) -> None:
+            for config, frequency in self._round_schedules:
+                if rounds % frequency == 0:
+                    config.scheduler.step()
+
+        self.exchange.owner.on_round = on_round if configs else None
+
+    def _restore_schedules(self) -> None:
+        for config, frequency in self._round_schedules:
+            config.frequency = frequency
+        self._round_schedules = []
 
     def on_train_end(self) -> None:
         self.drain_and_apply()
+        self._restore_schedules()
         super().on_train_end()  # type: ignore[misc]

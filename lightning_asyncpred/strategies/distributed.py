@@ -574,6 +574,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
     def teardown(self) -> None:
         """Idempotent; safe after a failed setup. In-flight gradients are abandoned, never waited on."""
         self._close_exchange()
+        self._restore_schedules()
         self._uninstall_signals()
         self._stop_monitor()
         if self.accelerator is None or self.cluster_environment is None:
