@@ -21,10 +21,11 @@ user's own optimizer the rule needs nothing but its ``step`` (:class:`TentativeP
 
 Two implementations of the same rule:
 
-* :class:`SGDPreview` (``torch.optim.SGD`` itself): the coefficients ``a`` (per element) and ``b`` are computed
-  once per round from the group hyperparameters and the momentum buffers (torch's ``_single_tensor_sgd``:
-  ``e = +-g + wd w``; ``buf <- e`` on the first step, else ``buf <- mu buf + (1 - dampening) e``; the update is
-  ``buf``, or ``e + mu buf`` with ``nesterov``), so an arrival costs two passes over the shard;
+* :class:`SGDPreview` (``torch.optim.SGD`` itself): ``a = alpha' w_r + beta' buf`` and ``b`` follow from the group
+  hyperparameters and the momentum buffer, once per round (torch's ``_single_tensor_sgd``: ``e = +-g + wd w``;
+  ``buf <- e`` on the first step, else ``buf <- mu buf + (1 - dampening) e``; the update is ``buf``, or
+  ``e + mu buf`` with ``nesterov``), so an arrival costs one pass over the shard reading ``w_r``, ``buf`` and
+  ``G_k``, and no memory;
 * :class:`TentativePreview` (any other optimizer): a scratch copy of the shard and of the optimizer state takes
   the step ``T`` at every arrival (a copy, a step and an interpolation: a few passes over the shard).
 
@@ -44,62 +45,48 @@ from torch.optim import Optimizer
 class SGDPreview:
     """The preview for ``torch.optim.SGD`` from its closed form (see the module docstring).
 
-    ``flat = base - k * A - B * G`` with ``A = lr a / N`` (per element) and ``B = lr b / N`` (a number, or per
-    element when the groups' ``lr * b`` differ) of the round.
+    Per parameter, with the round's coefficients: ``w = (1 - k alpha) w_r - k beta buf - c G_k`` where
+    ``-lr a / N = -alpha w_r - beta buf`` (weight decay and momentum) and ``c = lr b / N``; no buffer of its own.
     """
 
     def __init__(self, optimizer: Optimizer, masters: list[Tensor], base: Tensor, world_size: int) -> None:
         self.optimizer, self.masters, self.base, self.world_size = optimizer, masters, base, world_size
-        self.A = torch.zeros_like(base)
-        self.B: Any = 0.0  # a number when every group has the same lr * b (the usual case), else per element
         self._offsets = {id(m): o for o, m in zip(_offsets(masters), masters)}
+        self._terms: list[tuple[int, int, float, float, Any, float]] = []  # (offset, numel, alpha, beta, buf, c)
         self.ready = False
 
     def new_round(self) -> None:
         self.ready = False
 
-    @torch.no_grad()
     def _coefficients(self) -> None:
         n = self.world_size
-        bs: dict[int, float] = {}  # lr * b / N of every master
+        self._terms = []
         for group in self.optimizer.param_groups:
             lr, mu, damp = float(group["lr"]), float(group["momentum"]), float(group["dampening"])
             wd, nesterov, sign = float(group["weight_decay"]), bool(group["nesterov"]), -1.0 if group["maximize"] else 1.0
             for p in group["params"]:
-                o = self._offsets[id(p)]
-                A = self.A[o : o + p.numel()].view_as(p)
                 buf = self.optimizer.state.get(p, {}).get("momentum_buffer") if mu != 0 else None
                 if mu == 0:
-                    wd_scale, b = 1.0, 1.0
+                    b = 1.0
                 elif buf is None:  # the first step: buf = e
-                    wd_scale = b = 1.0 + mu if nesterov else 1.0
+                    b = 1.0 + mu if nesterov else 1.0
                 else:
                     b = 1.0 + mu * (1.0 - damp) if nesterov else 1.0 - damp
-                    wd_scale = b
-                torch.mul(p, lr * wd * wd_scale / n, out=A)
-                if buf is not None:
-                    A.add_(buf, alpha=lr * (mu * mu if nesterov else mu) / n)
-                bs[id(p)] = lr * b * sign / n
-        if len(set(bs.values())) <= 1:
-            self.B = next(iter(bs.values()), 0.0)
-        else:
-            self.B = torch.empty_like(self.base)
-            for group in self.optimizer.param_groups:
-                for p in group["params"]:
-                    o = self._offsets[id(p)]
-                    self.B[o : o + p.numel()].fill_(bs[id(p)])
+                beta = lr * (mu * mu if nesterov else mu) / n if buf is not None else 0.0
+                self._terms.append((self._offsets[id(p)], p.numel(), lr * wd * b / n, beta, buf, lr * b * sign / n))
         self.ready = True
 
     @torch.no_grad()
     def publish(self, flat: Tensor, acc: Tensor, count: int) -> None:
-        """``flat = base - count * A - B * acc``."""
+        """``flat = (1 - count alpha) base - count beta buf - c acc``, parameter by parameter."""
         if not self.ready:
             self._coefficients()
-        torch.sub(self.base, self.A, alpha=count, out=flat)
-        if isinstance(self.B, Tensor):
-            flat.addcmul_(self.B, acc, value=-1.0)
-        else:
-            flat.add_(acc, alpha=-self.B)
+        for o, n, alpha, beta, buf, c in self._terms:
+            out = flat[o : o + n]
+            torch.mul(self.base[o : o + n], 1.0 - count * alpha, out=out)
+            if buf is not None:
+                out.add_(buf.reshape(-1), alpha=-count * beta)
+            out.add_(acc[o : o + n], alpha=-c)
 
 
 class TentativePreview:

@@ -228,8 +228,8 @@ class AsyncUpdateMixin:
             result = closure() if closure is not None else None
             self.exchange.submit(self.local_steps, self._buckets.flatten_grads())
             self.local_steps += 1
-            # what an LR scheduler's wrapper of optimizer.step records: a step happened (the owners take the lr
-            # from these param groups at their next step, so no schedule value is skipped)
+            # what an LR scheduler's wrapper of optimizer.step records: a step happened (the owners take the
+            # hyperparameters from these param groups; per-step schedulers are stepped by the owner once per round)
             optimizer._opt_called = True
             return result
 

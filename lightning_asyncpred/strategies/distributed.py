@@ -98,8 +98,9 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         process_group_backend: ``"gloo"`` or ``"nccl"`` (default: NCCL on CUDA, Gloo on CPU).
         timeout: seconds (or a ``timedelta``) any wait on a peer may block; also the process group's
             timeout. A lost peer ends every other rank with :class:`PeerLostError` within about this time.
-        transport: ``"p2p"`` (default: owners apply each gradient shard on arrival, a straggler slows only
-            itself; see ``exchange/p2p.py``), ``"allreduce"`` (stale-synchronous) or another transport registered
+        transport: ``"p2p"`` (default: owners take each gradient shard on arrival and make one step of the
+            user's optimizer per round of ``N`` arrivals, with their mean, as ``ddp`` steps; a straggler slows only
+            itself; see ``exchange/p2p.py`` and ``exchange/owner.py``), ``"allreduce"`` (stale-synchronous) or another transport registered
             in :data:`lightning_asyncpred.exchange.TRANSPORTS`. ``mode`` applies to ``"allreduce"`` only. Under
             ``"p2p"`` ``max_staleness`` bounds how many of this worker's steps are in flight, the default
             process group (Lightning's collectives) is Gloo and the data plane uses ``process_group_backend``.
