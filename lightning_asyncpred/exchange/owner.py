@@ -106,11 +106,6 @@ class ShardOwner:
             offset += n
         return out
 
-    @property
-    def steps(self) -> int:
-        """Arrivals applied (each moves the published master)."""
-        return self.arrivals
-
     def set_remedies(self, staleness_lr: bool = False, dc: Optional[DelayCompensation] = None, history: int = 0) -> None:
         """Apply the staleness-aware learning rate and/or DC-ASGD (``dc``, keeping ``history`` past masters for
         ``w_read``) to every arrival from now on (see the module docstring)."""
@@ -162,9 +157,9 @@ class ShardOwner:
         self.acc.add_(grad.reshape(-1))
         self.count += 1
         self.arrivals += 1
-        if self.count < self.world_size:  # (>: a round saved by more workers, see load_round_state)
+        if self.count < self.world_size:
             self._preview.publish(self.flat, self.acc, self.count)
-        else:
+        else:  # (more than world_size only in a round saved by more workers: see load_round_state)
             self._step()
         return self.flat
 
