@@ -242,3 +242,17 @@ def test_p2p_refuses_parameters_of_several_dtypes(monkeypatch):
     trainer = _trainer(AsyncPredStrategy(transport="p2p", timeout=10))
     with pytest.raises(ValueError, match=r"one dtype for all trainable parameters .* got torch.float32, torch.float64"):
         trainer.fit(Mixed(), la.DigitsDataModule())
+
+
+@pytest.mark.parametrize("device, backend, ok", [
+    ("cuda", "gloo", False), ("cuda", "nccl", True), ("cpu", "nccl", False), ("cpu", "gloo", True), ("cpu", "mpi", False),
+])
+def test_p2p_refuses_a_process_group_backend_its_data_plane_cannot_use(device, backend, ok):
+    """The data plane is NCCL on CUDA and Gloo on the CPU (exchange/p2p_backends.py); another choice was silently
+    replaced (Gloo on CUDA took the NCCL adapter). Checked with the transport's environment, before any group."""
+    strategy = AsyncPredStrategy(process_group_backend=backend, parallel_devices=[torch.device(device, 0)])
+    if ok:
+        strategy._check_p2p_environment()
+        return
+    with pytest.raises(ValueError, match=rf"(?i)process_group_backend='{backend}' with the p2p transport on {device}"):
+        strategy._check_p2p_environment()

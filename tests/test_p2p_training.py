@@ -190,3 +190,16 @@ def test_p2p_checkpoint_keeps_the_round_in_progress_and_resume_is_exact(tmp_path
         assert res["saved_round"] == {"rounds": 7, "count": 1}
         assert _same(res["resumed"], res["straight"]), (res["resumed"], res["straight"])
         assert res["resumed"]["scheduler_steps"] == res["straight"]["scheduler_steps"] == 15
+
+
+def test_p2p_refuses_before_it_builds_the_data_plane(tmp_path):
+    """A setting the strategy refuses (max_steps under the shared batch pool) is refused before the data plane's
+    groups exist, so the run ends with its error (exit 1), not an abort at exit."""
+    out = tmp_path / "refused"
+    proc = run(out, *P2P, "--max-steps", "40", "--max-epochs", "2", "--natural-exit", check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
+    for r in range(2):
+        res = json.loads((out / f"rank{r}.json").read_text())
+        assert res["error_type"] == "ValueError" and "max_steps=40" in res["error"]
+        assert res["live_groups"] == 1  # Lightning's default group only: no header group, no pair group

@@ -307,7 +307,25 @@ class NCCLBackend(Backend):
             self.stream.synchronize()
 
 
+def check_backend(device: torch.device, backend: Any) -> None:
+    """Refuse a ``process_group_backend`` the data plane cannot use on ``device``: it is NCCL on CUDA (Gloo's
+    point-to-point on CUDA tensors has no usable completion) and Gloo on the CPU."""
+    kind = torch.device(device).type
+    name = str(backend).lower() if backend is not None else None
+    if kind == "cuda" and name != "nccl":
+        raise ValueError(
+            f"process_group_backend={backend!r} with the p2p transport on CUDA: its data plane needs NCCL on GPUs "
+            "(Gloo's point-to-point on CUDA tensors cannot be completed without blocking); use "
+            "process_group_backend='nccl' (the default on CUDA) or transport='allreduce'"
+        )
+    if kind != "cuda" and name not in (None, "gloo"):
+        raise ValueError(
+            f"process_group_backend={backend!r} with the p2p transport on {kind}: its data plane uses Gloo off GPUs; "
+            "use process_group_backend='gloo' (the default on CPU) or None"
+        )
+
+
 def make_backend(device: torch.device, *args: Any, **kwargs: Any) -> Backend:
-    """NCCL on CUDA, Gloo otherwise."""
+    """NCCL on CUDA, Gloo otherwise (:func:`check_backend` refuses other combinations)."""
     cls = NCCLBackend if torch.device(device).type == "cuda" else Backend
     return cls(TorchAPI(device), *args, **kwargs)

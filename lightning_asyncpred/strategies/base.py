@@ -129,10 +129,14 @@ class AsyncUpdateMixin:
         self._optimizer = self.optimizers[0]
         params = [p for group in self._optimizer.param_groups for p in group["params"] if p.requires_grad]
         self._buckets = self._make_buckets(params)
+        self._check_buckets()
         self.exchange = self._create_exchange()
         if self._pending_async_state is not None:
             self._restore_exchange(self._pending_async_state)
             self._pending_async_state = None
+
+    def _check_buckets(self) -> None:
+        """Refuse a bucket layout before the exchange is built (default: nothing to check)."""
 
     def _close_exchange(self) -> None:
         if getattr(self, "exchange", None) is not None:

@@ -69,6 +69,7 @@ from lightning_asyncpred.exchange import (
     to_timedelta,
 )
 from lightning_asyncpred.exchange.p2p import DEFAULT_HANDSHAKE_TIMEOUT
+from lightning_asyncpred.exchange.p2p_backends import check_backend
 from lightning_asyncpred.exchange.sharding import partition
 from lightning_asyncpred.exchange.horovod import import_horovod
 from lightning_asyncpred.strategies.base import AsyncUpdateMixin
@@ -305,6 +306,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
     def _check_p2p_environment(self) -> None:
         from lightning_fabric.plugins.environments import SLURMEnvironment
 
+        check_backend(self.root_device, self._process_group_backend)
         env = self.cluster_environment
         if isinstance(env, SLURMEnvironment) and env.auto_requeue:
             raise ValueError(
@@ -393,10 +395,10 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             from lightning_fabric.utilities.optimizer import _optimizers_to_device
 
             _optimizers_to_device(self.optimizers, self.root_device)
-            self._setup_exchange(trainer)
-            self._check_bucket_layout()
+            # every refusal before the exchange (the p2p data plane) is built: a refused run ends with its error
             if self._work_sharing is not None:
                 self._work_sharing.check_trainer(trainer)
+            self._setup_exchange(trainer)  # checks the bucket layout (_check_buckets) before it builds
             self._install_signals(trainer)
 
     # ------------------------------------------------------------- signals
@@ -453,7 +455,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             )
         return GradientBuckets.from_groups(params, partition([p.numel() for p in params], world))
 
-    def _check_bucket_layout(self) -> None:
+    def _check_buckets(self) -> None:
         assert self._buckets is not None
         if self.transport == "p2p":  # the buckets are the shards: bucket_cap_mb plays no part
             self._all_ranks_agree([len(self._buckets)] + list(self._buckets.numels), "shard layout")

@@ -256,6 +256,8 @@ def main() -> None:
         result["elapsed"] = time.time() - t0
         result["global_step"] = trainer.global_step
         result["signal_actions"] = getattr(trainer.strategy, "signal_actions", None)
+        # process groups alive after the failed fit (the default one; the p2p data plane's if it was built)
+        result["live_groups"] = len(torch.distributed.distributed_c10d._world.pg_map) if torch.distributed.is_initialized() else 0
         _write_json(os.path.join(args.out, f"rank{rank}.json"), result)
         if args.natural_exit:
             raise
