@@ -151,6 +151,12 @@ def test_p2p_data_plane_groups_live_only_during_a_fit(tmp_path):
         assert during1 == during2 == after1 + 1 + (nproc - 1)  # + the header group + one 2-rank group per peer
         # get_pg_count() counts creations (torch 2.14): every rank creates the header group and every pair's group
         assert count2 - count1 == 1 + nproc * (nproc - 1) // 2
+    # each fit's keys in the store are its own (the same on every rank): a signal or a pool counter of the first
+    # fit is never seen by the second
+    keys = [json.loads((out / f"rank{r}.json").read_text())["keys"] for r in range(nproc)]
+    assert all(k == keys[0] for k in keys)
+    (a, b) = keys[0]
+    assert a["signal"] != b["signal"] and a["pool"] != b["pool"] and a["signal"].split("/")[1] == a["pool"].split("/")[1]
 
 
 def _semantics(tmp_path, mode):

@@ -182,6 +182,28 @@ def test_first_proposal_wins_and_every_rank_learns_it_at_a_batch_start():
     assert ranks[2].performed == []  # not yet: step 8
 
 
+def test_a_later_fit_does_not_find_an_earlier_fits_signal():
+    """The store outlives a Trainer (one process group for several fits): keys are scoped to a fit's prefix, so a
+    second fit's ranks do not adopt the first fit's agreed step (they raised SIGTERMException at step 1)."""
+    store = dist.HashStore()
+    first = SafePointSignals(lead=2, store=store, key="asyncpred/fit1/signal")
+    first._trainer = _trainer(7)
+    first._on_sigterm(signal.SIGTERM, None)
+    assert first.agreed == {"sigterm": 9}
+    second = SafePointSignals(lead=2, store=store, key="asyncpred/fit2/signal")
+    trainer = _trainer(0)
+    second._trainer = trainer
+    for step in range(12):
+        trainer.global_step = step
+        second.on_train_batch_start(trainer, None, None, step)
+        second.on_train_batch_end(trainer, None, None, None, step)
+    assert second.agreed == {} and second.performed == [] and not trainer._signal_connector.received_sigterm
+    same = SafePointSignals(lead=2, store=store, key="asyncpred/fit1/signal")  # the same fit's key: it is seen
+    same._trainer = _trainer(8)
+    same.on_train_batch_start(same._trainer, None, None, 0)
+    assert same.agreed == {"sigterm": 9}
+
+
 def test_sigterm_acts_at_the_agreed_step_only():
     sig = SafePointSignals(lead=1)  # one process
     trainer = _trainer(4)

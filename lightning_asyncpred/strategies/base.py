@@ -87,6 +87,7 @@ class AsyncUpdateMixin:
         # LinearPrediction's lags and error ratios, read after the step
         self.last_applied_steps: list[int] = []
         self._round_schedules: list[tuple[Any, int]] = []  # (scheduler config, its frequency) stepped by the owner
+        self._fit_key = "asyncpred"  # the prefix of this fit's keys in the c10d store (unique per fit when shared)
 
     # ----------------------------------------------------------- to implement
     def _create_exchange(self) -> Exchange:  # pragma: no cover - abstract
@@ -147,7 +148,8 @@ class AsyncUpdateMixin:
         """SIGTERM and the SLURM requeue signal act at an agreed step boundary (see ``signals.py``)."""
         self._uninstall_signals()
         self._signals = SafePointSignals(
-            self._signal_lead(), self._signal_store(), self._signal_store_failure, per_rank=self._signal_per_rank()
+            self._signal_lead(), self._signal_store(), self._signal_store_failure, per_rank=self._signal_per_rank(),
+            key=f"{self._fit_key}/signal",
         )
         self._signals.install(trainer)
 

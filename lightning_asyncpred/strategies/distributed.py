@@ -276,10 +276,12 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         if dist.get_world_size() != self.num_nodes * self.num_processes:
             raise ValueError(self._mismatch_message(dist.get_world_size()))
         self._start_monitor()
-        if self._work_sharing is not None and self._monitor is not None:
-            # a key unique to this fit in the store (a process group outlives a Trainer)
-            key = self.broadcast(f"asyncpred/pool/{uuid.uuid4().hex}")
-            self._work_sharing.connect(self._monitor.store, key)
+        if self._monitor is not None:
+            # a prefix unique to this fit in the store (a process group, and its store, outlive a Trainer): the
+            # pool's counters and the signal keys of one fit are never seen by another
+            self._fit_key = self.broadcast(f"asyncpred/{uuid.uuid4().hex}")
+            if self._work_sharing is not None:
+                self._work_sharing.connect(self._monitor.store, f"{self._fit_key}/pool")
 
     def _start_horovod(self) -> None:
         """``hvd.init()`` (here, never in ``__init__``), check the Trainer against Horovod's launch, and agree on the

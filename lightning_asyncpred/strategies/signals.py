@@ -45,8 +45,6 @@ log = logging.getLogger(__name__)
 _lightning_log = _lightning_signals.log  # what Lightning prints on a signal, printed the same way
 
 KINDS = ("sigterm", "requeue")
-_PREFIX = "asyncpred/signal/"
-_GENERATION = _PREFIX + "generation"
 
 
 class SafePointSignals(Callback):
@@ -59,6 +57,8 @@ class SafePointSignals(Callback):
             rank that hosted the store).
         per_rank: the ranks' step counts are unrelated (the p2p transport): every rank acts ``lead`` steps after
             it learns of the signal, at its own step boundary; only the fact of the signal is agreed.
+        key: the prefix of this run's keys in the store, the same on every rank and unique to one ``fit`` (a process
+            group, and its store, outlive a Trainer: a later fit must not find an earlier fit's signal).
     """
 
     def __init__(
@@ -67,8 +67,10 @@ class SafePointSignals(Callback):
         store: Optional[Any] = None,
         on_store_failure: Optional[Callable[[BaseException], BaseException]] = None,
         per_rank: bool = False,
+        key: str = "asyncpred/signal",
     ) -> None:
         self.lead = int(lead)
+        self.key = key.rstrip("/") + "/"
         self.per_rank = per_rank
         self.store = store
         self.on_store_failure = on_store_failure
@@ -129,9 +131,9 @@ class SafePointSignals(Callback):
         step = self._trainer.global_step + self.lead
         if self.store is not None:
             try:
-                agreed = int(self.store.compare_set(_PREFIX + kind, "", str(step)))  # the first proposal wins
+                agreed = int(self.store.compare_set(self.key + kind, "", str(step)))  # the first proposal wins
                 step = step if self.per_rank else agreed
-                self.store.add(_GENERATION, 1)
+                self.store.add(self.key + "generation", 1)
             except Exception:  # the store's host is gone: act on this rank's own proposal
                 log.warning("could not publish the %s signal through the c10d store; acting on this rank only", kind)
         self.agreed[kind] = step
@@ -149,12 +151,12 @@ class SafePointSignals(Callback):
 
     def _poll(self) -> None:
         try:
-            generation = int(self.store.add(_GENERATION, 0))
+            generation = int(self.store.add(self.key + "generation", 0))
             if generation == self._generation:
                 return
             self._generation = generation
             for kind in KINDS:
-                key = _PREFIX + kind
+                key = self.key + kind
                 if kind not in self.agreed and self.store.check([key]):
                     step = int(self.store.get(key))
                     self.agreed[kind] = self._trainer.global_step + self.lead if self.per_rank else step

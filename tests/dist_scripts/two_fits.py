@@ -2,7 +2,8 @@
 
 Writes ``<out>/rank<k>.json``: ``live`` (the live process groups, ``len(torch.distributed.distributed_c10d._world.pg_map)``)
 before fit 1, during fit 1, after fit 1, during fit 2 and after fit 2, and ``pg_count`` (``dist.get_pg_count()``,
-which in torch 2.14 counts group creations: it never goes down) at the same points.
+which in torch 2.14 counts group creations: it never goes down) at the same points, and ``keys``: each fit's
+prefixes in the c10d store (signals, pool).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     points: list = [("before", live(), 0)]
+    keys: list = []  # the store keys of each fit (signals, pool)
     for _ in range(2):
         pl.seed_everything(0, workers=True)
         trainer = pl.Trainer(
@@ -51,8 +53,9 @@ def main() -> None:
         )
         trainer.fit(la.ImageClassifier(arch="digits_cnn", lr=0.05, momentum=0.9), datamodule=la.DigitsDataModule(batch_size=32))
         points.append(("after", live(), dist.get_pg_count()))
+        keys.append({"signal": trainer.strategy._signals.key, "pool": trainer.strategy._work_sharing.key})
     with open(os.path.join(args.out, f"rank{dist.get_rank()}.json"), "w") as f:
-        json.dump({"points": points}, f)
+        json.dump({"points": points, "keys": keys}, f)
 
 
 if __name__ == "__main__":
