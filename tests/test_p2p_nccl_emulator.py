@@ -26,7 +26,7 @@ import torch
 
 from lightning_asyncpred.exchange import PeerLostError
 from lightning_asyncpred.exchange import p2p
-from lightning_asyncpred.exchange.p2p import HandshakeError, P2PExchange
+from lightning_asyncpred.exchange.p2p import ExchangeThreadError, HandshakeError, P2PExchange
 from lightning_asyncpred.exchange.p2p_backends import NCCLBackend
 from lightning_asyncpred.exchange.p2p_dataplane import DataPlane
 from lightning_asyncpred.exchange.sharding import partition
@@ -256,6 +256,32 @@ def test_a_lost_peer_ends_every_survivor_with_its_name_within_the_timeout():
         assert isinstance(err, PeerLostError) and 2 in err.lost_ranks, err
         assert "rank 2" in str(err)
     assert time.monotonic() - t0 < 20
+
+
+def test_a_local_failure_of_the_communication_thread_is_reported_as_local_with_its_cause(monkeypatch):
+    """A failure on rank 1's communication thread that is not a communication operation's (here a protocol error
+    while it handles its third message; out of memory in the owner's step takes the same path on a real GPU, where
+    the step is enqueued from that thread): rank 1 ends with an error saying the failure is its own, the original
+    exception chained, not a PeerLostError blaming a peer; the others then lose rank 1 and name it."""
+    handled = {"n": 0}
+    on_message = p2p.Engine.on_message
+
+    def failing(self, msg):
+        if self.rank == 1:
+            handled["n"] += 1
+            if handled["n"] == 3:
+                raise AssertionError("reply for a step this rank never sent (injected)")
+        return on_message(self, msg)
+
+    monkeypatch.setattr(p2p.Engine, "on_message", failing)
+    run = Run(3, 3, steps=[6, 6, 6], bound=1, speeds=[0.003] * 3, sizes=[5, 5, 5, 5], timeout=3).go(join=40)
+    assert not run.hung, run.state
+    err = run.errors[1]
+    assert isinstance(err, ExchangeThreadError) and not isinstance(err, PeerLostError), repr(err)
+    assert isinstance(err.__cause__, AssertionError)
+    assert "failed on this rank (not a peer)" in str(err) and "AssertionError: reply for a step" in str(err)
+    for r in (0, 2):
+        assert isinstance(run.errors[r], PeerLostError) and "rank 1" in str(run.errors[r]), run.errors[r]
 
 
 def test_a_peer_that_never_answers_the_handshake_fails_setup_naming_it_and_the_fallback():

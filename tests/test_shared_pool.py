@@ -178,7 +178,9 @@ def test_settings_that_need_every_rank_at_the_same_step_are_refused(kwargs, mess
 
 def _fake_trainer():
     return SimpleNamespace(_accelerator_connector=SimpleNamespace(use_distributed_sampler=True), limit_train_batches=1.0,
-                           accumulate_grad_batches=1, fit_loop=SimpleNamespace(max_epochs=5))
+                           accumulate_grad_batches=1, current_epoch=0,
+                           fit_loop=SimpleNamespace(max_epochs=5, _combined_loader=None,
+                                                    epoch_loop=SimpleNamespace(total_batch_idx=0)))
 
 
 @pytest.mark.parametrize(
@@ -208,8 +210,48 @@ def test_a_reloaded_loader_keeps_the_users_limit_and_the_pools_epoch():
     ws.install(trainer, loader)
     assert ws.pool.size() == 10 and trainer.limit_train_batches == 1.0  # the pool applies the limit, not Lightning
     ws.pool.set_epoch(3)
+    trainer.fit_loop.epoch_loop.total_batch_idx = 30  # trained since
     ws.install(trainer, loader)  # reload_dataloaders_every_n_epochs
     assert ws.pool.size() == 10 and ws.pool.epoch == 3
+    ws.restore()  # the end of the fit: the user's setting is back (a second fit must see it)
+    assert trainer.limit_train_batches == 0.5
+
+
+def test_several_training_loaders_are_a_clear_error():
+    """Lightning processes each loader of a list or dict from train_dataloader: they would share one pool counter
+    (each of two loaders saw half its data per epoch)."""
+    ws = WorkSharing()
+    ws.connect(dist.HashStore(), "k")
+    trainer = _fake_trainer()
+    loader = lambda: DataLoader(list(range(16)), batch_size=2, sampler=DistributedSampler(list(range(16)), num_replicas=2, rank=0))  # noqa: E731
+    ws.install(trainer, loader())
+    with pytest.raises(ValueError, match=r"several training dataloaders .*ConcatDataset.*shared_pool=False"):
+        ws.install(trainer, loader())
+
+
+def test_an_abandoned_iterator_hands_its_draws_to_the_next():
+    """Lightning creates the training iterator again (a reload, a second fit) after the first one fetched a batch
+    ahead: the batches this rank drew and nobody trained on come first from the new iterator (they were lost: every
+    rank trained 62 of 64 batches per reloaded epoch)."""
+    fast, slow = _pools(2, 64, 8)
+    first = fast.draws()
+    ahead = [next(first), next(first)]  # fetched ahead, never trained
+    fast.consumed = 0
+    again = fast.draws()
+    assert [next(again), next(again)] == ahead
+    fast.consumed = 2  # trained now
+    other = slow.draws()
+    rest = [next(other), next(again), next(other)] + list(again) + list(other)
+    assert sorted(ahead + rest) == list(range(8))  # one pass: nothing lost, nothing twice
+    # a reloaded loader's new pool continues the old one's epoch and draws
+    store = dist.HashStore()
+    old, = _pools(1, 64, 8, store=store)
+    old.set_epoch(2)
+    it = old.draws()
+    pending = next(it)
+    new, = _pools(1, 64, 8, store=store)
+    new.continue_from(old)
+    assert new.epoch == 2 and next(new.draws()) == pending
 
 
 def test_a_budget_of_samples_sets_max_epochs_and_cuts_the_last_epoch():
@@ -278,6 +320,30 @@ def test_a_mid_epoch_checkpoint_resumes_the_pool_on_another_number_of_ranks(tmp_
     recs = _records(resumed, 3)
     assert sorted(before + _epoch_samples(recs, 0)) == list(range(203))  # the rest of epoch 0, nothing twice
     assert sorted(_epoch_samples(recs, 1)) == list(range(203))
+
+
+def test_reloaded_loaders_and_a_second_fit_train_every_batch_once_with_the_users_limit(tmp_path):
+    """reload_dataloaders_every_n_epochs=1: every epoch one pass (it was 64, 62, 62 batches); a second fit on the
+    same Trainer keeps limit_train_batches=8 (it trained 62 batches) and the Trainer reads the user's value after."""
+    out = tmp_path / "reload"
+    run(out, "--samples", "512", "--batch", "8", "--epochs", "3", "--reload", script=SCRIPT, timeout=180)
+    recs = _records(out, 2)
+    for epoch in ("0", "1", "2"):
+        assert sorted(i for x in recs for b in x["fits"][0][epoch] for i in b) == list(range(512))
+    out = tmp_path / "fits"
+    run(out, "--samples", "512", "--batch", "8", "--epochs", "1", "--fits", "2", "--limit", "8", script=SCRIPT, timeout=180)
+    recs = _records(out, 2)
+    for f, epoch in ((0, "0"), (1, "1")):
+        samples = [i for x in recs for b in x["fits"][f][epoch] for i in b]
+        assert len(samples) == len(set(samples)) == 64  # 8 batches over both ranks, in each fit
+    assert all(x["limit_train_batches"] == 8 for x in recs)
+
+
+def test_several_training_loaders_are_refused_on_real_ranks(tmp_path):
+    out = tmp_path / "two"
+    proc = run(out, "--epochs", "1", "--two-loaders", script=SCRIPT, timeout=120, check=False)
+    assert proc.returncode != 0
+    assert "several training dataloaders" in json.loads((out / "rank0.json").read_text())["error"]
 
 
 def test_a_collective_in_training_step_is_a_clear_error(tmp_path):

@@ -85,12 +85,18 @@ class BatchPool:
         self.saved: Optional[dict[str, Any]] = None  # the position all ranks agreed on at the last checkpoint
         self._base: dict[str, Any] = {"epoch": 0, "next": 0, "redo": []}
         self._perm: Optional[tuple[int, list[int]]] = None
+        self._started: Optional[int] = None  # the epoch this rank began drawing from
 
     # ------------------------------------------------------------- configuration
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.drawn, self.consumed = [], 0
         self.epoch = int(epoch)
+
+    def continue_from(self, other: "BatchPool") -> None:
+        """Take over ``other``'s position (a reloaded loader's new pool continues the old one's epoch)."""
+        self.epoch, self._resume, self._base, self._started = other.epoch, other._resume, other._base, other._started
+        self.drawn, self.consumed, self.saved = list(other.drawn), other.consumed, other.saved
 
     def set_limit(self, batches: Optional[int]) -> None:
         """At most ``batches`` batches per epoch (``limit_train_batches``); ``None``: the whole epoch."""
@@ -140,11 +146,27 @@ class BatchPool:
         return redo[k] if k < len(redo) else self._base["next"] + k - len(redo)
 
     def draws(self) -> Iterator[int]:
-        """The batches this rank draws in the current epoch, until the pool is empty."""
+        """The batches this rank draws in the current epoch, until the pool is empty.
+
+        Another iterator of an epoch this rank already draws from (Lightning creates the training iterator again,
+        e.g. after ``reload_dataloaders_every_n_epochs`` or in a second ``fit``, and drops the one that fetched a
+        batch ahead) first hands out what this rank drew and nobody trained on: every batch drawn is trained."""
         epoch = self.epoch
         resume, self._resume = self._resume, None
-        self._base = resume if resume is not None and resume["epoch"] == epoch else {"epoch": epoch, "next": 0, "redo": []}
-        self.drawn, self.consumed = [], 0
+        replay: list[int] = []
+        if resume is not None and resume["epoch"] == epoch:
+            self._base = resume
+            self.drawn, self.consumed = [], 0
+        elif self._base["epoch"] == epoch and self._started == epoch:
+            replay = self.drawn[self.consumed :]
+            self.drawn = self.drawn[: self.consumed]
+        else:
+            self._base = {"epoch": epoch, "next": 0, "redo": []}
+            self.drawn, self.consumed = [], 0
+        self._started = epoch
+        for j in replay:
+            self.drawn.append(j)
+            yield j
         size = self.size(epoch)
         while True:
             j = self._slot(self.store.add(self._counter(epoch), 1) - 1)

@@ -11,13 +11,14 @@ from lightning_asyncpred.exchange.allreduce import (
 from lightning_asyncpred.exchange.base import Exchange, ReadyGradient
 from lightning_asyncpred.exchange.buckets import GradientBuckets, sum_buckets
 from lightning_asyncpred.exchange.owner import ShardOwner
-from lightning_asyncpred.exchange.p2p import HandshakeError, P2PExchange
+from lightning_asyncpred.exchange.p2p import ExchangeThreadError, HandshakeError, P2PExchange
 from lightning_asyncpred.exchange.simulated import SimulatedExchange
 
 __all__ = [
     "AllReduceExchange",
     "Exchange",
     "GradientBuckets",
+    "ExchangeThreadError",
     "HandshakeError",
     "P2PExchange",
     "PeerLostError",

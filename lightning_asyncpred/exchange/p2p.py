@@ -44,6 +44,19 @@ log = logging.getLogger(__name__)
 DEFAULT_HANDSHAKE_TIMEOUT = 120.0
 
 
+class ExchangeThreadError(RuntimeError):
+    """The communication thread failed on this rank (not a peer): e.g. out of memory in the owner's step or a
+    protocol error. The original exception is chained (``__cause__``)."""
+
+
+class _PeerFailure(Exception):
+    """A failure of a communication operation (a peer's side may be at fault): wraps its cause."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class HandshakeError(PeerLostError):
     """The data plane could not make a round trip with every peer at setup."""
 
@@ -112,6 +125,7 @@ class P2PExchange(Exchange):
         self._delays: list[int] = []
         self._cond = threading.Condition()
         self._failure: Optional[BaseException] = None
+        self._failure_local = False
         self._processed = 0  # main-thread requests handled by the communication thread
         self._posted = 0
         self._quiesced_at = -1
@@ -142,8 +156,8 @@ class P2PExchange(Exchange):
         try:
             self.backend.start()
             if self.world_size > 1:
-                self.backend.connect()
-                self.backend.post_header_recv()
+                _communicate(self.backend.connect)
+                _communicate(self.backend.post_header_recv)
                 with self._cond:
                     actions = self.plane.send(self.engine.ping(lambda: self.backend.alloc(1)))
                 self._execute(actions)
@@ -158,15 +172,17 @@ class P2PExchange(Exchange):
                     actions = self._handle(event)
                     self._cond.notify_all()
                 self._execute(actions)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which names the peer
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             with self._cond:
-                self._failure = exc
+                # a communication operation that failed: the main thread names the peer; anything else failed here
+                self._failure_local = not isinstance(exc, _PeerFailure)
+                self._failure = exc.cause if isinstance(exc, _PeerFailure) else exc
                 self._cond.notify_all()
 
     def _handle(self, event: Optional[tuple]) -> list[Action]:
         """One event of the communication thread (under the lock); returns the operations to issue."""
         actions: list[Action] = []
-        for t in self.backend.poll():
+        for t in _communicate(self.backend.poll):
             actions += self.plane.on_complete(t)
         messages: list[Message] = []
         if event is not None:
@@ -178,7 +194,7 @@ class P2PExchange(Exchange):
             elif kind == "complete":
                 actions += self.plane.on_complete(*args)
             elif kind == "failed":
-                raise args[0]
+                raise _PeerFailure(args[0])
             elif kind == "submit":
                 step, grads, versions, produced = args
                 self.backend.adopt(produced, grads)
@@ -203,11 +219,11 @@ class P2PExchange(Exchange):
     def _execute(self, actions: list[Action]) -> None:
         for a in actions:
             if a.kind == "header":
-                self.backend.send_header(a.peer, a.words)
+                _communicate(self.backend.send_header, a.peer, a.words)
             elif a.kind == "header-recv":
-                self.backend.post_header_recv()
+                _communicate(self.backend.post_header_recv)
             else:
-                self.backend.post(a)
+                _communicate(self.backend.post, a)
 
     def _post(self, kind: str, *args: Any) -> int:
         self._posted += 1
@@ -230,7 +246,16 @@ class P2PExchange(Exchange):
                 self._cond.wait(left)
         self.wait_seconds += time.perf_counter() - t0
 
-    def _peer_error(self, cause: BaseException, what: str) -> PeerLostError:
+    def _peer_error(self, cause: BaseException, what: str) -> BaseException:
+        """The error to raise for ``cause``: a failure of this rank's communication thread as what it is, else a
+        :class:`PeerLostError` naming the peers."""
+        if cause is self._failure and self._failure_local:
+            err = ExchangeThreadError(
+                f"rank {self.rank}: the p2p communication thread failed on this rank (not a peer) during {what}: "
+                f"{type(cause).__name__}: {cause}"
+            )
+            err.__cause__ = cause
+            return err
         err = describe_peer_failure(cause, self.monitor, self.rank, what, self.timeout)
         if not err.lost_ranks:
             missing = self.engine.missing()
@@ -318,7 +343,8 @@ class P2PExchange(Exchange):
             self.finish(min(grace, self.timeout.total_seconds()))
         except PeerLostError as err:
             log.warning("rank %d: stopping while ranks %s have not finished (%s)", self.rank, err.lost_ranks, err)
-        self.close()
+        finally:
+            self.close()
 
     def _drain(self) -> list[ReadyGradient]:
         self.finish()
@@ -433,3 +459,11 @@ class P2PExchange(Exchange):
     def in_flight_steps(self) -> int:
         with self._cond:
             return self.engine.in_flight
+
+
+def _communicate(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a communication operation of the backend; its failure is a :class:`_PeerFailure` (a peer may be at fault)."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        raise _PeerFailure(exc) from exc

@@ -580,6 +580,8 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         """Idempotent; safe after a failed setup. In-flight gradients are abandoned, never waited on."""
         self._close_exchange()
         self._restore_schedules()
+        if self._work_sharing is not None:
+            self._work_sharing.restore()
         self._uninstall_signals()
         self._stop_monitor()
         if self.accelerator is None or self.cluster_environment is None:

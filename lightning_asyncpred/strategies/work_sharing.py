@@ -8,7 +8,7 @@ kept), with a :class:`~lightning_asyncpred.data.pool.SharedPoolSampler`. What th
   ``IterableDataset``: ``trainer.num_training_batches`` is ``inf``, the progress bar shows no total, and the
   epoch ends when the pool is empty (Lightning then validates and steps epoch schedulers as usual).
   ``limit_train_batches`` limits the pool: ``k`` batches in total over all ranks, or that fraction of the epoch
-  (the pool applies it; ``trainer.limit_train_batches`` then reads ``1.0``).
+  (the pool applies it; ``trainer.limit_train_batches`` reads ``1.0`` during the fit and the user's value after).
   ``trainer.estimated_stepping_batches`` is ``inf`` unless ``max_steps`` is set; :attr:`WorkSharing.batches_per_epoch`
   (``strategy.pool_batches_per_epoch``) is the pool's size, of which a rank takes about ``1/N``
   (:class:`~lightning_asyncpred.ImageClassifier` sizes its schedules with it).
@@ -66,11 +66,13 @@ class WorkSharing:
         self.store: Optional[CounterStore] = None
         self.key = ""
         self.pool: Optional[BatchPool] = None
-        self._limit: Optional[Any] = None  # the user's limit_train_batches (the trainer's then reads 1.0)
+        self._limit: Optional[Any] = None  # the user's limit_train_batches (the trainer's reads 1.0 during a fit)
+        self._trainer: Optional["pl.Trainer"] = None
+        self._generation: Optional[tuple] = None  # when the last loader was installed
 
     def connect(self, store: CounterStore, key: str) -> None:
         """The store and a key unique to this fit (the same on every rank)."""
-        self.store, self.key, self.pool, self._limit = store, key, None, None
+        self.store, self.key, self.pool, self._limit, self._generation = store, key, None, None, None
 
     # ----------------------------------------------------------------- checks
     def check_trainer(self, trainer: "pl.Trainer") -> None:
@@ -130,6 +132,22 @@ class WorkSharing:
         if not trainer._accelerator_connector.use_distributed_sampler:
             rank_zero_info("Trainer(use_distributed_sampler=False): the shared batch pool is off, your sampler shards")
             return dataloader
+        # Lightning processes the loaders of one train_dataloader() call one after the other, with nothing trained
+        # in between; a reload (reload_dataloaders_every_n_epochs) comes after training
+        loop = trainer.fit_loop
+        generation = (id(loop._combined_loader), loop.epoch_loop.total_batch_idx, trainer.current_epoch)
+        if generation == self._generation:
+            raise ValueError(
+                "several training dataloaders (a list or dict from train_dataloader): the shared batch pool hands out "
+                "the batches of one loader's epoch, and several loaders would share its counter (each would see only "
+                "part of its data); combine them into one dataset (e.g. torch.utils.data.ConcatDataset), or "
+                + _OFF
+            )
+        pooled = self._pooled(trainer, dataloader)
+        self._generation = generation
+        return pooled
+
+    def _pooled(self, trainer: "pl.Trainer", dataloader: object) -> object:
         if hasattr(dataloader, "with_pool"):  # a loader that draws from the pool itself (data/dali.py)
             return dataloader.with_pool(lambda *args: self.make_pool(trainer, *args))
         if not isinstance(dataloader, DataLoader) or isinstance(dataloader.dataset, IterableDataset):
@@ -169,11 +187,19 @@ class WorkSharing:
         pool.set_limit(int(_parse_num_batches(RunningStage.TRAINING, pool.batches_per_epoch, self._limit)))
         # the pool applies the limit to the epoch over all ranks; Lightning must not cut a rank's unsized loader
         trainer.limit_train_batches = 1.0
-        if self.pool is not None:  # a reloaded loader: the pool continues (same epoch, same restored position)
-            pool.epoch, pool._resume = self.pool.epoch, self.pool._resume
+        if self.pool is not None:  # a reloaded loader: the pool continues (same epoch, same position, same draws)
+            pool.continue_from(self.pool)
         self._apply_budget(trainer, pool)
         self.pool = pool
+        self._trainer = trainer
         return pool
+
+    def restore(self) -> None:
+        """At the end of a fit: give the trainer back the user's ``limit_train_batches`` (a second ``fit`` on the
+        same Trainer must see the user's setting, not the ``1.0`` the pool needs during a fit)."""
+        if self._trainer is not None and self._limit is not None:
+            self._trainer.limit_train_batches = self._limit
+        self._trainer = None
 
     def _apply_budget(self, trainer: "pl.Trainer", pool: BatchPool) -> None:
         if self.max_samples is None and self.max_updates is None:

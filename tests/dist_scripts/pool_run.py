@@ -41,6 +41,8 @@ class Model(pl.LightningModule):
         self.saved = False
 
     def training_step(self, batch, batch_idx):
+        if isinstance(batch, dict):
+            batch = batch["a"]
         x, idx = batch
         self.seen.setdefault(self.current_epoch, []).append(idx.tolist())
         self.after_save.setdefault(self.current_epoch, []).append(self.saved)
@@ -55,6 +57,9 @@ class Model(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
     def train_dataloader(self):
+        if self.args.two_loaders:
+            return {"a": DataLoader(Indices(self.args.samples), batch_size=self.args.batch, shuffle=True),
+                    "b": DataLoader(Indices(self.args.samples), batch_size=self.args.batch, shuffle=True)}
         ds = Indices(self.args.samples)
         if self.args.plain_loader:
             return DataLoader(ds, batch_size=self.args.batch, shuffle=True, drop_last=self.args.drop_last,
@@ -100,6 +105,9 @@ def main() -> None:
     p.add_argument("--val-check-interval", default=None)
     p.add_argument("--sync-log", action="store_true")
     p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--reload", action="store_true", help="reload_dataloaders_every_n_epochs=1")
+    p.add_argument("--fits", type=int, default=1, help="fit this many times on the same Trainer (max_epochs grows)")
+    p.add_argument("--two-loaders", action="store_true", help="train_dataloader returns a dict of two loaders")
     args = p.parse_args()
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
@@ -119,10 +127,17 @@ def main() -> None:
     trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=args.epochs,
                          limit_train_batches=limit, val_check_interval=vci, accumulate_grad_batches=args.accumulate,
                          callbacks=callbacks, logger=False, enable_checkpointing=bool(args.ckpt_every),
-                         enable_progress_bar=False, enable_model_summary=False)
+                         enable_progress_bar=False, enable_model_summary=False,
+                         reload_dataloaders_every_n_epochs=1 if args.reload else 0)
     rank = int(os.environ.get("RANK", 0))
+    fits = []  # per fit: the samples this rank trained on, per epoch
     try:
-        trainer.fit(model, ckpt_path=args.resume)
+        for f in range(args.fits):
+            if f:
+                trainer.fit_loop.max_epochs += args.epochs
+            model.seen = {}
+            trainer.fit(model, ckpt_path=args.resume if f == 0 else None)
+            fits.append({str(e): v for e, v in model.seen.items()})
     except Exception as exc:  # recorded for the test, then re-raised
         with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
             json.dump({"rank": rank, "error": f"{type(exc).__name__}: {exc}"}, f)
@@ -132,6 +147,8 @@ def main() -> None:
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "seen": {str(e): v for e, v in model.seen.items()},
+        "fits": fits,
+        "limit_train_batches": trainer.limit_train_batches,
         "after_save": {str(e): v for e, v in model.after_save.items()},
         "num_training_batches": trainer.num_training_batches,
         "max_epochs": trainer.fit_loop.max_epochs,
