@@ -209,3 +209,16 @@ def test_p2p_refuses_before_it_builds_the_data_plane(tmp_path):
         res = json.loads((out / f"rank{r}.json").read_text())
         assert res["error_type"] == "ValueError" and "max_steps=40" in res["error"]
         assert res["live_groups"] == 1  # Lightning's default group only: no header group, no pair group
+
+
+def test_p2p_a_phase_without_steps_longer_than_the_timeout_is_not_a_lost_peer(tmp_path):
+    """Idle is not dead: every validation run takes 10 s more than the 4 s timeout (no training step on any rank
+    meanwhile), twice. Liveness is the heartbeats' business; no receive of the data plane waits with the timeout
+    (headers are awaited without one, payloads are posted only after the receiver's clear-to-send). A data plane
+    that pre-posted its receives failed here with 'Timed out waiting ... for recv' at the first step after it."""
+    out = tmp_path / "idle"
+    run(out, *P2P, "--max-epochs", "2", "--max-steps", "-1", "--timeout", "4", "--val-sleep", "10", timeout=200)
+    for r in range(2):
+        res = json.loads((out / f"rank{r}.json").read_text())
+        assert "error" not in res, res.get("error")
+        assert len(res["val_losses"]) == 2

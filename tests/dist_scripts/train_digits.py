@@ -93,6 +93,16 @@ class ValLossRecorder(Callback):
             self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
 
 
+class SlowValidation(Callback):
+    """Every validation run takes ``seconds`` longer on every rank (a long phase without training steps)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        time.sleep(self.seconds)
+
+
 class NoneStepClassifier(la.ImageClassifier):
     """``training_step`` returns None (skips the step) on rank ``none_rank`` at optimizer step ``none_step``."""
 
@@ -165,6 +175,7 @@ def main() -> None:
     p.add_argument("--early-stopping", action="store_true")
     p.add_argument("--throughput", action="store_true", help="add Lightning's ThroughputMonitor")
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--val-sleep", type=float, default=0.0, help="every validation run sleeps this long on every rank")
     p.add_argument("--width-by-rank", action="store_true", help="a different model on each rank (mismatch test)")
     p.add_argument("--seed-offset-by-rank", action="store_true", help="different init per rank (broadcast test)")
     args = p.parse_args()
@@ -197,6 +208,8 @@ def main() -> None:
         callbacks.append(la.StalenessRemedies(staleness_lr=True, dc_lambda=0.04, dc_adaptive=True, momentum_correction=True))
     if args.kill_rank is not None:
         callbacks.append(Killer(args.kill_rank, args.kill_step))
+    if args.val_sleep:
+        callbacks.append(SlowValidation(args.val_sleep))
     if args.marker_step is not None:
         callbacks.append(Marker(args.out, args.marker_step))
     if args.ckpt_every:
