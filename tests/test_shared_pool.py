@@ -217,6 +217,15 @@ def test_a_reloaded_loader_keeps_the_users_limit_and_the_pools_epoch():
     assert trainer.limit_train_batches == 0.5
 
 
+def test_the_agreed_position_wins_over_a_loader_restored_one():
+    pool, = _pools(1, 64, 8)
+    pool.load_position({"epoch": 0, "next": 5, "redo": [1, 3]}, agreed=True)
+    pool.load_position({"epoch": 0, "next": 2, "redo": [0, 1]})  # what a StatefulDataLoader with workers restores
+    assert list(pool.draws()) == [1, 3, 5, 6, 7]
+    pool.load_position({"epoch": 0, "next": 6, "redo": []})  # after the resume, loader positions apply again
+    assert pool._resume == {"epoch": 0, "next": 6, "redo": []}
+
+
 def test_several_training_loaders_are_a_clear_error():
     """Lightning processes each loader of a list or dict from train_dataloader: they would share one pool counter
     (each of two loaders saw half its data per epoch)."""
@@ -344,6 +353,23 @@ def test_several_training_loaders_are_refused_on_real_ranks(tmp_path):
     proc = run(out, "--epochs", "1", "--two-loaders", script=SCRIPT, timeout=120, check=False)
     assert proc.returncode != 0
     assert "several training dataloaders" in json.loads((out / "rank0.json").read_text())["error"]
+
+
+def test_a_mid_epoch_resume_with_loader_worker_processes_trains_every_sample_once(tmp_path):
+    """StatefulDataLoader(num_workers=2): the sampler state it saves was captured when it dispatched its last batch
+    to a worker, before the ranks agreed on the pool's position (resuming from it trained 16 of 203 samples twice);
+    the strategy saves the agreed position beside it and resumes from that one."""
+    saving = tmp_path / "saving"
+    run(saving, "--samples", "203", "--batch", "8", "--epochs", "2", "--slow-rank", "1", "--slow-ms", "20",
+        "--save-at-draws", "9", "--num-workers", "2", script=SCRIPT, timeout=240)
+    before = _epoch_samples(_records(saving, 2), 0, after_save=False)
+    assert 0 < len(before) < 203
+    resumed = tmp_path / "resumed"
+    run(resumed, "--samples", "203", "--batch", "8", "--epochs", "2", "--resume", str(saving / "mid.ckpt"),
+        "--num-workers", "2", script=SCRIPT, timeout=240)
+    recs = _records(resumed, 2)
+    assert sorted(before + _epoch_samples(recs, 0)) == list(range(203))  # the rest of epoch 0, nothing twice
+    assert sorted(_epoch_samples(recs, 1)) == list(range(203))
 
 
 def test_a_collective_in_training_step_is_a_clear_error(tmp_path):

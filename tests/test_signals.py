@@ -240,3 +240,48 @@ def test_store_failure_is_reported_unless_this_rank_was_signalled():
     sig._on_sigterm(signal.SIGTERM, None)  # publishing fails too: this rank acts on its own proposal
     assert sig.agreed == {"sigterm": 4}
     sig.on_train_batch_start(sig._trainer, None, None, 0)  # no error now
+
+
+def test_a_collective_left_by_a_peer_that_stopped_on_sigterm_ends_with_sigterm_exception():
+    """A rank inside an epoch-end collective when a peer exits on SIGTERM: the transport's error (Gloo: the
+    connection closed) becomes Lightning's SIGTERMException when this rank was signalled too or the signal is agreed
+    in the store; any other failure stays what it is."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from lightning_asyncpred import AsyncPredStrategy
+
+    strategy = AsyncPredStrategy()
+    store = dist.HashStore()
+    strategy._signals = SafePointSignals(lead=1, store=store, per_rank=True, key="asyncpred/fit/signal")
+    strategy._signals._trainer = _trainer(3)
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):  # no signal anywhere: the error as it is
+        with strategy._collective("a reduction"):
+            raise RuntimeError("[/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
+    peer = SafePointSignals(lead=1, store=store, per_rank=True, key="asyncpred/fit/signal")
+    peer._trainer = _trainer(5)
+    peer._on_sigterm(signal.SIGTERM, None)  # the peer was signalled and stopped
+    with pytest.raises(SIGTERMException, match="a peer that stopped on it left a reduction") as info:
+        with strategy._collective("a reduction"):
+            raise RuntimeError("[/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_a_stopping_p2p_rank_serves_its_peers_for_three_of_the_slowest_peers_steps(monkeypatch):
+    """A rank that stops on SIGTERM serves the owners' requests for at least 10 s, longer when a peer's steps are
+    longer (measured by the time between its requests: a straggler in its step still gets its answers), at most the
+    timeout (a fixed 10 s left a straggler with 6 s steps waiting in its submission for the whole timeout)."""
+    from datetime import timedelta
+
+    from lightning_asyncpred.exchange.p2p import P2PExchange
+
+    clock = iter([0.0, 0.1, 0.2, 6.0, 12.0, 18.0])
+    monkeypatch.setattr("lightning_asyncpred.exchange.p2p.time.monotonic", lambda: next(clock))
+    ex = SimpleNamespace(_last_request={}, _step_seconds={}, timeout=timedelta(seconds=60))
+    for peer in (1, 2, 2, 1, 1, 1):  # rank 2 every 0.1 s; rank 1 every 6 s
+        P2PExchange._pace(ex, peer)
+    assert ex._step_seconds[1] == pytest.approx(6.0) and ex._step_seconds[2] == pytest.approx(0.1)
+    assert P2PExchange.grace_seconds(ex) == pytest.approx(18.0)
+    ex._step_seconds = {1: 0.5}
+    assert P2PExchange.grace_seconds(ex) == 10.0
+    ex._step_seconds, ex.timeout = {1: 40.0}, timedelta(seconds=60)
+    assert P2PExchange.grace_seconds(ex) == 60.0

@@ -86,6 +86,7 @@ class BatchPool:
         self._base: dict[str, Any] = {"epoch": 0, "next": 0, "redo": []}
         self._perm: Optional[tuple[int, list[int]]] = None
         self._started: Optional[int] = None  # the epoch this rank began drawing from
+        self._agreed: Optional[dict[str, Any]] = None  # the agreed position to resume from (wins over a loader's)
 
     # ------------------------------------------------------------- configuration
     def set_epoch(self, epoch: int) -> None:
@@ -96,6 +97,7 @@ class BatchPool:
     def continue_from(self, other: "BatchPool") -> None:
         """Take over ``other``'s position (a reloaded loader's new pool continues the old one's epoch)."""
         self.epoch, self._resume, self._base, self._started = other.epoch, other._resume, other._base, other._started
+        self._agreed = other._agreed
         self.drawn, self.consumed, self.saved = list(other.drawn), other.consumed, other.saved
 
     def set_limit(self, batches: Optional[int]) -> None:
@@ -152,7 +154,7 @@ class BatchPool:
         e.g. after ``reload_dataloaders_every_n_epochs`` or in a second ``fit``, and drops the one that fetched a
         batch ahead) first hands out what this rank drew and nobody trained on: every batch drawn is trained."""
         epoch = self.epoch
-        resume, self._resume = self._resume, None
+        resume, self._resume, self._agreed = self._resume, None, None
         replay: list[int] = []
         if resume is not None and resume["epoch"] == epoch:
             self._base = resume
@@ -200,11 +202,21 @@ class BatchPool:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.load_position(state)
 
-    def load_position(self, state: dict[str, Any]) -> None:
-        """Continue epoch ``state["epoch"]`` from ``state`` (the next :meth:`draws` of that epoch)."""
+    def load_position(self, state: dict[str, Any], agreed: bool = False) -> None:
+        """Continue epoch ``state["epoch"]`` from ``state`` (the next :meth:`draws` of that epoch).
+
+        ``agreed``: the position all ranks agreed on inside the checkpoint (the strategy saves it beside the
+        loader's state); it wins over a position a loader restores later. A ``StatefulDataLoader`` with worker
+        processes saves the sampler state it captured when it dispatched its last batch, before the ranks agreed,
+        so its position would retrain some batches or skip others."""
         if not {"epoch", "next", "redo"} <= set(state):
             raise ValueError(f"not a shared batch pool state (needs epoch, next, redo): {sorted(state)}")
-        self._resume = {"epoch": int(state["epoch"]), "next": int(state["next"]), "redo": [int(j) for j in state["redo"]]}
+        if self._agreed is not None and not agreed:
+            return
+        position = {"epoch": int(state["epoch"]), "next": int(state["next"]), "redo": [int(j) for j in state["redo"]]}
+        self._resume = position
+        if agreed:
+            self._agreed = position
 
 
 class SharedPoolSampler(Sampler[int]):

@@ -182,15 +182,16 @@ class ShardOwner:
             self.on_round(self.rounds)
 
     # ------------------------------------------------------------------ state
-    def round_state(self) -> dict[str, Any]:
-        """The round in progress and the round count (on the CPU): ``{"rounds", "count", "base", "acc"}`` with
-        ``base`` / ``acc`` keyed by parameter index (empty when no round is in progress: then ``flat`` is the base)."""
+    def round_state(self, copy: bool = True) -> dict[str, Any]:
+        """The round in progress and the round count: ``{"rounds", "count", "world_size", "base", "acc"}`` with
+        ``base`` / ``acc`` keyed by parameter index (empty when no round is in progress: then ``flat`` is the base);
+        CPU copies, or with ``copy=False`` views of the live tensors (to send at once)."""
         state: dict[str, Any] = {"rounds": self.rounds, "count": self.count, "world_size": self.world_size,
                                  "base": {}, "acc": {}}
         if self.count:
             for i, b, g in zip(self.owned, self.masters, self._grads):
-                state["base"][i] = b.detach().cpu().clone()
-                state["acc"][i] = g.detach().cpu().clone()
+                state["base"][i] = b.detach().cpu().clone() if copy else b.detach()
+                state["acc"][i] = g.detach().cpu().clone() if copy else g.detach()
         return state
 
     @torch.no_grad()
@@ -210,15 +211,17 @@ class ShardOwner:
         if self._preview is not None:
             self._preview.new_round()
 
-    def state_dict(self) -> dict[int, dict[str, Any]]:
-        """The optimizer state of the owned parameters, keyed by their index into ``params`` (on the CPU)."""
+    def state_dict(self, copy: bool = True) -> dict[int, dict[str, Any]]:
+        """The optimizer state of the owned parameters, keyed by their index into ``params``: CPU copies, or with
+        ``copy=False`` the live tensors (to send at once)."""
         if self.optimizer is None:
             return {}
         out = {}
         for i, m in zip(self.owned, self.masters):
             state = self.optimizer.state.get(m)
             if state:
-                out[i] = {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v) for k, v in state.items()}
+                out[i] = {k: ((v.detach().cpu().clone() if copy else v.detach()) if isinstance(v, Tensor) else v)
+                          for k, v in state.items()}
         return out
 
     def load_state(self, states: dict[int, dict[str, Any]]) -> None:

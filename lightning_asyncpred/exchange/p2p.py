@@ -34,9 +34,10 @@ from torch import Tensor
 from lightning_asyncpred.exchange.allreduce import PeerLostError, PeerMonitor, describe_peer_failure, to_timedelta
 from lightning_asyncpred.exchange.base import Exchange, ReadyGradient
 from lightning_asyncpred.exchange.owner import ShardOwner
+from lightning_asyncpred.exchange.p2p_gather import gather_flat, gather_states
 from lightning_asyncpred.exchange.p2p_backends import Backend, make_backend
 from lightning_asyncpred.exchange.p2p_dataplane import Action, DataPlane
-from lightning_asyncpred.exchange.p2p_protocol import Engine, Message
+from lightning_asyncpred.exchange.p2p_protocol import REQUEST, Engine, Message
 from lightning_asyncpred.validation import check_positive_number
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ class P2PExchange(Exchange):
         self._cond = threading.Condition()
         self._failure: Optional[BaseException] = None
         self._failure_local = False
+        self._last_request: dict[int, float] = {}  # peer -> when its last request arrived
+        self._step_seconds: dict[int, float] = {}  # peer -> mean seconds between its requests
         self._processed = 0  # main-thread requests handled by the communication thread
         self._posted = 0
         self._quiesced_at = -1
@@ -204,6 +207,8 @@ class P2PExchange(Exchange):
                 messages += self.engine.finish()
                 self._processed += 1
         for msg in self.plane.take_delivered():
+            if msg.kind == REQUEST:
+                self._pace(msg.peer)
             messages += self.engine.on_message(msg)
         actions += self.plane.send(messages)
         if any(r.ready is None for r in self.engine.inbox):
@@ -334,13 +339,29 @@ class P2PExchange(Exchange):
             self._post("finish")
         self._wait_for(self._finished, "the end of training (waiting for every rank to finish)", seconds)
 
-    def stop_gracefully(self, grace: float = 10.0) -> None:
-        """SIGTERM: FIN to every owner and serve the peers for up to ``grace`` seconds while they stop too (no
-        final gather: the run ends); then close."""
+    def _pace(self, peer: int) -> None:
+        """A request from ``peer`` arrived: update the mean time between its requests (its step time)."""
+        now = time.monotonic()
+        last = self._last_request.get(peer)
+        self._last_request[peer] = now
+        if last is not None:
+            gap = now - last
+            mean = self._step_seconds.get(peer)
+            self._step_seconds[peer] = gap if mean is None else 0.8 * mean + 0.2 * gap
+
+    def grace_seconds(self, minimum: float = 10.0) -> float:
+        """How long a stopping rank serves its peers: ``minimum``, or three steps of the slowest peer as measured by
+        the time between its requests (a straggler in its step must still get its answers), at most the timeout."""
+        slowest = max(self._step_seconds.values(), default=0.0)
+        return min(max(minimum, 3.0 * slowest), self.timeout.total_seconds())
+
+    def stop_gracefully(self, grace: Optional[float] = None) -> None:
+        """SIGTERM: FIN to every owner and serve the peers for up to ``grace`` seconds (default
+        :meth:`grace_seconds`) while they stop too (no final gather: the run ends); then close."""
         if self.closed:
             return
         try:
-            self.finish(min(grace, self.timeout.total_seconds()))
+            self.finish(min(self.grace_seconds() if grace is None else grace, self.timeout.total_seconds()))
         except PeerLostError as err:
             log.warning("rank %d: stopping while ranks %s have not finished (%s)", self.rank, err.lost_ranks, err)
         finally:
@@ -387,39 +408,50 @@ class P2PExchange(Exchange):
         self.backend.synchronize()
         self._quiesced_at = self._posted
 
-    def gather_masters(self) -> list[Tensor]:
-        """Every owner's master shard (flat, per shard), on every rank (a collective on the control group)."""
-        return [params for _, params in self._gather()]
+    # the writing rank of a checkpoint (Lightning's global rank 0) is the only one that needs the owners' state
+    WRITER = 0
 
-    def gather_optimizer_states(self) -> dict[int, dict[str, Any]]:
-        """Every owner's optimizer state, keyed by parameter index (a collective on the control group)."""
+    def gather_masters(self) -> Optional[list[Tensor]]:
+        """Every owner's master shard (flat, per shard) on the writing rank, ``None`` elsewhere (a collective on the
+        control group; raw bytes in bounded chunks, see ``p2p_gather.py``)."""
         self.backend.synchronize()
-        mine = self.owner.state_dict()
+        if self.world_size == 1:
+            return [self.owner.flat.detach().to("cpu", copy=True)]
+        return gather_flat(self.owner.flat, self.shard_numels, self.WRITER, self.control_group)
+
+    def gather_optimizer_states(self) -> Optional[dict[int, dict[str, Any]]]:
+        """Every owner's optimizer state, keyed by parameter index, on the writing rank; ``None`` elsewhere (a
+        collective on the control group)."""
+        self.backend.synchronize()
+        mine = self.owner.state_dict(copy=self.world_size == 1)
         if self.world_size == 1:
             return mine
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, mine, group=self.control_group)
-        return {i: state for part in gathered for i, state in part.items()}
+        return gather_states(mine, self.WRITER, self.control_group)
 
-    def gather_round_states(self) -> dict[str, Any]:
-        """Every owner's round in progress merged (``ShardOwner.round_state``, keyed by parameter index; a
-        collective on the control group). After :meth:`quiesce` every owner has seen the same arrivals, so the
-        round count and the arrivals in the round are the same on every owner with parameters."""
+    def gather_round_states(self) -> Optional[dict[str, Any]]:
+        """Every owner's round in progress merged (``ShardOwner.round_state``, keyed by parameter index) on the
+        writing rank, ``None`` elsewhere (a collective on the control group). After :meth:`quiesce` every owner has
+        seen the same arrivals, so the round count and the arrivals in the round agree on every owner with
+        parameters."""
         self.backend.synchronize()
-        mine = self.owner.round_state() if self.owner.optimizer is not None else None
-        parts = [mine]
-        if self.world_size > 1:
-            parts = [None] * self.world_size
-            dist.all_gather_object(parts, mine, group=self.control_group)
-        parts = [p for p in parts if p is not None]
-        counts = {(p["rounds"], p["count"]) for p in parts}
+        mine = self.owner.round_state(copy=self.world_size == 1) if self.owner.optimizer is not None else None
+        head = None if mine is None else {k: mine[k] for k in ("rounds", "count", "world_size")}
+        tensors = {} if mine is None else {i: {"base": mine["base"][i], "acc": mine["acc"][i]} for i in mine["base"]}
+        if self.world_size == 1:
+            heads, gathered = [head], tensors
+        else:
+            heads = [None] * self.world_size if dist.get_rank() == self.WRITER else None
+            dist.gather_object(head, heads, dst=self.WRITER, group=self.control_group)
+            gathered = gather_states(tensors, self.WRITER, self.control_group)
+        if heads is None:
+            return None
+        heads = [h for h in heads if h is not None]
+        counts = {(h["rounds"], h["count"]) for h in heads}
         if len(counts) != 1:
             raise RuntimeError(f"the owners disagree on the round in progress (rounds, arrivals): {sorted(counts)}")
-        merged = {**parts[0], "base": {}, "acc": {}}
-        for p in parts:
-            merged["base"].update(p["base"])
-            merged["acc"].update(p["acc"])
-        return merged
+        assert gathered is not None
+        return {**heads[0], "base": {i: st["base"] for i, st in gathered.items()},
+                "acc": {i: st["acc"] for i, st in gathered.items()}}
 
     def state_dict(self) -> dict[str, Any]:
         """After :meth:`quiesce` nothing is in flight: counters, statistics and the owners' round in progress
@@ -432,7 +464,7 @@ class P2PExchange(Exchange):
 
     def load_state_dict(self, state: dict[str, Any], place: Any = list) -> None:
         super().load_state_dict(state, place)
-        if "rounds" in state:
+        if state.get("rounds") is not None:
             self.owner.load_round_state(state["rounds"])
 
     def _load_state_dict(self, state: Any, place: Any) -> int:

@@ -332,10 +332,14 @@ class AsyncUpdateMixin:
         }
         if self.exchange is not None and not self.exchange.closed:
             state["exchange"] = self.exchange.state_dict()
+        if self._work_sharing is not None and self._work_sharing.agreed_position is not None:
+            state["pool"] = self._work_sharing.agreed_position
         return state
 
     def load_async_state_dict(self, state: dict[str, Any]) -> None:
         self._resumed_world_size = state.get("world_size")
+        if self._work_sharing is not None:
+            self._work_sharing.resume_position = state.get("pool")
         self.applied_updates = int(state.get("applied_updates", 0))
         self.applied_steps = int(state.get("applied_steps", 0))
         self.local_steps = int(state.get("local_steps", 0))
@@ -354,6 +358,8 @@ class AsyncUpdateMixin:
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         checkpoint["async_pred"] = self.async_state_dict()
+        if self._work_sharing is not None and self._work_sharing.pool is not None:
+            self._work_sharing.pool.saved = None  # agreed for this checkpoint only
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
 
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
@@ -416,13 +422,16 @@ class AsyncUpdateMixin:
             self._work_sharing.agree_position(self._gather_objects)
         ready = self.exchange.ready()  # accounting only: the replies are installed at the next step as usual
         self.applied_updates += len(ready)
+        masters = self.exchange.gather_masters()
+        if masters is None:  # not the writing rank: its state dict is not saved
+            return state
         names = {id(p): n for n, p in self.lightning_module.named_parameters()}
         state = dict(state)
-        for k, flat in enumerate(self.exchange.gather_masters()):
+        for k, flat in enumerate(masters):
             offset = 0
             for i in self._buckets.groups[k]:
                 p = self._buckets.params[i]
-                state[names[id(p)]] = flat[offset : offset + p.numel()].view_as(p).detach().clone()
+                state[names[id(p)]] = flat[offset : offset + p.numel()].view_as(p)  # (a fresh CPU copy)
                 offset += p.numel()
         return state
 
@@ -434,8 +443,10 @@ class AsyncUpdateMixin:
         optimizer = getattr(optimizer, "_optimizer", optimizer)
         self.exchange.quiesce()
         states = self.exchange.gather_optimizer_states()
-        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
         out = optimizer.state_dict()
+        if states is None:  # not the writing rank: its copy is not saved
+            return out
+        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
         out["state"] = {index[id(self._buckets.params[i])]: st for i, st in states.items()}
         return out
 

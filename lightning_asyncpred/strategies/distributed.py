@@ -25,6 +25,7 @@ SIGTERM and SLURM's requeue signal act at a step boundary agreed by all ranks (`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import logging
@@ -32,7 +33,7 @@ import os
 import sys
 import uuid
 from datetime import timedelta
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -527,19 +528,48 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         self.model.to(self.root_device)
 
     # ---------------------------------------------------------- collectives
+    @contextlib.contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        """A collective of Lightning's (epoch-end logging, a barrier, a broadcast): when it fails because a peer
+        stopped on SIGTERM (this rank was signalled too, or the signal is agreed in the store), end with
+        ``SIGTERMException`` as that peer did, not with the transport's error."""
+        try:
+            yield
+        except Exception as exc:
+            if self._sigterm_agreed():
+                raise SIGTERMException(
+                    f"rank {self.global_rank}: stopped on SIGTERM; a peer that stopped on it left {what} "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
+            raise
+
+    def _sigterm_agreed(self) -> bool:
+        signals = getattr(self, "_signals", None)
+        if signals is None:
+            return False
+        if "sigterm" in signals.agreed:
+            return True
+        try:
+            signals._poll()  # the signal of a peer, through the store (if its host is still there)
+        except Exception:  # noqa: BLE001 - the store is gone with its host: nothing to learn
+            return False
+        return "sigterm" in signals.agreed
+
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         if not _distributed_is_initialized():
             return
-        if dist.get_backend() == "nccl" and self.root_device.type == "cuda":
-            dist.barrier(device_ids=[self.root_device.index])
-        else:
-            dist.barrier()
+        with self._collective("a barrier"):
+            if dist.get_backend() == "nccl" and self.root_device.type == "cuda":
+                dist.barrier(device_ids=[self.root_device.index])
+            else:
+                dist.barrier()
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         if not _distributed_is_initialized():
             return obj
         objs = [obj]
-        dist.broadcast_object_list(objs, src, group=_group.WORLD)
+        with self._collective("a broadcast"):
+            dist.broadcast_object_list(objs, src, group=_group.WORLD)
         return objs[0]
 
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
@@ -547,7 +577,8 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         if self._work_sharing is not None and self._work_sharing.pool is not None:
             self._work_sharing.check_reduce(self._in_training_step)
         if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+            with self._collective("a reduction"):
+                return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
     # ------------------------------------------------------------- teardown

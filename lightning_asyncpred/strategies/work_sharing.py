@@ -20,8 +20,9 @@ kept), with a :class:`~lightning_asyncpred.data.pool.SharedPoolSampler`. What th
   triggered ``ModelCheckpoint`` and ``self.log(..., sync_dist=True)`` in ``training_step`` (each is a collective
   that the other ranks would reach at another step, or never). Epoch-end validation and checkpoints work.
 * A checkpoint stores the pool's position agreed by all ranks (:meth:`WorkSharing.agree_position`, called by
-  the strategy inside every checkpoint, where the ranks meet anyway); resuming continues the pool, also on
-  another number of ranks.
+  the strategy inside every checkpoint, where the ranks meet anyway), in ``checkpoint["async_pred"]["pool"]`` and
+  in the loader's state; resuming continues the pool from the agreed one (a ``StatefulDataLoader`` with worker
+  processes saves a sampler state captured earlier), also on another number of ranks.
 """
 
 from __future__ import annotations
@@ -69,10 +70,12 @@ class WorkSharing:
         self._limit: Optional[Any] = None  # the user's limit_train_batches (the trainer's reads 1.0 during a fit)
         self._trainer: Optional["pl.Trainer"] = None
         self._generation: Optional[tuple] = None  # when the last loader was installed
+        self.resume_position: Optional[dict[str, Any]] = None  # the agreed position of the checkpoint resumed from
 
     def connect(self, store: CounterStore, key: str) -> None:
         """The store and a key unique to this fit (the same on every rank)."""
         self.store, self.key, self.pool, self._limit, self._generation = store, key, None, None, None
+        self.resume_position = None
 
     # ----------------------------------------------------------------- checks
     def check_trainer(self, trainer: "pl.Trainer") -> None:
@@ -189,6 +192,8 @@ class WorkSharing:
         trainer.limit_train_batches = 1.0
         if self.pool is not None:  # a reloaded loader: the pool continues (same epoch, same position, same draws)
             pool.continue_from(self.pool)
+        elif self.resume_position is not None:  # the position agreed in the checkpoint resumed from
+            pool.load_position(self.resume_position, agreed=True)
         self._apply_budget(trainer, pool)
         self.pool = pool
         self._trainer = trainer
@@ -229,6 +234,11 @@ class WorkSharing:
             return
         outstanding = all_gather(self.pool.outstanding)
         self.pool.saved = self.pool.position([j for part in outstanding for j in part])
+
+    @property
+    def agreed_position(self) -> Optional[dict[str, Any]]:
+        """The position agreed inside the checkpoint being written (saved by the strategy beside the loader's)."""
+        return dict(self.pool.saved) if self.pool is not None and self.pool.saved is not None else None
 
     @property
     def batches_per_epoch(self) -> Optional[int]:
