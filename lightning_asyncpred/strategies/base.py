@@ -131,13 +131,17 @@ class AsyncUpdateMixin:
         params = [p for group in self._optimizer.param_groups for p in group["params"] if p.requires_grad]
         self._buckets = self._make_buckets(params)
         self._check_buckets()
-        self.exchange = self._create_exchange()
+        self._check_trainer(trainer)
+        self.exchange = self._create_exchange()  # after every refusal: a refused run ends with its error
         if self._pending_async_state is not None:
             self._restore_exchange(self._pending_async_state)
             self._pending_async_state = None
 
     def _check_buckets(self) -> None:
         """Refuse a bucket layout before the exchange is built (default: nothing to check)."""
+
+    def _check_trainer(self, trainer: "pl.Trainer") -> None:
+        """Refuse Trainer settings before the exchange is built (default: nothing to check)."""
 
     def _close_exchange(self) -> None:
         if getattr(self, "exchange", None) is not None:

@@ -398,10 +398,9 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             from lightning_fabric.utilities.optimizer import _optimizers_to_device
 
             _optimizers_to_device(self.optimizers, self.root_device)
-            # every refusal before the exchange (the p2p data plane) is built: a refused run ends with its error
-            if self._work_sharing is not None:
-                self._work_sharing.check_trainer(trainer)
-            self._setup_exchange(trainer)  # checks the bucket layout (_check_buckets) before it builds
+            # refuses what it cannot run (_make_buckets, _check_buckets, _check_trainer) before it builds the
+            # exchange (the p2p data plane)
+            self._setup_exchange(trainer)
             self._install_signals(trainer)
 
     # ------------------------------------------------------------- signals
@@ -457,6 +456,10 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
                 "AsyncPredStrategy(transport='allreduce')"
             )
         return GradientBuckets.from_groups(params, partition([p.numel() for p in params], world))
+
+    def _check_trainer(self, trainer: "pl.Trainer") -> None:
+        if self._work_sharing is not None:
+            self._work_sharing.check_trainer(trainer)
 
     def _check_buckets(self) -> None:
         assert self._buckets is not None
