@@ -47,6 +47,10 @@ def test_p2p_trains_with_prediction_and_ends_with_replicas_equal_to_the_masters(
     # every owner applied every step of every worker: its state holds a momentum buffer per owned parameter
     total = sum(x["optimizer_state_bytes"] for x in res)
     assert all(0 < x["optimizer_state_bytes"] < total for x in res)
+    # every owner measured every peer's step time from its requests (what a SIGTERM grace period follows)
+    for r, x in enumerate(res):
+        assert set(x["peer_step_seconds"]) == {str(k) for k in range(nproc) if k != r}, x["peer_step_seconds"]
+        assert all(0 < v < 5 for v in x["peer_step_seconds"].values()) and x["grace_seconds"] == 10.0
 
 
 def test_p2p_amp_accumulation_clipping_scheduler_manual_and_early_stopping(tmp_path):
@@ -212,8 +216,8 @@ def test_p2p_refuses_before_it_builds_the_data_plane(tmp_path):
 
 
 def test_p2p_a_phase_without_steps_longer_than_the_timeout_is_not_a_lost_peer(tmp_path):
-    """Idle is not dead: every validation run takes 10 s more than the 4 s timeout (no training step on any rank
-    meanwhile), twice. Liveness is the heartbeats' business; no receive of the data plane waits with the timeout
+    """Idle is not dead: the first validation takes 10 s more than the 4 s timeout (no training step on any rank
+    meanwhile), then an epoch trains. Liveness is the heartbeats' business; no receive of the data plane waits with the timeout
     (headers are awaited without one, payloads are posted only after the receiver's clear-to-send). A data plane
     that pre-posted its receives failed here with 'Timed out waiting ... for recv' at the first step after it."""
     out = tmp_path / "idle"

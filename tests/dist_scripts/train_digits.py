@@ -94,13 +94,16 @@ class ValLossRecorder(Callback):
 
 
 class SlowValidation(Callback):
-    """Every validation run takes ``seconds`` longer on every rank (a long phase without training steps)."""
+    """The first validation run takes ``seconds`` longer on every rank (a long phase without training steps, with
+    training after it)."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        time.sleep(self.seconds)
+        if self.seconds:
+            time.sleep(self.seconds)
+            self.seconds = 0.0
 
 
 class NoneStepClassifier(la.ImageClassifier):
@@ -175,7 +178,7 @@ def main() -> None:
     p.add_argument("--early-stopping", action="store_true")
     p.add_argument("--throughput", action="store_true", help="add Lightning's ThroughputMonitor")
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--val-sleep", type=float, default=0.0, help="every validation run sleeps this long on every rank")
+    p.add_argument("--val-sleep", type=float, default=0.0, help="the first validation run sleeps this long on every rank")
     p.add_argument("--width-by-rank", action="store_true", help="a different model on each rank (mismatch test)")
     p.add_argument("--seed-offset-by-rank", action="store_true", help="different init per rank (broadcast test)")
     args = p.parse_args()
@@ -308,6 +311,9 @@ def main() -> None:
         result["master_equals_replica"] = bool(torch.equal(owner.flat, s._buckets.flatten_params()[rank]))
         result["optimizer_state_bytes"] = owner.state_bytes()
         result["owner_dc"] = [owner.dc_applied, owner.dc_skipped, owner.staleness_lr]
+        # the mean time between each peer's requests (its step time), which sizes a SIGTERM grace period
+        result["peer_step_seconds"] = {str(k): v for k, v in getattr(ex, "_step_seconds", {}).items()}
+        result["grace_seconds"] = ex.grace_seconds() if hasattr(ex, "grace_seconds") else None
         result["error_ratios"] = next((c.error_ratios for c in callbacks if isinstance(c, la.LinearPrediction)), [])
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(args.out, f"rank{rank}.pt"))
     _write_json(os.path.join(args.out, f"rank{rank}.json"), result)
