@@ -6,7 +6,7 @@ Importing the package registers the strategies (``async_pred``, ``async_pred_all
 
 from lightning_asyncpred.callbacks import LinearPrediction, StalenessMonitor, StalenessRemedies
 from lightning_asyncpred.data import DigitsDataModule, ImageNetDataModule
-from lightning_asyncpred.exchange import AllReduceExchange, PeerLostError
+from lightning_asyncpred.exchange import AllReduceExchange, ExchangeThreadError, PeerLostError
 from lightning_asyncpred.module import ImageClassifier
 from lightning_asyncpred.prediction import LinearPredictor
 from lightning_asyncpred.registry import register_strategies
@@ -27,6 +27,7 @@ __all__ = [
     "LinearPrediction",
     "LinearPredictor",
     "ModelMismatchError",
+    "ExchangeThreadError",
     "PeerLostError",
     "SimulatedAsyncStrategy",
     "StalenessMonitor",
