@@ -59,16 +59,18 @@ class GradientBuckets:
         """New flat buffers holding the parameters' values (bucket by bucket)."""
         return [self._flat([self.params[i].detach() for i in g], g) for g in self.groups]
 
+    def bucket_params(self, k: int) -> list[Tensor]:
+        """The parameters of bucket ``k``, in its order."""
+        return [self.params[i] for i in self.groups[k]]
+
     @torch.no_grad()
     def load_params(self, k: int, flat: Tensor) -> None:
         """Copy ``flat`` into the parameters of bucket ``k``."""
         if flat.numel() != self.numels[k]:
             raise ValueError(f"bucket {k} has {self.numels[k]} elements, got {flat.numel()}")
-        offset = 0
-        for i in self.groups[k]:
-            p = self.params[i]
-            p.detach().copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+        params = self.bucket_params(k)
+        for p, view in zip(params, flat_views(flat, params)):
+            p.detach().copy_(view)
 
     def _flat(self, tensors: list[Tensor], group: Sequence[int]) -> Tensor:
         if not tensors:
@@ -118,19 +120,25 @@ class GradientBuckets:
         """Write ``scale * bucket`` into each parameter's ``.grad`` (allocating it if needed)."""
         if len(buckets) != len(self.groups):
             raise ValueError(f"expected {len(self.groups)} buckets, got {len(buckets)}")
-        for g, flat, numel in zip(self.groups, buckets, self.numels):
+        for k, (flat, numel) in enumerate(zip(buckets, self.numels)):
             if flat.numel() != numel:
                 raise ValueError(f"bucket has {flat.numel()} elements, expected {numel}")
-            offset = 0
-            for i in g:
-                p = self.params[i]
-                view = flat[offset : offset + p.numel()].view_as(p)
-                offset += p.numel()
+            params = self.bucket_params(k)
+            for p, view in zip(params, flat_views(flat, params)):
                 if p.grad is None:
                     p.grad = torch.empty_like(p)
                 p.grad.copy_(view)
                 if scale != 1.0:
                     p.grad.mul_(scale)
+
+
+def flat_views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Views of the consecutive pieces of ``flat``, one per tensor of ``like``, each of that tensor's shape."""
+    out, offset = [], 0
+    for t in like:
+        out.append(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
 
 
 def sum_buckets(results: Sequence[Sequence[Tensor]]) -> list[Tensor]:

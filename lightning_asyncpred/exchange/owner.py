@@ -45,7 +45,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_asyncpred.exchange.preview import make_preview, optimizer_like
+from lightning_asyncpred.exchange.buckets import flat_views
+from lightning_asyncpred.exchange.preview import copy_hyperparameters, make_preview, optimizer_like
 from lightning_asyncpred.remedies import DelayCompensation, correct_gradients_
 
 
@@ -72,8 +73,9 @@ class ShardOwner:
             self.base = torch.cat(parts).clone() if parts else torch.zeros(0, dtype=ref.dtype, device=ref.device)
         self.flat = self.base.clone()  # the published master: the round's base, or its preview mid-round
         self.acc = torch.zeros_like(self.base)  # G, the sum of the round's arrivals
-        self.masters = self._views(self.base)  # the optimizer's parameters
-        self._grads = self._views(self.acc)
+        shapes = [self.params[i] for i in self.owned]
+        self.masters = flat_views(self.base, shapes)  # the optimizer's parameters
+        self._grads = flat_views(self.acc, shapes)
         # the user's group of every parameter
         where = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         missing = [i for i in self.owned if id(self.params[i]) not in where]
@@ -83,10 +85,8 @@ class ShardOwner:
         self.optimizer: Optional[Optimizer] = None
         self._preview: Any = None
         if self.owned:
-            groups = [{**{k: v for k, v in group.items() if k != "params"},
-                       "params": [m for m, gg in zip(self.masters, group_of) if gg == g]}
-                      for g, group in enumerate(optimizer.param_groups)]
-            self.optimizer = optimizer_like(optimizer, groups)
+            self.optimizer = optimizer_like(optimizer, [[m for m, gg in zip(self.masters, group_of) if gg == g]
+                                                        for g in range(len(optimizer.param_groups))])
             if world_size > 1:
                 self._preview = make_preview(self.optimizer, self.masters, self.base, world_size)
         self.count = 0  # k: arrivals in the round in progress
@@ -97,14 +97,6 @@ class ShardOwner:
         self.dc: Optional[DelayCompensation] = None
         self._history: deque[Tensor] = deque(maxlen=1)  # published masters before the last arrivals, newest last
         self.dc_applied = self.dc_skipped = 0
-
-    def _views(self, flat: Tensor) -> list[Tensor]:
-        out, offset = [], 0
-        for i in self.owned:
-            n = self.params[i].numel()
-            out.append(flat[offset : offset + n].view_as(self.params[i]))
-            offset += n
-        return out
 
     def set_remedies(self, staleness_lr: bool = False, dc: Optional[DelayCompensation] = None, history: int = 0) -> None:
         """Apply the staleness-aware learning rate and/or DC-ASGD (``dc``, keeping ``history`` past masters for
@@ -125,13 +117,6 @@ class ShardOwner:
         """Real steps between the version read ``staleness`` arrivals ago and the round the next arrival joins."""
         return self.rounds - max(0, self.arrivals - staleness) // self.world_size
 
-    def _sync_hyperparameters(self) -> None:
-        assert self.optimizer is not None
-        for mine, theirs in zip(self.optimizer.param_groups, self.user.param_groups):
-            for key, value in theirs.items():
-                if key != "params":
-                    mine[key] = value
-
     @torch.no_grad()
     def apply(self, grad: Tensor, source: int = -1, step: int = -1, staleness: int = 0) -> Tensor:
         """One arrival: the flat gradient ``grad`` joins the round (see the module docstring); returns the published
@@ -140,7 +125,7 @@ class ShardOwner:
             return self.flat
         if grad.numel() != self.flat.numel():
             raise ValueError(f"gradient shard has {grad.numel()} elements, the shard {self.flat.numel()}")
-        self._sync_hyperparameters()
+        copy_hyperparameters(self.user, self.optimizer)
         if self.dc is not None or self.staleness_lr:
             grad = grad.to(self.flat.dtype, copy=True)
             read = None

@@ -41,6 +41,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_asyncpred.exchange.buckets import flat_views
+
 
 class SGDPreview:
     """The preview for ``torch.optim.SGD`` from its closed form (see the module docstring).
@@ -51,8 +53,8 @@ class SGDPreview:
 
     def __init__(self, optimizer: Optimizer, masters: list[Tensor], base: Tensor, world_size: int) -> None:
         self.optimizer, self.masters, self.base, self.world_size = optimizer, masters, base, world_size
-        self._offsets = {id(m): o for o, m in zip(_offsets(masters), masters)}
-        self._terms: list[tuple[int, int, float, float, Any, float]] = []  # (offset, numel, alpha, beta, buf, c)
+        self._index = {id(m): i for i, m in enumerate(masters)}
+        self._terms: list[tuple[int, float, float, Any, float]] = []  # (master index, alpha, beta, buf, c)
         self.ready = False
 
     def new_round(self) -> None:
@@ -73,7 +75,7 @@ class SGDPreview:
                 else:
                     b = 1.0 + mu * (1.0 - damp) if nesterov else 1.0 - damp
                 beta = lr * (mu * mu if nesterov else mu) / n if buf is not None else 0.0
-                self._terms.append((self._offsets[id(p)], p.numel(), lr * wd * b / n, beta, buf, lr * b * sign / n))
+                self._terms.append((self._index[id(p)], lr * wd * b / n, beta, buf, lr * b * sign / n))
         self.ready = True
 
     @torch.no_grad()
@@ -81,12 +83,12 @@ class SGDPreview:
         """``flat = (1 - count alpha) base - count beta buf - c acc``, parameter by parameter."""
         if not self.ready:
             self._coefficients()
-        for o, n, alpha, beta, buf, c in self._terms:
-            out = flat[o : o + n]
-            torch.mul(self.base[o : o + n], 1.0 - count * alpha, out=out)
+        outs, sums = flat_views(flat, self.masters), flat_views(acc, self.masters)
+        for i, alpha, beta, buf, c in self._terms:  # self.masters are the views of base
+            torch.mul(self.masters[i], 1.0 - count * alpha, out=outs[i])
             if buf is not None:
-                out.add_(buf.reshape(-1), alpha=-count * beta)
-            out.add_(acc[o : o + n], alpha=-c)
+                outs[i].add_(buf, alpha=-count * beta)
+            outs[i].add_(sums[i], alpha=-c)
 
 
 class TentativePreview:
@@ -96,13 +98,10 @@ class TentativePreview:
         self.optimizer, self.masters, self.base, self.world_size = optimizer, masters, base, world_size
         self.scratch = base.detach().clone()
         self.grad = torch.zeros_like(base)
-        offsets = _offsets(masters)
-        self.params = [self.scratch[o : o + m.numel()].view_as(m) for o, m in zip(offsets, masters)]
-        self.grads = [self.grad[o : o + m.numel()].view_as(m) for o, m in zip(offsets, masters)]
+        self.params, self.grads = flat_views(self.scratch, masters), flat_views(self.grad, masters)
         where = {id(m): i for i, m in enumerate(masters)}
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [self.params[where[id(p)]] for p in g["params"]]}
-                  for g in optimizer.param_groups]
-        self.tentative = optimizer_like(optimizer, groups)
+        self.tentative = optimizer_like(optimizer, [[self.params[where[id(p)]] for p in g["params"]]
+                                                    for g in optimizer.param_groups])
 
     def new_round(self) -> None:
         pass
@@ -111,10 +110,7 @@ class TentativePreview:
     def publish(self, flat: Tensor, acc: Tensor, count: int) -> None:
         """``flat = base + (count / N) * (T(base, acc / count) - base)``."""
         self.scratch.copy_(self.base)
-        for mine, real in zip(self.tentative.param_groups, self.optimizer.param_groups):
-            for key, value in real.items():
-                if key != "params":
-                    mine[key] = value
+        copy_hyperparameters(self.optimizer, self.tentative)
         for real, scratch in zip(self.masters, self.params):
             _copy_state(self.optimizer.state.get(real), self.tentative.state, scratch)
         torch.div(acc, count, out=self.grad)
@@ -126,9 +122,11 @@ class TentativePreview:
         torch.lerp(self.base, self.scratch, count / self.world_size, out=flat)
 
 
-def optimizer_like(optimizer: Optimizer, groups: list[dict[str, Any]]) -> Optimizer:
-    """A new optimizer of ``optimizer``'s class over ``groups`` (which carry every hyperparameter), built with the
-    defaults its constructor takes (``AdamW.defaults`` holds a key its constructor does not accept)."""
+def optimizer_like(optimizer: Optimizer, params: list[list[Tensor]]) -> Optimizer:
+    """A new optimizer of ``optimizer``'s class with one group per group of ``optimizer`` (its hyperparameters, the
+    parameters ``params[g]``; a group may be empty), built with the defaults its constructor takes
+    (``AdamW.defaults`` holds a key its constructor does not accept)."""
+    groups = [{**_hyperparameters(g), "params": p} for g, p in zip(optimizer.param_groups, params)]
     cls = type(optimizer)
     accepted = inspect.signature(cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
@@ -143,12 +141,14 @@ def make_preview(optimizer: Optimizer, masters: list[Tensor], base: Tensor, worl
     return cls(optimizer, masters, base, world_size)
 
 
-def _offsets(tensors: list[Tensor]) -> list[int]:
-    out, offset = [], 0
-    for t in tensors:
-        out.append(offset)
-        offset += t.numel()
-    return out
+def copy_hyperparameters(source: Optimizer, target: Optimizer) -> None:
+    """Every hyperparameter of ``source``'s groups into ``target``'s groups (the same number, in order)."""
+    for theirs, mine in zip(source.param_groups, target.param_groups):
+        mine.update(_hyperparameters(theirs))
+
+
+def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k != "params"}
 
 
 def _copy_state(real: Any, states: Any, param: Tensor) -> None:

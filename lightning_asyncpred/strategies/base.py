@@ -47,6 +47,7 @@ import pytorch_lightning as pl
 from lightning_fabric.utilities.data import _set_sampler_epoch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from lightning_asyncpred.exchange import Exchange, GradientBuckets, ReadyGradient, sum_buckets
+from lightning_asyncpred.exchange.buckets import flat_views
 from lightning_asyncpred.staleness import StalenessStats
 from lightning_asyncpred.strategies.signals import SafePointSignals
 from lightning_asyncpred.strategies.work_sharing import WorkSharing
@@ -431,12 +432,10 @@ class AsyncUpdateMixin:
             return state
         names = {id(p): n for n, p in self.lightning_module.named_parameters()}
         state = dict(state)
-        for k, flat in enumerate(masters):
-            offset = 0
-            for i in self._buckets.groups[k]:
-                p = self._buckets.params[i]
-                state[names[id(p)]] = flat[offset : offset + p.numel()].view_as(p)  # (a fresh CPU copy)
-                offset += p.numel()
+        for k, flat in enumerate(masters):  # fresh CPU copies: their views go into the state dict
+            params = self._buckets.bucket_params(k)
+            for p, view in zip(params, flat_views(flat, params)):
+                state[names[id(p)]] = view
         return state
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
