@@ -243,12 +243,11 @@ def test_a_round_in_progress_survives_save_and_load(name):
     assert owners[0].count == 2
     model = _published(owners)
     optimizer_state = {i: s for o in owners for i, s in o.state_dict().items()}
-    round_state = {"base": {}, "acc": {}}
+    round_state = {"params": {}}
     for o in owners:
         st = o.round_state()
-        round_state.update({k: v for k, v in st.items() if k not in ("base", "acc")})
-        round_state["base"].update(st["base"])
-        round_state["acc"].update(st["acc"])
+        round_state.update({k: v for k, v in st.items() if k != "params"})
+        round_state["params"].update(st["params"])
 
     resumed, _ = _owners(make, model, n)  # built from the saved model (the published masters)
     for o in resumed:

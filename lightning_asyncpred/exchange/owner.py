@@ -168,15 +168,13 @@ class ShardOwner:
 
     # ------------------------------------------------------------------ state
     def round_state(self, copy: bool = True) -> dict[str, Any]:
-        """The round in progress and the round count: ``{"rounds", "count", "world_size", "base", "acc"}`` with
-        ``base`` / ``acc`` keyed by parameter index (empty when no round is in progress: then ``flat`` is the base);
-        CPU copies, or with ``copy=False`` views of the live tensors (to send at once)."""
-        state: dict[str, Any] = {"rounds": self.rounds, "count": self.count, "world_size": self.world_size,
-                                 "base": {}, "acc": {}}
+        """The round in progress and the round count: ``{"rounds", "count", "world_size", "params"}`` with
+        ``params[i] = {"base", "acc"}`` for each owned parameter index (empty when no round is in progress: then
+        ``flat`` is the base); CPU copies, or with ``copy=False`` views of the live tensors (to send at once)."""
+        state: dict[str, Any] = {"rounds": self.rounds, "count": self.count, "world_size": self.world_size, "params": {}}
         if self.count:
             for i, b, g in zip(self.owned, self.masters, self._grads):
-                state["base"][i] = b.detach().cpu().clone() if copy else b.detach()
-                state["acc"][i] = g.detach().cpu().clone() if copy else g.detach()
+                state["params"][i] = {k: t.detach().cpu().clone() if copy else t.detach() for k, t in (("base", b), ("acc", g))}
         return state
 
     @torch.no_grad()
@@ -191,8 +189,8 @@ class ShardOwner:
             return
         if self.count:
             for i, b, g in zip(self.owned, self.masters, self._grads):
-                b.copy_(state["base"][i])
-                g.copy_(state["acc"][i])
+                b.copy_(state["params"][i]["base"])
+                g.copy_(state["params"][i]["acc"])
         if self._preview is not None:
             self._preview.new_round()
 

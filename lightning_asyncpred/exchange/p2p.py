@@ -435,8 +435,8 @@ class P2PExchange(Exchange):
         parameters."""
         self.backend.synchronize()
         mine = self.owner.round_state(copy=self.world_size == 1) if self.owner.optimizer is not None else None
-        head = None if mine is None else {k: mine[k] for k in ("rounds", "count", "world_size")}
-        tensors = {} if mine is None else {i: {"base": mine["base"][i], "acc": mine["acc"][i]} for i in mine["base"]}
+        head = None if mine is None else {k: v for k, v in mine.items() if k != "params"}
+        tensors = {} if mine is None else mine["params"]
         if self.world_size == 1:
             heads, gathered = [head], tensors
         else:
@@ -450,8 +450,7 @@ class P2PExchange(Exchange):
         if len(counts) != 1:
             raise RuntimeError(f"the owners disagree on the round in progress (rounds, arrivals): {sorted(counts)}")
         assert gathered is not None
-        return {**heads[0], "base": {i: st["base"] for i, st in gathered.items()},
-                "acc": {i: st["acc"] for i, st in gathered.items()}}
+        return {**heads[0], "params": gathered}
 
     def state_dict(self) -> dict[str, Any]:
         """After :meth:`quiesce` nothing is in flight: counters, statistics and the owners' round in progress
