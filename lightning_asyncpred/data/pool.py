@@ -86,7 +86,7 @@ class BatchPool:
         self._base: dict[str, Any] = {"epoch": 0, "next": 0, "redo": []}
         self._perm: Optional[tuple[int, list[int]]] = None
         self._started: Optional[int] = None  # the epoch this rank began drawing from
-        self._agreed: Optional[dict[str, Any]] = None  # the agreed position to resume from (wins over a loader's)
+        self._agreed = False  # _resume is the position agreed in the checkpoint (it wins over a loader's)
 
     # ------------------------------------------------------------- configuration
     def set_epoch(self, epoch: int) -> None:
@@ -154,7 +154,7 @@ class BatchPool:
         e.g. after ``reload_dataloaders_every_n_epochs`` or in a second ``fit``, and drops the one that fetched a
         batch ahead) first hands out what this rank drew and nobody trained on: every batch drawn is trained."""
         epoch = self.epoch
-        resume, self._resume, self._agreed = self._resume, None, None
+        resume, self._resume, self._agreed = self._resume, None, False
         replay: list[int] = []
         if resume is not None and resume["epoch"] == epoch:
             self._base = resume
@@ -211,12 +211,10 @@ class BatchPool:
         so its position would retrain some batches or skip others."""
         if not {"epoch", "next", "redo"} <= set(state):
             raise ValueError(f"not a shared batch pool state (needs epoch, next, redo): {sorted(state)}")
-        if self._agreed is not None and not agreed:
+        if self._agreed and not agreed:
             return
-        position = {"epoch": int(state["epoch"]), "next": int(state["next"]), "redo": [int(j) for j in state["redo"]]}
-        self._resume = position
-        if agreed:
-            self._agreed = position
+        self._resume = {"epoch": int(state["epoch"]), "next": int(state["next"]), "redo": [int(j) for j in state["redo"]]}
+        self._agreed = agreed
 
 
 class SharedPoolSampler(Sampler[int]):
