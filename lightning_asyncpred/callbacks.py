@@ -99,6 +99,12 @@ class LinearPrediction(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        if getattr(trainer.strategy, "workers", 1) > 1:
+            raise ValueError(
+                f"LinearPrediction keeps one parameter trajectory per process, but async_pred_sim runs "
+                f"workers={trainer.strategy.workers} virtual workers in it, each with its own view; the owner predicts "
+                "for them instead: SimulatedAsyncStrategy(workers=..., lookahead='auto') without LinearPrediction"
+            )
         if self.horizon in HORIZONS and not hasattr(trainer.strategy, "expected_staleness"):
             raise ValueError(
                 f"LinearPrediction(horizon={self.horizon!r}) needs a strategy that reports its staleness "
@@ -340,7 +346,7 @@ class StalenessRemedies(Callback):
             # the owners apply the gradients: the remedies go there (exchange/owner.py)
             exchange = strategy.exchange
             dc = DelayCompensation(self.dc.lam, adaptive=self.dc.adaptive) if self.dc is not None else None
-            history = strategy.world_size * (exchange.max_staleness + 1) + 1
+            history = strategy.arrivals_per_round * (exchange.max_staleness + 1) + 1
             exchange.owner.set_remedies(self.staleness_lr, dc, history=history)
         if self.momentum_correction:
             groups = trainer.optimizers[0].param_groups
@@ -355,7 +361,7 @@ class StalenessRemedies(Callback):
         if self.momentum_correction:
             tau = float(trainer.strategy.expected_staleness)
             if self._at_owners:  # staleness in owner arrivals; the owners' momentum decays once per round of N
-                tau /= trainer.world_size
+                tau /= trainer.strategy.arrivals_per_round
             for g, mu in zip(trainer.optimizers[0].param_groups, self._base_momentum):
                 g["momentum"] = corrected_momentum(mu, tau)
 

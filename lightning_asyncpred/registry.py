@@ -11,12 +11,12 @@ _STRATEGIES = {
     "async_pred": (
         AsyncPredStrategy,
         "multi-process asynchronous SGD, point-to-point transport with sharded owners (lightning-asyncpred)",
-        {"transport": "p2p", "max_staleness": 2},
+        {"transport": "p2p"},
     ),
     "async_pred_p2p": (
         AsyncPredStrategy,
         "multi-process asynchronous SGD, point-to-point transport with sharded owners (lightning-asyncpred)",
-        {"transport": "p2p", "max_staleness": 2},
+        {"transport": "p2p"},
     ),
     "async_pred_allreduce": (
         AsyncPredStrategy,

@@ -11,11 +11,23 @@ A gradient ``g = grad L(w_read)`` computed at the parameters ``w_read`` is appli
   ``lam0 / sqrt(m + eps)`` with ``m <- beta m + (1 - beta) g * g`` (a mean square of the gradients);
 * momentum correction (Mitliagkas et al., 2016, "Asynchrony begets momentum"): asynchrony with expected
   staleness ``E[tau]`` behaves like an implicit momentum ``mu_a = E[tau] / (1 + E[tau])``; the explicit
-  momentum is lowered so that the total stays at the tuned value: ``mu' = max(0, mu - mu_a)``.
+  momentum is lowered so that the total stays at the tuned value: ``mu' = max(0, mu - mu_a)``;
+* delay-adaptive step (Mishchenko et al., NeurIPS 2022, "Asynchronous SGD beats minibatch SGD under arbitrary
+  delays"): with ``N`` workers and ``tau`` counted in arrivals (gradients applied since the read),
+  ``g' = g * N / max(N, tau)``: no damping while ``tau <= N`` (one round: what every gradient of a synchronous
+  step would see), only the tail is damped;
+* Gap-Aware (Barkai et al., ICLR 2020, "Gap-Aware Mitigation of Gradient Staleness"): per element, the distance
+  ``gap = |w_now - w_read|`` measured in typical steps ``C = lr_max * (sqrt(E[g^2] / (1 - beta^t)) + eps)``
+  (``E[g^2]`` a running mean with decay ``beta``, bias-corrected), ``g' = g / (1 + gap / C)``: a gradient whose
+  parameters have moved far since it was read is damped, elementwise.
+
+The look-ahead of momentum methods (MSNAG's ``c(D)``, DANA's and SMEGA2's look-ahead) changes what workers read,
+not the gradient: :func:`momentum_horizon` here, applied by the owners (``exchange/owner.py``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -39,6 +51,30 @@ def implicit_momentum(expected_staleness: float) -> float:
 def corrected_momentum(momentum: float, expected_staleness: float) -> float:
     """``max(0, mu - E[tau] / (1 + E[tau]))``: the explicit momentum that keeps the total at ``mu``."""
     return max(0.0, momentum - implicit_momentum(expected_staleness))
+
+
+def delay_adaptive_scale(staleness: int, workers: int) -> float:
+    """``N / max(N, tau)``: the delay-adaptive step's factor for a gradient ``tau`` arrivals late among ``N``
+    workers (1 while ``tau <= N``)."""
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    return workers / max(workers, staleness)
+
+
+def momentum_horizon(horizon: float, momentum: float) -> float:
+    """MSNAG's momentum-aware horizon ``c(D) = sum_{i=1..D} mu^i = mu (1 - mu^D) / (1 - mu)``: how many of the
+    last updates the next ``D`` updates add up to when future gradients average to zero and only the momentum
+    carries the parameters (FTPipe, Eliad et al., USENIX ATC 2021). Real ``D >= 0`` (the same closed form);
+    ``D`` itself at ``mu = 1`` (a linear extrapolation), 0 at ``mu = 0``."""
+    if horizon < 0 or not math.isfinite(horizon):
+        raise ValueError(f"horizon must be a finite number >= 0, got {horizon!r}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    if momentum == 1.0:
+        return float(horizon)
+    return momentum * (1.0 - momentum**horizon) / (1.0 - momentum)
 
 
 def correct_gradients_(
@@ -100,3 +136,46 @@ class DelayCompensation:
     def load_state_dict(self, state: dict) -> None:
         ms = state.get("mean_square")
         self.mean_square = [m.clone() for m in ms] if ms is not None else None
+
+
+class GapAware:
+    """Gap-Aware: ``g <- g / (1 + |w_now - w_read| / C)`` per element, ``C = lr_max (sqrt(E[g^2] / bias) + eps)``
+    (see the module docstring). The running mean square is updated with every gradient before it is used.
+
+    Args:
+        beta: decay of the running mean square of the gradients (FTPipe's default 0.999).
+        eps: added to the root mean square.
+    """
+
+    def __init__(self, beta: float = 0.999, eps: float = 1e-8) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps!r}")
+        self.beta, self.eps = float(beta), float(eps)
+        self.mean_square: Optional[list[Tensor]] = None
+        self.updates = 0
+
+    @torch.no_grad()
+    def apply_(self, grads: Sequence[Tensor], w_now: Sequence[Tensor], w_read: Sequence[Tensor], lr_max: Sequence[float]) -> None:
+        if not (len(grads) == len(w_now) == len(w_read) == len(lr_max)):
+            raise ValueError(f"{len(grads)} gradients, {len(w_now)} current and {len(w_read)} read parameters, "
+                             f"{len(lr_max)} learning rates")
+        if self.mean_square is None:
+            self.mean_square = [torch.zeros_like(g) for g in grads]
+        self.updates += 1
+        bias = 1.0 - self.beta**self.updates
+        for g, m, now, read, lr in zip(grads, self.mean_square, w_now, w_read, lr_max):
+            m.mul_(self.beta).addcmul_(g, g, value=1.0 - self.beta)
+            typical = (m / bias).sqrt_().add_(self.eps).mul_(lr)  # C
+            gap = (now - read.to(now.device, now.dtype)).abs_()
+            g.div_(gap.div_(typical).add_(1.0))
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates,
+                "mean_square": [m.detach().cpu() for m in self.mean_square] if self.mean_square is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        ms = state.get("mean_square")
+        self.mean_square = [m.clone() for m in ms] if ms is not None else None
+        self.updates = int(state.get("updates", 0))

@@ -40,11 +40,21 @@ def test_registered_names_and_idempotent_registration():
     assert register_strategies() == []  # a second import registers nothing and raises nothing
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="async_pred", logger=False)
     s = trainer.strategy
-    assert isinstance(s, AsyncPredStrategy) and s.transport == "p2p" and s.max_staleness == 2
+    # p2p waits for the answer to its last gradient (max_staleness 0) and its owners look ahead
+    assert isinstance(s, AsyncPredStrategy) and s.transport == "p2p" and s.max_staleness == 0 and s.lookahead == "auto"
+    assert AsyncPredStrategy(transport="allreduce").max_staleness == 1
     assert s.is_distributed and s.world_size == 2
     assert s.distributed_sampler_kwargs == {"num_replicas": 2, "rank": 0}
     assert pl.Trainer(accelerator="cpu", devices=2, strategy="async_pred_p2p", logger=False).strategy.transport == "p2p"
     assert pl.Trainer(accelerator="cpu", devices=2, strategy="async_pred_allreduce", logger=False).strategy.transport == "allreduce"
+
+
+def test_lookahead_is_the_p2p_owners_and_checked():
+    with pytest.raises(ValueError, match="lookahead must be 'auto', 'momentum', 'linear' or None, got 'far'"):
+        AsyncPredStrategy(lookahead="far")
+    with pytest.raises(ValueError, match="the 'allreduce' transport has no owners"):
+        AsyncPredStrategy(transport="allreduce", lookahead="momentum")
+    assert AsyncPredStrategy(transport="allreduce", lookahead=None).lookahead is None
 
 
 def test_init_has_no_side_effects():
@@ -52,7 +62,7 @@ def test_init_has_no_side_effects():
     assert not dist.is_initialized()
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, "2", True, None])
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True])
 def test_bad_max_staleness(bad):
     with pytest.raises(ValueError, match=r"max_staleness must be an integer >= 0, got"):
         AsyncPredStrategy(max_staleness=bad)

@@ -11,7 +11,8 @@ import pytorch_lightning as pl
 
 from lightning_asyncpred import SimulatedAsyncStrategy, StalenessRemedies
 from lightning_asyncpred.exchange import ShardOwner
-from lightning_asyncpred.remedies import DelayCompensation, corrected_momentum, implicit_momentum, staleness_scale
+from lightning_asyncpred.remedies import (DelayCompensation, GapAware, corrected_momentum, delay_adaptive_scale,
+                                          implicit_momentum, staleness_scale)
 from tests.helpers import model_and_data, real_params, trainer
 
 
@@ -46,6 +47,41 @@ def test_adaptive_delay_compensation_divides_by_the_root_mean_square():
     other = DelayCompensation(lam=0.1, adaptive=True, beta=0.5, eps=0.0)
     other.load_state_dict(state)
     assert torch.equal(other.mean_square[0], dc.mean_square[0])
+
+
+def test_delay_adaptive_scale_damps_only_beyond_n():
+    assert [delay_adaptive_scale(t, 4) for t in (0, 3, 4, 8, 16)] == [1.0, 1.0, 1.0, 0.5, 0.25]
+    with pytest.raises(ValueError, match="staleness must be >= 0"):
+        delay_adaptive_scale(-1, 4)
+
+
+def test_gap_aware_divides_by_one_plus_the_gap_in_typical_steps():
+    ga = GapAware(beta=0.5, eps=0.0)
+    g = [torch.tensor([2.0, -1.0])]
+    ga.apply_(g, [torch.tensor([1.0, 0.0])], [torch.tensor([0.0, 0.0])], [0.5])
+    # E[g^2] = 0.5 * g^2, bias 1 - 0.5 = 0.5 -> sqrt(g^2) = |g|; C = 0.5 |g| = [1, 0.5]; gap = [1, 0]
+    assert torch.equal(g[0], torch.tensor([2.0 / (1 + 1 / 1.0), -1.0]))
+    other = GapAware(beta=0.5, eps=0.0)
+    other.load_state_dict(ga.state_dict())
+    assert other.updates == 1 and torch.equal(other.mean_square[0], ga.mean_square[0])
+
+
+def test_owner_applies_delay_adaptive_and_gap_aware_to_arrivals():
+    owner = _owner(lr=1.0)
+    owner.set_remedies(delay_adaptive=True)
+    owner.apply(torch.tensor([1.0, 1.0, 1.0]), staleness=2)  # N = 1: tau 2 -> g / 2
+    assert torch.equal(owner.flat, torch.tensor([0.5, 1.5, -1.5]))
+    with pytest.raises(ValueError, match="choose one"):
+        owner.set_remedies(staleness_lr=True, delay_adaptive=True)
+    with pytest.raises(ValueError, match="history of at least 1"):
+        owner.set_remedies(gap_aware=GapAware())
+    owner = _owner(lr=1.0)
+    owner.set_remedies(gap_aware=GapAware(beta=0.0, eps=0.0), history=2)
+    owner.apply(torch.tensor([1.0, 1.0, 1.0]), staleness=0)  # no gap: a plain step
+    assert torch.equal(owner.flat, torch.tensor([0.0, 1.0, -2.0]))
+    # read one arrival ago: gap = |w_now - w_read| = 1 = one typical step (lr |g| = 1): g / 2
+    owner.apply(torch.tensor([1.0, 1.0, 1.0]), staleness=1)
+    assert torch.equal(owner.flat, torch.tensor([-0.5, 0.5, -2.5]))
 
 
 def test_bad_remedy_arguments_are_clear_errors():
@@ -97,7 +133,7 @@ def test_gradient_remedies_under_p2p_are_installed_at_the_owners():
     owner = _owner()
     exchange = SimpleNamespace(owner=owner, max_staleness=2)
     fake = SimpleNamespace(strategy=SimpleNamespace(expected_staleness=2.0, _exchange_returns_parameters=True,
-                                                    exchange=exchange, world_size=4),
+                                                    exchange=exchange, arrivals_per_round=4),
                            optimizers=[owner.user])
     StalenessRemedies(staleness_lr=True, dc_lambda=0.1, dc_adaptive=True).on_fit_start(fake, None)
     assert owner.staleness_lr and owner.dc.lam == 0.1 and owner.dc.adaptive

@@ -34,8 +34,8 @@ __all__ = [
 
 # ------------------------------------------------------------------ transports for multi-process strategies
 # A transport factory takes keyword arguments ``max_staleness, mode, group, timeout, monitor, buckets``
-# (a :class:`GradientBuckets` describing the layout), ``optimizer`` (the user's) and ``backend`` (of the data
-# plane), ignores those it does not need, and returns an :class:`Exchange`. A new transport
+# (a :class:`GradientBuckets` describing the layout), ``optimizer`` (the user's), ``backend`` (of the data
+# plane) and ``lookahead`` (of owners), ignores those it does not need, and returns an :class:`Exchange`. A new transport
 # (e.g. point-to-point) registers itself here and ``AsyncPredStrategy(transport=...)`` picks it up.
 TRANSPORTS = {}
 
@@ -58,13 +58,15 @@ def _allreduce_factory(max_staleness, mode, group, timeout, monitor, **_):
     return AllReduceExchange(max_staleness, mode=mode, group=group, timeout=timeout, monitor=monitor)
 
 
-def _p2p_factory(max_staleness, group, timeout, monitor, buckets, optimizer, handshake_timeout=120.0, **_):
-    """Owner of shard ``rank`` (the buckets are the shards); the data plane (NCCL on CUDA, Gloo on CPU) connects
-    and makes a round trip with every peer before this returns (``exchange/p2p.py``)."""
+def _p2p_factory(max_staleness, group, timeout, monitor, buckets, optimizer, handshake_timeout=120.0, lookahead=None, **_):
+    """Owner of shard ``rank`` (the buckets are the shards), looking ahead as ``lookahead`` says; the data plane
+    (NCCL on CUDA, Gloo on CPU) connects and makes a round trip with every peer before this returns
+    (``exchange/p2p.py``)."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     owner = ShardOwner(optimizer, buckets.params, buckets.groups[rank], world_size=world)
+    owner.set_lookahead(lookahead)
     return P2PExchange(max_staleness, owner, buckets.numels, rank, world, control_group=group, timeout=timeout,
                        monitor=monitor, handshake_timeout=handshake_timeout)
 

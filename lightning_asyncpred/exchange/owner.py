@@ -32,12 +32,29 @@ starts from. ``w_read`` comes from a history of the owner's last ``history`` pub
 the shard, about ``1/N`` of the model; nothing more on the wire). A request older than that history joins
 without the correction (counted in :attr:`ShardOwner.dc_skipped`).
 
+Two further gradient remedies need only what the owner has: the delay-adaptive step ``g N / max(N, tau)`` (``tau`` in
+arrivals: no damping within a round's worth of staleness) and Gap-Aware ``g / (1 + |w_r - w_read| / C)`` per element
+(``remedies.py``; ``w_read`` from the same history as DC-ASGD).
+
+Look-ahead (:meth:`ShardOwner.set_lookahead`): replies may carry, instead of the published master, where it is
+expected to be when the worker's next gradient arrives,
+
+    ``w_hat = flat + c * u``,
+
+``u = w_r - w_{r-1}`` the last real step and ``D`` the measured staleness of arrivals in rounds (a running mean of
+``tau / N``, ``tau`` in arrivals): ``c = D`` (``"linear"``: the last step extrapolated, SpecTrain's and the worker-side
+linear prediction's rule) or ``c = sum_{i=1..D} mu^i`` (``"momentum"``: MSNAG's momentum-aware horizon, ``mu`` the
+group's momentum or Adam's ``beta1``; with ``D = 1`` DANA-Zero's and SMEGA2's look-ahead of one round). The masters
+themselves (``flat``, the checkpointed model) never hold the look-ahead; the worker's gradient is computed at
+``w_hat`` and applied to the masters.
+
 State beyond the optimizer's (:meth:`ShardOwner.round_state`): the round in progress (``w_r``, ``G``, ``k``) and
 the round count; checkpoints carry it, keyed by parameter index, so a resume continues the round.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any, Callable, Optional, Sequence
 
@@ -47,7 +64,16 @@ from torch.optim import Optimizer
 
 from lightning_asyncpred.exchange.buckets import flat_views
 from lightning_asyncpred.exchange.preview import copy_hyperparameters, make_preview, optimizer_like
-from lightning_asyncpred.remedies import DelayCompensation, correct_gradients_
+from lightning_asyncpred.remedies import (DelayCompensation, GapAware, correct_gradients_, delay_adaptive_scale,
+                                          momentum_horizon)
+
+LOOKAHEADS = ("linear", "momentum")
+
+
+def default_lookahead(optimizer: Optimizer) -> str:
+    """``"momentum"`` for an optimizer with a momentum (SGD's ``momentum``, Adam's ``betas``), else ``"linear"``."""
+    groups = optimizer.param_groups
+    return "momentum" if all("momentum" in g or "betas" in g for g in groups) else "linear"
 
 
 class ShardOwner:
@@ -82,6 +108,7 @@ class ShardOwner:
         if missing:
             raise ValueError(f"trainable parameters {missing} are not in the optimizer's param_groups")
         group_of = [where[id(self.params[i])] for i in self.owned]
+        self._group_of = group_of
         self.optimizer: Optional[Optimizer] = None
         self._preview: Any = None
         if self.owned:
@@ -93,18 +120,73 @@ class ShardOwner:
         self.rounds = 0  # real steps made
         self.arrivals = 0  # the version of the published master
         self.on_round: Optional[Callable[[int], None]] = None
-        self.staleness_lr = False
+        self.staleness_lr = self.delay_adaptive = False
         self.dc: Optional[DelayCompensation] = None
+        self.gap_aware: Optional[GapAware] = None
+        self.lookahead: Optional[str] = None
+        self.lookahead_horizon: Optional[float] = None
+        self.reply = self.flat  # what replies carry: the published master, or its look-ahead (set_lookahead)
+        self._last: Optional[Tensor] = None  # u, the last real step (look-ahead only)
+        self._tau = [0.0, 0.0]  # running mean of tau / N: (weighted sum, weight), decay LAG_DECAY per arrival
         self._history: deque[Tensor] = deque(maxlen=1)  # published masters before the last arrivals, newest last
         self.dc_applied = self.dc_skipped = 0
 
-    def set_remedies(self, staleness_lr: bool = False, dc: Optional[DelayCompensation] = None, history: int = 0) -> None:
-        """Apply the staleness-aware learning rate and/or DC-ASGD (``dc``, keeping ``history`` past masters for
-        ``w_read``) to every arrival from now on (see the module docstring)."""
-        if dc is not None and history < 1:
-            raise ValueError(f"DC-ASGD at the owner needs a history of at least 1 past master, got {history}")
-        self.staleness_lr, self.dc = bool(staleness_lr), dc
+    LAG_DECAY = 0.99
+
+    def set_remedies(self, staleness_lr: bool = False, dc: Optional[DelayCompensation] = None, history: int = 0,
+                     delay_adaptive: bool = False, gap_aware: Optional[GapAware] = None) -> None:
+        """Apply the staleness-aware learning rate, the delay-adaptive step, DC-ASGD (``dc``) and/or Gap-Aware to
+        every arrival from now on, the last two from ``w_read`` out of a history of ``history`` past masters (see
+        the module docstring)."""
+        if (dc is not None or gap_aware is not None) and history < 1:
+            raise ValueError(f"DC-ASGD and Gap-Aware at the owner need a history of at least 1 past master, got {history}")
+        if staleness_lr and delay_adaptive:
+            raise ValueError("staleness_lr and delay_adaptive both scale the step by the staleness: choose one")
+        self.staleness_lr, self.dc, self.delay_adaptive, self.gap_aware = bool(staleness_lr), dc, bool(delay_adaptive), gap_aware
         self._history = deque(maxlen=max(1, int(history)))
+
+    def set_lookahead(self, mode: Optional[str], horizon: Optional[float] = None) -> None:
+        """Replies carry the look-ahead ``flat + c u`` (``mode`` ``"linear"`` or ``"momentum"``) or, with ``None``, the
+        published master (see the module docstring); ``horizon``: a fixed ``D`` in rounds instead of the measured
+        one. Set it before the replies are wired (the transport reads :attr:`reply` once)."""
+        if mode is not None and mode not in LOOKAHEADS:
+            raise ValueError(f"lookahead must be None, 'linear' or 'momentum', got {mode!r}")
+        if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, (int, float))
+                                    or not math.isfinite(horizon) or horizon < 0):
+            raise ValueError(f"lookahead horizon must be None (measured) or a number of rounds >= 0, got {horizon!r}")
+        self.lookahead_horizon = None if horizon is None else float(horizon)
+        if mode == "momentum" and self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                _group_momentum(group, type(self.user).__name__)
+        self.lookahead = mode
+        if mode is None:
+            self.reply, self._last = self.flat, None
+        else:
+            self.reply = self.flat.clone()
+            self._last = torch.zeros_like(self.flat)
+
+    @property
+    def lag(self) -> float:
+        """``D``: the running mean of the arrivals' staleness in rounds (``tau / N``), 0 before any arrival."""
+        return self._tau[0] / self._tau[1] if self._tau[1] > 0 else 0.0
+
+    def lookahead_coefficients(self) -> list[float]:
+        """``c`` per group of the user's optimizer for the current ``D`` (see the module docstring)."""
+        if self.optimizer is None or self.lookahead is None:
+            return []
+        d = self.lag if self.lookahead_horizon is None else self.lookahead_horizon
+        if self.lookahead == "linear":
+            return [d] * len(self.optimizer.param_groups)
+        return [momentum_horizon(d, _group_momentum(g, type(self.user).__name__)) for g in self.optimizer.param_groups]
+
+    @torch.no_grad()
+    def _publish_lookahead(self) -> None:
+        if self._last is None:
+            return
+        coefficients = self.lookahead_coefficients()
+        outs, flats, steps = flat_views(self.reply, self.masters), flat_views(self.flat, self.masters), flat_views(self._last, self.masters)
+        for out, w, u, g in zip(outs, flats, steps, self._group_of):
+            torch.add(w, u, alpha=coefficients[g], out=out)
 
     def _read_master(self, staleness: int) -> Optional[Tensor]:
         """The master published ``staleness`` arrivals ago (the version the worker read); ``None`` if older than the
@@ -126,19 +208,24 @@ class ShardOwner:
         if grad.numel() != self.flat.numel():
             raise ValueError(f"gradient shard has {grad.numel()} elements, the shard {self.flat.numel()}")
         copy_hyperparameters(self.user, self.optimizer)
-        if self.dc is not None or self.staleness_lr:
+        self._tau[0] = self.LAG_DECAY * self._tau[0] + staleness / self.world_size
+        self._tau[1] = self.LAG_DECAY * self._tau[1] + 1.0
+        if self.dc is not None or self.gap_aware is not None or self.staleness_lr or self.delay_adaptive:
             grad = grad.to(self.flat.dtype, copy=True)
             read = None
-            if self.dc is not None:
+            if self.dc is not None or self.gap_aware is not None:
                 read = self._read_master(staleness)
                 if read is None:
                     self.dc_skipped += 1
                 else:
                     self.dc_applied += 1
+                self._history.append(self.flat.detach().clone())
             correct_gradients_([grad], self.round_staleness(staleness), self.dc, [self.base],
                                None if read is None else [read], self.staleness_lr)
-            if self.dc is not None:
-                self._history.append(self.flat.detach().clone())
+            if self.gap_aware is not None and read is not None:
+                self._gap_aware(grad, read)
+            if self.delay_adaptive:
+                grad.mul_(delay_adaptive_scale(staleness, self.world_size))
         self.acc.add_(grad.reshape(-1))
         self.count += 1
         self.arrivals += 1
@@ -146,7 +233,15 @@ class ShardOwner:
             self._preview.publish(self.flat, self.acc, self.count)
         else:  # (more than world_size only in a round saved by more workers: see load_round_state)
             self._step()
-        return self.flat
+        self._publish_lookahead()
+        return self.reply
+
+    def _gap_aware(self, grad: Tensor, read: Tensor) -> None:
+        """Gap-Aware per parameter, ``lr_max`` its group's ``initial_lr`` (set by a scheduler) or ``lr``."""
+        assert self.gap_aware is not None and self.optimizer is not None
+        lrs = [float(g.get("initial_lr", g["lr"])) for g in self.optimizer.param_groups]
+        self.gap_aware.apply_(flat_views(grad, self.masters), self.masters, flat_views(read, self.masters),
+                              [lrs[g] for g in self._group_of])
 
     def _step(self) -> None:
         """The round's real step from its base with the mean of its arrivals (the optimizer's own ``step``)."""
@@ -154,7 +249,11 @@ class ShardOwner:
         self.acc.div_(self.count)
         for m, g in zip(self.masters, self._grads):
             m.grad = g
+        if self._last is not None:
+            self._last.copy_(self.base)
         self.optimizer.step()
+        if self._last is not None:
+            torch.sub(self.base, self._last, out=self._last)  # u = w_{r+1} - w_r
         for m in self.masters:
             m.grad = None
         self.flat.copy_(self.base)
@@ -169,12 +268,17 @@ class ShardOwner:
     # ------------------------------------------------------------------ state
     def round_state(self, copy: bool = True) -> dict[str, Any]:
         """The round in progress and the round count: ``{"rounds", "count", "world_size", "params"}`` with
-        ``params[i] = {"base", "acc"}`` for each owned parameter index (empty when no round is in progress: then
+        ``params[i] = {"base", "acc"}`` for each owned parameter index (with look-ahead also ``"last"``, ``u``'s slice,
+        and ``"lag"``, this owner's running mean of ``tau / N``; no ``base``/``acc`` when no round is in progress: then
         ``flat`` is the base); CPU copies, or with ``copy=False`` views of the live tensors (to send at once)."""
         state: dict[str, Any] = {"rounds": self.rounds, "count": self.count, "world_size": self.world_size, "params": {}}
-        if self.count:
-            for i, b, g in zip(self.owned, self.masters, self._grads):
-                state["params"][i] = {k: t.detach().cpu().clone() if copy else t.detach() for k, t in (("base", b), ("acc", g))}
+        keep = (("base", self.masters), ("acc", self._grads)) if self.count else ()
+        if self._last is not None:  # the look-ahead's last step and this owner's measured lag (its own arrivals)
+            lag = torch.tensor(self._tau, dtype=torch.float64)
+            keep += (("last", flat_views(self._last, self.masters)), ("lag", [lag] * len(self.owned)))
+        for n, i in enumerate(self.owned):
+            if keep:
+                state["params"][i] = {k: ts[n].detach().cpu().clone() if copy else ts[n].detach() for k, ts in keep}
         return state
 
     @torch.no_grad()
@@ -191,8 +295,17 @@ class ShardOwner:
             for i, b, g in zip(self.owned, self.masters, self._grads):
                 b.copy_(state["params"][i]["base"])
                 g.copy_(state["params"][i]["acc"])
+        if self._last is not None:
+            for i, u in zip(self.owned, flat_views(self._last, self.masters)):
+                saved = state["params"].get(i, {})
+                if saved.get("last") is None:
+                    u.zero_()
+                else:
+                    u.copy_(saved["last"])
+                    self._tau = [float(x) for x in saved["lag"]]
         if self._preview is not None:
             self._preview.new_round()
+        self._publish_lookahead()
 
     def state_dict(self, copy: bool = True) -> dict[int, dict[str, Any]]:
         """The optimizer state of the owned parameters, keyed by their index into ``params``: CPU copies, or with
@@ -236,3 +349,13 @@ class ShardOwner:
             if tentative is not None:
                 tensors += [v for st in tentative.state.values() for v in st.values() if isinstance(v, Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _group_momentum(group: dict[str, Any], name: str) -> float:
+    """``mu`` of a group for the momentum look-ahead: SGD's ``momentum``, Adam's ``beta1``."""
+    if "momentum" in group:
+        return float(group["momentum"])
+    if "betas" in group:
+        return float(group["betas"][0])
+    raise ValueError(f"lookahead='momentum' needs a momentum ('momentum' or 'betas' in the param groups), which {name} "
+                     "does not have; use lookahead='linear'")

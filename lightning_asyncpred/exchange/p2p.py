@@ -113,7 +113,7 @@ class P2PExchange(Exchange):
         self._events: queue.Queue = queue.Queue()
         self.backend = backend if backend is not None else make_backend(self.device, self.rank, self.world_size, owner.flat, None, self.timeout)
         self.backend.report = lambda *event: self._events.put(event)  # its waiters' completions, to the communication thread
-        self.engine = Engine(self.rank, self.world_size, self.shard_numels, owner.apply, owner.flat,
+        self.engine = Engine(self.rank, self.world_size, self.shard_numels, owner.apply, owner.reply,
                              launch=self.backend.launch, snapshot=self.backend.snapshot)
         self.plane = DataPlane(self.rank, self.world_size, self.backend.alloc, send_slots, recv_slots)
         self.versions = [0] * self.world_size  # shard versions installed in this worker's replica

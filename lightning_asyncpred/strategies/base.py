@@ -35,6 +35,7 @@ everything in flight (a smaller checkpoint, but every save bends the trajectory)
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from typing import Any, Callable, Optional
@@ -48,6 +49,7 @@ from lightning_fabric.utilities.data import _set_sampler_epoch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from lightning_asyncpred.exchange import Exchange, GradientBuckets, ReadyGradient, sum_buckets
 from lightning_asyncpred.exchange.buckets import flat_views
+from lightning_asyncpred.exchange.owner import LOOKAHEADS, default_lookahead
 from lightning_asyncpred.staleness import StalenessStats
 from lightning_asyncpred.strategies.signals import SafePointSignals
 from lightning_asyncpred.strategies.work_sharing import WorkSharing
@@ -98,6 +100,36 @@ class AsyncUpdateMixin:
         """How the local gradient is flattened for the exchange (default: buckets of ``bucket_cap_mb``)."""
         return GradientBuckets(params, self.bucket_cap_mb)
 
+    def _resolve_lookahead(self, trainer: "pl.Trainer", requested: Optional[str]) -> Optional[str]:
+        """The owners' look-ahead for this fit: ``requested``, or for ``"auto"`` ``None`` when the Trainer has a
+        ``LinearPrediction`` callback (the workers predict: one prediction, not two) and otherwise
+        ``default_lookahead`` of the optimizer (``"momentum"`` when it has a momentum)."""
+        if requested != "auto":
+            return requested
+        from lightning_asyncpred.callbacks import LinearPrediction
+
+        if any(isinstance(c, LinearPrediction) for c in trainer.callbacks):
+            return None
+        assert self._optimizer is not None
+        return default_lookahead(self._optimizer)
+
+    def _check_owner_optimizer(self, params: list[Tensor], what: str, instead: str) -> None:
+        """Refuse what owners (``exchange/owner.py``) cannot step: an optimizer whose ``step`` needs a closure, or
+        parameters of several dtypes (the owners keep one flat tensor)."""
+        step = inspect.signature(type(self._optimizer).step).parameters.get("closure")
+        if step is not None and step.default is inspect.Parameter.empty:
+            raise ValueError(
+                f"{what} cannot run {type(self._optimizer).__name__}: its step needs a closure that "
+                "re-evaluates the model, but the owners step with gradients that arrive from the workers; use an "
+                f"optimizer whose step works from .grad (SGD, Adam, ...) or {instead}"
+            )
+        dtypes = sorted({str(p.dtype) for p in params})
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"{what} needs one dtype for all trainable parameters (its messages are flat tensors), "
+                f"got {', '.join(dtypes)}; keep the parameters in one dtype (mixed precision does)"
+            )
+
     # ----------------------------------------------------------------- public
     @property
     def expected_staleness(self) -> float:
@@ -105,6 +137,11 @@ class AsyncUpdateMixin:
         if self.exchange is None:
             return 0.0
         return float(self.exchange.expected_staleness)
+
+    @property
+    def arrivals_per_round(self) -> int:
+        """Gradients that make one ``ddp``-sized step of an owner-based transport: one per worker (``N``)."""
+        return int(self.world_size)
 
     @property
     def staleness_stats(self) -> StalenessStats:
@@ -496,3 +533,10 @@ class AsyncUpdateMixin:
         self.drain_and_apply()
         self._restore_schedules()
         super().on_train_end()  # type: ignore[misc]
+
+
+def check_lookahead(lookahead: Optional[str]) -> Optional[str]:
+    """``None``, ``"auto"``, ``"linear"`` or ``"momentum"``; a ``ValueError`` naming the value otherwise."""
+    if lookahead is not None and lookahead != "auto" and lookahead not in LOOKAHEADS:
+        raise ValueError(f"lookahead must be 'auto', 'momentum', 'linear' or None, got {lookahead!r}")
+    return lookahead

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import logging
 import os
 import sys
@@ -73,7 +72,7 @@ from lightning_asyncpred.exchange.p2p import DEFAULT_HANDSHAKE_TIMEOUT
 from lightning_asyncpred.exchange.p2p_backends import check_backend
 from lightning_asyncpred.exchange.sharding import partition
 from lightning_asyncpred.exchange.horovod import import_horovod
-from lightning_asyncpred.strategies.base import AsyncUpdateMixin
+from lightning_asyncpred.strategies.base import AsyncUpdateMixin, check_lookahead
 from lightning_asyncpred.strategies.horovod_env import LAUNCH_HINT, HorovodEnvironment, rendezvous_address
 from lightning_asyncpred.strategies.work_sharing import WorkSharing
 from lightning_asyncpred.validation import check_int, check_positive_number
@@ -92,7 +91,15 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
 
     Args:
         max_staleness: ``s >= 0``. ``fixed`` mode: step ``t`` applies the mean gradient of step ``t - s``
-            (the first ``s`` steps make no update); ``eager``: the bound on staleness.
+            (the first ``s`` steps make no update); ``eager``: the bound on staleness. Default 1; under ``"p2p"`` 0
+            (a worker waits for the owners' answer to its last gradient before its next step, so every gradient is
+            about one round stale; with 1 or more the next step starts at once and reads the answer to the step
+            before, two rounds stale, which costs momentum SGD its accuracy: ``benchmarks/convergence.py``).
+        lookahead: ``"p2p"`` only: what the owners reply. ``"auto"`` (default): ``"momentum"`` for an optimizer with
+            a momentum, else ``"linear"``, and ``None`` when the Trainer has a ``LinearPrediction`` callback (the
+            workers predict then). ``"momentum"``: the master plus ``c(D)`` times the last real step, ``D`` the
+            measured staleness in rounds and ``c(D) = sum_{i<=D} mu^i`` (MSNAG's momentum-aware horizon);
+            ``"linear"``: ``c = D``; ``None``: the master itself (``exchange/owner.py``).
         mode: ``"fixed"`` (deterministic, bit-identical replicas) or ``"eager"`` (apply as soon as a
             reduction completes; NCCL only).
         bucket_cap_mb: size cap of the flat gradient buckets (one collective per bucket). The cap must be
@@ -127,7 +134,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
 
     def __init__(
         self,
-        max_staleness: int = 1,
+        max_staleness: Optional[int] = None,
         mode: str = "fixed",
         bucket_cap_mb: float = 25.0,
         process_group_backend: Optional[str] = None,
@@ -139,6 +146,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         max_samples: Optional[int] = None,
         max_updates: Optional[int] = None,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        lookahead: Optional[str] = "auto",
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -158,8 +166,15 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             )
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; registered: {', '.join(sorted(TRANSPORTS))}")
-        self.max_staleness = check_int("max_staleness", max_staleness, 0)
+        # p2p: a worker waits for the answer to its last gradient (staleness one round: what keeps ddp's accuracy,
+        # benchmarks/convergence.py); the collective transports: one step in flight
+        default = 0 if transport == "p2p" else 1
+        self.max_staleness = check_int("max_staleness", default if max_staleness is None else max_staleness, 0)
         self.transport = transport
+        self.lookahead = check_lookahead(lookahead)
+        if lookahead not in ("auto", None) and transport != "p2p":
+            raise ValueError(f"lookahead={lookahead!r} is the p2p owners' (transport='p2p'); the {transport!r} transport "
+                             "has no owners: leave lookahead='auto' or use LinearPrediction")
         if transport == "horovod":
             self.mode = check_mode(mode, "horovod")  # hvd.poll works with Gloo CPU ops too: eager on CPU as on GPU
             if self.cluster_environment is None:
@@ -430,24 +445,13 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             optimizer=self._optimizer,
             backend=self._process_group_backend,
             handshake_timeout=self.handshake_timeout,
+            lookahead=self._resolve_lookahead(self.lightning_module.trainer, self.lookahead) if self.transport == "p2p" else None,
         )
 
     def _make_buckets(self, params: list[Tensor]) -> GradientBuckets:
         if self.transport != "p2p":
             return super()._make_buckets(params)
-        step = inspect.signature(type(self._optimizer).step).parameters.get("closure")
-        if step is not None and step.default is inspect.Parameter.empty:
-            raise ValueError(
-                f"the p2p transport cannot run {type(self._optimizer).__name__}: its step needs a closure that "
-                "re-evaluates the model, but the owners step with gradients that arrive from the workers; use an "
-                "optimizer whose step works from .grad (SGD, Adam, ...) or transport='allreduce'"
-            )
-        dtypes = sorted({str(p.dtype) for p in params})
-        if len(dtypes) > 1:
-            raise ValueError(
-                f"the p2p transport needs one dtype for all trainable parameters (its messages are flat tensors), "
-                f"got {', '.join(dtypes)}; keep the parameters in one dtype (mixed precision does)"
-            )
+        self._check_owner_optimizer(params, "the p2p transport", "transport='allreduce'")
         world = dist.get_world_size() if _distributed_is_initialized() else 1
         if world < 2:
             raise ValueError(

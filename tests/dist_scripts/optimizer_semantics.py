@@ -92,7 +92,8 @@ def main() -> None:
     if args.mode == "compare":
         for name in ("sgd", "adamw"):
             result[name] = {"ddp": fit("ddp", name, args.out),
-                            "p2p": fit(la.AsyncPredStrategy(max_staleness=2, timeout=60), name, args.out)}
+                            # the owners' optimizer, not a look-ahead: replies carry the masters
+                            "p2p": fit(la.AsyncPredStrategy(max_staleness=2, timeout=60, lookahead=None), name, args.out)}
     else:
         ckdir = os.path.join(args.out, "ckpt")
         ck = ModelCheckpoint(dirpath=ckdir, save_last=True, save_top_k=0)
