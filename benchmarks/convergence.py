@@ -176,7 +176,6 @@ def run(job: dict) -> dict:
                 den2 += float((probe[1] - target).pow(2).sum())
 
         workers.before_apply = land
-        real_of: dict[int, Any] = {}  # id(reply snapshot) -> the real master it looked ahead from
         for t in range(rounds * n):
             if cfg.get("mc"):
                 optimizer.param_groups[0]["momentum"] = corrected_momentum(0.9, owner.lag)
