@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from lightning_asyncpred.prediction import LagEstimator, LinearPredictor, check_velocity_mode
-from lightning_asyncpred.remedies import DelayCompensation, correct_gradients_, corrected_momentum
+from lightning_asyncpred.remedies import DelayCompensation, GapAware, correct_gradients_, corrected_momentum
 from lightning_asyncpred.validation import check_int
 
 log = logging.getLogger(__name__)
@@ -300,6 +300,9 @@ class StalenessRemedies(Callback):
         dc_adaptive: DC-ASGD-a (``lambda`` divided elementwise by the root mean square of the gradients).
         momentum_correction: lower each parameter group's momentum to ``max(0, mu - E[tau] / (1 + E[tau]))``
             before every step, ``mu`` its configured value and ``E[tau]`` the strategy's expected staleness.
+        delay_adaptive: the delay-adaptive step ``g N / max(N, tau)``, ``tau`` in arrivals (Mishchenko et al. 2022).
+        gap_aware: Gap-Aware, ``g / (1 + |w_now - w_read| / C)`` per element (Barkai et al. 2020).
+            These two act at the owners only: ``async_pred`` (p2p) or ``async_pred_sim(workers=N)``.
 
     ``staleness_lr`` and ``dc_lambda`` act on the gradient the strategy applies: under ``async_pred_sim``,
     ``async_pred_allreduce`` and ``async_pred_horovod`` in ``on_before_optimizer_step`` (before clipping; when an
@@ -321,14 +324,18 @@ class StalenessRemedies(Callback):
         dc_lambda: Optional[float] = None,
         dc_adaptive: bool = False,
         momentum_correction: bool = False,
+        delay_adaptive: bool = False,
+        gap_aware: bool = False,
     ) -> None:
         self.staleness_lr = bool(staleness_lr)
+        self.delay_adaptive, self.gap_aware = bool(delay_adaptive), bool(gap_aware)
         self.dc = DelayCompensation(dc_lambda, adaptive=dc_adaptive) if dc_lambda is not None else None
         if dc_adaptive and dc_lambda is None:
             raise ValueError("dc_adaptive=True needs dc_lambda (the lambda_0 of DC-ASGD-a), e.g. dc_lambda=0.04")
         self.momentum_correction = bool(momentum_correction)
-        if not (self.staleness_lr or self.dc or self.momentum_correction):
-            raise ValueError("StalenessRemedies with nothing on: set staleness_lr, dc_lambda or momentum_correction")
+        if not (self.staleness_lr or self.dc or self.momentum_correction or self.delay_adaptive or self.gap_aware):
+            raise ValueError("StalenessRemedies with nothing on: set staleness_lr, dc_lambda, momentum_correction, "
+                             "delay_adaptive or gap_aware")
         self._reads: dict[int, list[Any]] = {}
         self._base_momentum: list[float] = []
         self._at_owners = False
@@ -342,12 +349,19 @@ class StalenessRemedies(Callback):
         if not hasattr(strategy, "expected_staleness"):
             raise ValueError(f"StalenessRemedies needs an asynchronous strategy (async_pred_*), got {type(strategy).__name__}")
         self._at_owners = bool(getattr(strategy, "_exchange_returns_parameters", False))
-        if self._at_owners and (self.staleness_lr or self.dc):
+        if (self.delay_adaptive or self.gap_aware) and not self._at_owners:
+            raise ValueError(
+                f"StalenessRemedies(delay_adaptive=..., gap_aware=...) act at the owners of async_pred (p2p) or "
+                f"async_pred_sim(workers=N), not under {type(strategy).__name__} with its transport; use staleness_lr "
+                "or dc_lambda there"
+            )
+        if self._at_owners and (self.staleness_lr or self.dc or self.delay_adaptive or self.gap_aware):
             # the owners apply the gradients: the remedies go there (exchange/owner.py)
             exchange = strategy.exchange
             dc = DelayCompensation(self.dc.lam, adaptive=self.dc.adaptive) if self.dc is not None else None
             history = strategy.arrivals_per_round * (exchange.max_staleness + 1) + 1
-            exchange.owner.set_remedies(self.staleness_lr, dc, history=history)
+            exchange.owner.set_remedies(self.staleness_lr, dc, history=history, delay_adaptive=self.delay_adaptive,
+                                        gap_aware=GapAware() if self.gap_aware else None)
         if self.momentum_correction:
             groups = trainer.optimizers[0].param_groups
             if any("momentum" not in g for g in groups):

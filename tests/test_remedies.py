@@ -87,7 +87,7 @@ def test_owner_applies_delay_adaptive_and_gap_aware_to_arrivals():
 def test_bad_remedy_arguments_are_clear_errors():
     with pytest.raises(ValueError, match=r"lam must be a number >= 0, got -1"):
         DelayCompensation(lam=-1)
-    with pytest.raises(ValueError, match=r"nothing on: set staleness_lr, dc_lambda or momentum_correction"):
+    with pytest.raises(ValueError, match=r"nothing on: set staleness_lr, dc_lambda, momentum_correction, delay_adaptive"):
         StalenessRemedies()
     with pytest.raises(ValueError, match=r"dc_adaptive=True needs dc_lambda"):
         StalenessRemedies(dc_adaptive=True)
@@ -193,3 +193,17 @@ def test_remedies_on_real_ranks_keep_allreduce_replicas_identical_and_resume_exa
         "--resume", str(full / "ckpt" / "step=14.ckpt"))
     a, b = params(full, 0), params(resumed, 0)
     assert all(torch.equal(a[k], b[k]) for k in a)  # the read parameters and DC state travel in the checkpoint
+
+
+def test_owner_only_remedies_reach_the_virtual_workers_owner_and_are_refused_elsewhere(tmp_path):
+    model, data = model_and_data(lr=0.05, momentum=0.9)
+    t = trainer(tmp_path, [StalenessRemedies(delay_adaptive=True, gap_aware=True)],
+                strategy=SimulatedAsyncStrategy(workers=4), max_steps=12, limit_val_batches=0)
+    t.fit(model, data)
+    owner = t.strategy.exchange.owner
+    assert owner.delay_adaptive and owner.gap_aware is not None and owner.gap_aware.updates == 12
+    assert owner._history.maxlen == 4 * (2 + 1) + 1
+    model, data = model_and_data()
+    t = trainer(tmp_path, [StalenessRemedies(gap_aware=True)], strategy=SimulatedAsyncStrategy(staleness=2), max_steps=2)
+    with pytest.raises(ValueError, match="act at the owners of async_pred .* use staleness_lr or dc_lambda there"):
+        t.fit(model, data)
