@@ -182,6 +182,8 @@ def test_lookahead_replies_the_master_plus_c_times_the_last_step_and_never_chang
             torch.testing.assert_close(reply, ahead.flat + c * last, rtol=1e-12, atol=1e-12)
     # the measured D: a running mean of tau / N
     assert 0 < ahead.lag < 8 / 4
+    # its memory: the reply and the last step, two more copies of the shard
+    assert ahead.buffer_bytes() == plain.buffer_bytes() + 2 * ahead.flat.numel() * ahead.flat.element_size()
 
 
 def test_lookahead_with_a_fixed_horizon_and_bad_settings():

@@ -340,9 +340,11 @@ class ShardOwner:
 
     def buffer_bytes(self) -> int:
         """Bytes of the owner's buffers besides the optimizer state: the round's base (the optimizer's parameters),
-        the published master, the round's sum and the preview's (SGD: its coefficients; other optimizers: a scratch
-        copy of the shard, its gradient and its optimizer state)."""
+        the published master, the round's sum, with look-ahead the reply and the last step, and the preview's (SGD:
+        its coefficients; other optimizers: a scratch copy of the shard, its gradient and its optimizer state)."""
         tensors = [self.base, self.flat, self.acc]
+        if self._last is not None:  # the look-ahead: what replies carry and the last real step
+            tensors += [self.reply, self._last]
         if self._preview is not None:
             tensors += [t for t in vars(self._preview).values() if isinstance(t, Tensor) and t is not self.base]
             tentative = getattr(self._preview, "tentative", None)
