@@ -202,7 +202,7 @@ def test_owner_only_remedies_reach_the_virtual_workers_owner_and_are_refused_els
     t.fit(model, data)
     owner = t.strategy.exchange.owner
     assert owner.delay_adaptive and owner.gap_aware is not None and owner.gap_aware.updates == 12
-    assert owner._history.maxlen == 4 * (2 + 1) + 1
+    assert owner._history.maxlen == 4 * (1 + 1) + 1  # depth 1: N (depth + 1) + 1 past masters
     model, data = model_and_data()
     t = trainer(tmp_path, [StalenessRemedies(gap_aware=True)], strategy=SimulatedAsyncStrategy(staleness=2), max_steps=2)
     with pytest.raises(ValueError, match="act at the owners of async_pred .* use staleness_lr or dc_lambda there"):

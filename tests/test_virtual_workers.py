@@ -300,7 +300,7 @@ def test_async_pred_sim_with_workers_resumes_exactly_from_a_mid_run_checkpoint(t
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(workers=4, staleness=2), "pass one or the other"),
-    (dict(depth=3), "pass workers=N > 1"),
+    (dict(depth=2), "pass workers=N > 1"),
     (dict(workers=4, speeds="warp:9"), "unknown speed model"),
     (dict(workers=4, lookahead="far"), "lookahead must be"),
     (dict(lookahead="momentum"), "pass workers=N > 1"),

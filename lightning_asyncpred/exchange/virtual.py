@@ -11,10 +11,11 @@ Timing model. Worker ``i``'s step ``s`` (0, 1, ...) takes ``d_{i,s}`` time units
 owner when the step ends; arrivals are applied in time order (ties: the lower worker first), and the owner's reply
 to it is a snapshot of :attr:`ShardOwner.reply` right after it. With pipeline ``depth`` ``d >= 1`` step ``s``
 computes at the reply to the worker's own step ``s - d`` (the initial parameters while ``s < d``): ``d = 1`` is a
-worker that waits for the answer to its last gradient (p2p with ``max_staleness=0``); ``d = 2`` is p2p's default
-(``max_staleness=1``: the next step starts as soon as a gradient is sent, so the step after it reads the answer to
-the one before; a round trip is shorter than a step). The staleness of an arrival is ``tau`` = the arrivals between
-the version read and it: about ``d N - 1`` with equal speeds, ``d`` rounds.
+worker that waits for the answer to its last gradient (p2p's default, ``max_staleness=0``); ``d = 2`` is p2p with
+``max_staleness >= 1`` (the next step starts as soon as a gradient is sent, so the step after it reads the answer to
+the one before, as long as a round trip is shorter than a step). The staleness of an arrival is ``tau`` = the
+arrivals between the version read and it: about ``d N - 1`` with equal speeds, ``d`` rounds. The clock has no
+round-trip time: it decides the order of arrivals (what accuracy depends on), not the throughput a depth costs.
 
 Speed models: ``"equal"`` (every step 1), ``"jitter:S"`` (``exp(S z)``, ``z`` standard normal, per step),
 ``"straggler:K"`` (worker ``N - 1`` takes ``K`` per step, the others 1), or a sequence of measured step times (each
@@ -103,7 +104,7 @@ class VirtualWorkers:
     clock.
     """
 
-    def __init__(self, owner: ShardOwner, workers: int, depth: int = 2, speeds: SpeedSpec = "equal", seed: int = 0) -> None:
+    def __init__(self, owner: ShardOwner, workers: int, depth: int = 1, speeds: SpeedSpec = "equal", seed: int = 0) -> None:
         self.workers = check_int("workers", workers, 1)
         self.depth = check_int("depth", depth, 1)
         if owner.world_size != self.workers:
@@ -238,7 +239,7 @@ class VirtualWorkersExchange(Exchange):
     name = "virtual"
     returns = "parameters"
 
-    def __init__(self, owner: ShardOwner, workers: int, depth: int = 2, speeds: SpeedSpec = "equal", seed: int = 0) -> None:
+    def __init__(self, owner: ShardOwner, workers: int, depth: int = 1, speeds: SpeedSpec = "equal", seed: int = 0) -> None:
         super().__init__(max_staleness=depth)
         self.owner = owner
         self.workers = VirtualWorkers(owner, workers, depth=depth, speeds=speeds, seed=seed)

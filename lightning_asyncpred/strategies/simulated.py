@@ -40,7 +40,7 @@ class SimulatedAsyncStrategy(AsyncUpdateMixin, SingleDeviceStrategy):
             the optimizer per round of ``N`` arrivals (``exchange/virtual.py``). The dataloader's batch is one
             worker's batch. Default 1 (the fixed-staleness simulator).
         depth: with ``workers``: a worker's step ``s`` computes at the owner's reply to its step ``s - depth``
-            (2: p2p's default ``max_staleness=1``; 1: ``max_staleness=0``).
+            (1: p2p's default ``max_staleness=0``; 2: ``max_staleness >= 1`` with a round trip shorter than a step).
         speeds: with ``workers``: ``"equal"``, ``"jitter:S"``, ``"straggler:K"`` or a list of measured step times.
         lookahead: with ``workers``: the owner's look-ahead (``"auto"``, ``"momentum"``, ``"linear"`` or ``None``, as
             ``AsyncPredStrategy(lookahead=...)``; ``LinearPrediction`` is refused with virtual workers: they share one
@@ -58,7 +58,7 @@ class SimulatedAsyncStrategy(AsyncUpdateMixin, SingleDeviceStrategy):
         drain_on_save: bool = False,
         device: Optional[Union[str, torch.device]] = None,
         workers: int = 1,
-        depth: int = 2,
+        depth: int = 1,
         speeds: SpeedSpec = "equal",
         lookahead: Optional[str] = "auto",
         **kwargs: Any,
@@ -77,7 +77,7 @@ class SimulatedAsyncStrategy(AsyncUpdateMixin, SingleDeviceStrategy):
             if drain_on_save:
                 raise ValueError("drain_on_save=True is not supported with workers > 1 (the virtual workers' gradients in "
                                  "flight are saved in the checkpoint, as under p2p)")
-        elif depth != 2 or speeds != "equal" or lookahead != "auto":
+        elif depth != 1 or speeds != "equal" or lookahead != "auto":
             raise ValueError("depth, speeds and lookahead describe virtual workers: pass workers=N > 1 with them")
         staleness = 4 if staleness is None else staleness
         parse_staleness(staleness, max_staleness)  # validate early, with a clear message
