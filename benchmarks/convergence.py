@@ -15,6 +15,8 @@ Arms (each implemented once in the package; the arm only switches it on):
   measured staleness in rounds, ``u`` the last real step; ``lookahead_linear``: ``c = D`` (SpecTrain's
   ``w - lr s (mu v + g)`` is this extrapolation of the last step); ``dana``: ``c = mu`` (one round ahead:
   DANA-Zero's and SMEGA2's look-ahead ``w - lr mu v``, on the owner's one momentum buffer);
+  ``lookahead_recent`` / ``lookahead_linear_recent``: the same two with ``v`` the master's movement over the last
+  ``N`` arrivals instead of ``u`` (``lookahead_linear_recent`` is what ``async_pred`` ships: ``lookahead="auto"``);
 - ``pred``: the worker-side ``LinearPredictor`` (``w + h v``, ``v`` the change between a worker's last two reads,
   ``h`` its lag in reads = the depth);
 - ``dc`` (DC-ASGD, lambda 0.04), ``dana_dc`` (``dana`` + DC-ASGD-a, lambda 2), ``slr`` (lr / tau, tau in
@@ -48,20 +50,22 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
 ARMS: dict[str, dict[str, Any]] = {
     "plain": {},
-    "lookahead": {"lookahead": "momentum"},
-    "lookahead_linear": {"lookahead": "linear"},
-    "dana": {"lookahead": "momentum", "horizon": 1.0},
+    "lookahead": {"lookahead": "momentum", "velocity": "step"},
+    "lookahead_linear": {"lookahead": "linear", "velocity": "step"},
+    "lookahead_recent": {"lookahead": "momentum"},
+    "lookahead_linear_recent": {"lookahead": "linear"},
+    "dana": {"lookahead": "momentum", "horizon": 1.0, "velocity": "step"},
     "pred": {"pred": True},
     "dc": {"dc": (0.04, False)},
-    "dana_dc": {"lookahead": "momentum", "horizon": 1.0, "dc": (2.0, True)},
+    "dana_dc": {"lookahead": "momentum", "horizon": 1.0, "velocity": "step", "dc": (2.0, True)},
     "slr": {"slr": True},
     "delay_adaptive": {"da": True},
     "gap_aware": {"gap": True},
     "mc": {"mc": True},
     "nesterov": {"nesterov": True},
-    "lookahead+da": {"lookahead": "momentum", "da": True},
+    "lookahead+da": {"lookahead": "momentum", "velocity": "step", "da": True},
 }
-DEFAULT_ARM = "lookahead"  # what async_pred ships (AsyncPredStrategy(lookahead="momentum"))
+DEFAULT_ARM = "lookahead_linear_recent"  # what async_pred ships: AsyncPredStrategy(lookahead="auto") -> "linear", "recent"
 
 
 def load_task(name: str):
@@ -159,7 +163,7 @@ def run(job: dict) -> dict:
         gap = GapAware() if cfg.get("gap") else None
         owner.set_remedies(staleness_lr=bool(cfg.get("slr")), dc=dc, history=history if (dc or gap) else 0,
                            delay_adaptive=bool(cfg.get("da")), gap_aware=gap)
-        owner.set_lookahead(cfg.get("lookahead"), cfg.get("horizon"))
+        owner.set_lookahead(cfg.get("lookahead"), cfg.get("horizon"), cfg.get("velocity", "recent"))
         workers = VirtualWorkers(owner, n, depth=depth, speeds=job["speeds"], seed=seed)
         b = max(1, batch // n)
         replicas = [flat0.clone() for _ in range(n)] if cfg.get("pred") else []
@@ -215,6 +219,8 @@ def main() -> None:
     parser.add_argument("--extra-ns", type=int, nargs="*", default=[4, 16, 64], help="N for plain and the default arm")
     parser.add_argument("--depth", type=int, default=1, help="the transport's default (p2p max_staleness=0)")
     parser.add_argument("--extra-depths", type=int, nargs="*", default=[2, 4], help="plain and the default arm, at --ns")
+    parser.add_argument("--extra-arms", nargs="+", default=["plain", DEFAULT_ARM], choices=list(ARMS),
+                        help="the arms run at --extra-ns and --extra-depths")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1])
     parser.add_argument("--seeds", type=int, default=3)
@@ -230,8 +236,8 @@ def main() -> None:
     for task in args.tasks:
         cells.append((task, "sync", 1, 0))
         cells += [(task, a, n, args.depth) for n in args.ns for a in args.arms]
-        cells += [(task, a, n, args.depth) for n in args.extra_ns for a in dict.fromkeys(["plain", default])]
-        cells += [(task, a, n, d) for n in args.ns for d in args.extra_depths for a in dict.fromkeys(["plain", default])]
+        cells += [(task, a, n, args.depth) for n in args.extra_ns for a in args.extra_arms]
+        cells += [(task, a, n, d) for n in args.ns for d in args.extra_depths for a in args.extra_arms]
     cells = list(dict.fromkeys(cells))
     jobs = [dict(task=t, arm=a, n=n, depth=d, lr=lr, seed=s, rounds=args.rounds, batch=args.global_batch, speeds=args.speeds)
             for (t, a, n, d), lr, s in itertools.product(cells, args.lrs, range(args.seeds))]
@@ -286,7 +292,7 @@ def main() -> None:
             print(f"\n{task}, every N (depth {args.depth}): synchronous minus arm, points; mean staleness in arrivals\n")
             print("| arm | " + " | ".join(f"N = {n}" for n in extra) + " |")
             print("|---|" + "---:|" * len(extra))
-            for arm in dict.fromkeys(["plain", default]):
+            for arm in args.extra_arms:
                 print(f"| {arm} | " + " | ".join(
                     f"{100 * (sync['acc'] - best[(task, arm, n, args.depth)]['acc']):+.1f} "
                     f"(tau {best[(task, arm, n, args.depth)]['staleness']:.1f})" for n in extra) + " |")
@@ -295,7 +301,7 @@ def main() -> None:
             depths = sorted(set(args.extra_depths) | {args.depth})
             print("| arm | N | " + " | ".join(f"depth {d}" for d in depths) + " |")
             print("|---|---:|" + "---:|" * len(depths))
-            for arm in dict.fromkeys(["plain", default]):
+            for arm in args.extra_arms:
                 for n in args.ns:
                     print(f"| {arm} | {n} | " + " | ".join(f"{best[(task, arm, n, d)]['acc']:.3f} ± {best[(task, arm, n, d)]['sd']:.3f}"
                                                           for d in depths) + " |")
@@ -310,8 +316,10 @@ def main() -> None:
     for row, task in zip(axes, args.tasks):
         sync = best[(task, "sync", 1, 0)]
         n = max(args.ns)
-        for arm in ["sync", "plain", default] + [a for a in args.arms if a not in ("plain", default)][:4]:
+        for arm in ["sync"] + list(dict.fromkeys(["plain", default, *args.arms]))[:6]:
             cell = (task, "sync", 1, 0) if arm == "sync" else (task, arm, n, args.depth)
+            if cell not in best:
+                continue
             curves = [r["curve"] for r in best[cell]["runs"]]
             xs = [x for x, _ in curves[0]]
             ys = [statistics.fmean(c[i][1] for c in curves if i < len(c)) for i in range(len(xs))]
@@ -320,7 +328,7 @@ def main() -> None:
         row[0].set_ylabel("test accuracy")
         row[0].set_title(f"{task}: accuracy vs samples (lr chosen per arm)")
         row[0].legend(fontsize=7)
-        for arm in dict.fromkeys(["plain", default]):
+        for arm in dict.fromkeys(args.extra_arms):
             ns = sorted({c[2] for c in cells if c[0] == task and c[1] == arm and c[3] == args.depth})
             row[1].errorbar(ns, [best[(task, arm, k, args.depth)]["acc"] for k in ns],
                             yerr=[best[(task, arm, k, args.depth)]["sd"] for k in ns], marker="o", capsize=3, label=arm)

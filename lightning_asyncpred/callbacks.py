@@ -37,7 +37,9 @@ class LinearPrediction(Callback):
         horizon: ``"auto"``: the mean observed lag of recent gradients read with as many gradients in flight
             (:class:`~lightning_asyncpred.prediction.LagEstimator`: the updates actually applied between reading the
             parameters and applying the gradient; robust to staleness that varies per gradient and to updates that
-            arrive in bursts; the strategy's expected staleness until a gradient was applied). ``"staleness"``: the
+            arrive in bursts; the strategy's expected staleness until a gradient was applied); under ``async_pred``
+            (p2p) the measured refreshes of the replica until the one that installs the gradient's owners' answers
+            (the gradient lands inside that refresh, which also brings the other workers' arrivals). ``"staleness"``: the
             strategy's ``expected_staleness`` (the behaviour of lightning-asyncpred 0.1). Both need an
             ``async_pred*`` strategy (an error is raised at setup otherwise). Or a fixed number ``>= 0`` of updates.
         velocity: ``"last"`` (last applied update) or ``"ema"`` (moving average of updates).
@@ -80,6 +82,11 @@ class LinearPrediction(Callback):
     def current_horizon(self, trainer: "pl.Trainer") -> float:
         if self.horizon == "auto":
             strategy = trainer.strategy
+            if getattr(strategy, "_exchange_returns_parameters", False):
+                # owners (p2p): the refresh that installs a gradient's owners' answers is a jump that already holds it
+                # and the other workers' arrivals before it; the gradient lands inside that jump, so aim at its end:
+                # the measured refreshes until it (benchmarks/convergence.py: the best arm)
+                return float(strategy.expected_staleness)
             return self.lags.horizon(int(strategy.gradients_in_flight), float(strategy.expected_staleness))
         if self.horizon == "staleness":
             return float(trainer.strategy.expected_staleness)

@@ -158,15 +158,16 @@ def test_momentum_horizon_is_msnag_c_of_d():
         momentum_horizon(2, 1.5)
 
 
-@pytest.mark.parametrize("mode", ["linear", "momentum"])
-def test_lookahead_replies_the_master_plus_c_times_the_last_step_and_never_changes_the_masters(mode):
+@pytest.mark.parametrize("mode,velocity", [("linear", "step"), ("momentum", "step"), ("linear", "recent"),
+                                           ("momentum", "recent")])
+def test_lookahead_replies_the_master_plus_c_times_one_rounds_movement_and_never_changes_the_masters(mode, velocity):
     grad = _problem(2)
     plain, _, _ = _owner(4)
     ahead, _, _ = _owner(4)
-    ahead.set_lookahead(mode)
+    ahead.set_lookahead(mode, velocity=velocity)
     assert ahead.reply is not ahead.flat
     gen = torch.Generator().manual_seed(0)
-    previous = ahead.base.clone()
+    previous, last = ahead.base.clone(), torch.zeros(DIM, dtype=torch.float64)
     for t in range(40):
         g = grad(torch.randn(DIM, generator=gen, dtype=torch.float64), t)
         stale = int(torch.randint(0, 9, (1,), generator=gen))
@@ -178,12 +179,27 @@ def test_lookahead_replies_the_master_plus_c_times_the_last_step_and_never_chang
             previous = ahead.base.clone()
         d = ahead.lag
         c = d if mode == "linear" else momentum_horizon(d, 0.9)
-        if t >= 4:
-            torch.testing.assert_close(reply, ahead.flat + c * last, rtol=1e-12, atol=1e-12)
+        # "recent": the preview so far plus the rest of the last real step
+        v = last if velocity == "step" else (ahead.flat - ahead.base) + (1 - ahead.count / 4) * last
+        torch.testing.assert_close(reply, ahead.flat + c * v, rtol=1e-9, atol=1e-12)
     # the measured D: a running mean of tau / N
     assert 0 < ahead.lag < 8 / 4
     # its memory: the reply and the last step, two more copies of the shard
     assert ahead.buffer_bytes() == plain.buffer_bytes() + 2 * ahead.flat.numel() * ahead.flat.element_size()
+
+
+def test_recent_velocity_is_the_movement_over_the_last_n_arrivals_when_the_preview_moves_linearly():
+    # equal arrivals: SGD's preview moves by the same share at every arrival, so (flat - w_r) + (1 - k/N) u is
+    # exactly the master now minus the master N arrivals ago
+    owner, _, _ = _owner(4)
+    owner.set_lookahead("linear", horizon=1.0)
+    history = [owner.flat.clone()]
+    g = torch.linspace(-1, 1, DIM, dtype=torch.float64)
+    for t in range(30):
+        reply = owner.apply(g, staleness=3)
+        history.append(owner.flat.clone())
+        if t >= 8:
+            torch.testing.assert_close(reply, owner.flat + (history[-1] - history[-5]), rtol=1e-12, atol=1e-12)
 
 
 def test_lookahead_with_a_fixed_horizon_and_bad_settings():
@@ -194,6 +210,8 @@ def test_lookahead_with_a_fixed_horizon_and_bad_settings():
         owner.set_lookahead("quadratic")
     with pytest.raises(ValueError, match="number of rounds"):
         owner.set_lookahead("linear", horizon=-1)
+    with pytest.raises(ValueError, match="velocity must be 'recent' or 'step'"):
+        owner.set_lookahead("linear", velocity="fast")
     w = torch.zeros(3)
     plain = ShardOwner(torch.optim.Adagrad([w], lr=0.1), [w], [0], world_size=2)
     with pytest.raises(ValueError, match="Adagrad does not have; use lookahead='linear'"):
@@ -313,14 +331,15 @@ def test_async_pred_sim_worker_arguments_are_checked(kwargs, match):
         SimulatedAsyncStrategy(**kwargs)
 
 
-def test_lookahead_auto_follows_the_optimizer_and_linear_prediction_is_refused_with_virtual_workers(tmp_path):
+def test_lookahead_auto_is_linear_and_linear_prediction_is_refused_with_virtual_workers(tmp_path):
     from lightning_asyncpred import LinearPrediction, SimulatedAsyncStrategy
     from tests.helpers import model_and_data
 
     model, data = model_and_data(lr=0.05, momentum=0.9)
     t = _sim_trainer(tmp_path, SimulatedAsyncStrategy(workers=2), max_steps=4)
     t.fit(model, data)
-    assert t.strategy.exchange.owner.lookahead == "momentum"  # auto, SGD with momentum
+    assert t.strategy.exchange.owner.lookahead == "linear"  # auto: the best rule of the sweep
+    assert t.strategy.exchange.owner.lookahead_velocity == "recent"
 
     class AdagradClassifier(type(model)):
         def configure_optimizers(self):
@@ -328,9 +347,9 @@ def test_lookahead_auto_follows_the_optimizer_and_linear_prediction_is_refused_w
 
     model, data = model_and_data()
     model = AdagradClassifier(arch="digits_cnn", lr=0.01)
-    t = _sim_trainer(tmp_path, SimulatedAsyncStrategy(workers=2), max_steps=4)
-    t.fit(model, data)
-    assert t.strategy.exchange.owner.lookahead == "linear"  # auto without a momentum
+    t = _sim_trainer(tmp_path, SimulatedAsyncStrategy(workers=2, lookahead="momentum"), max_steps=4)
+    with pytest.raises(ValueError, match="Adagrad does not have; use lookahead='linear'"):
+        t.fit(model, data)
 
     model, data = model_and_data()
     t = _sim_trainer(tmp_path, SimulatedAsyncStrategy(workers=2, lookahead=None), max_steps=4)

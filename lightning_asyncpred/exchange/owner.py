@@ -37,16 +37,21 @@ arrivals: no damping within a round's worth of staleness) and Gap-Aware ``g / (1
 (``remedies.py``; ``w_read`` from the same history as DC-ASGD).
 
 Look-ahead (:meth:`ShardOwner.set_lookahead`): replies may carry, instead of the published master, where it is
-expected to be when the worker's next gradient arrives,
+expected to be when the worker's gradient arrives,
 
-    ``w_hat = flat + c * u``,
+    ``w_hat = flat + c * v``,
 
-``u = w_r - w_{r-1}`` the last real step and ``D`` the measured staleness of arrivals in rounds (a running mean of
-``tau / N``, ``tau`` in arrivals): ``c = D`` (``"linear"``: the last step extrapolated, SpecTrain's and the worker-side
-linear prediction's rule) or ``c = sum_{i=1..D} mu^i`` (``"momentum"``: MSNAG's momentum-aware horizon, ``mu`` the
-group's momentum or Adam's ``beta1``; with ``D = 1`` DANA-Zero's and SMEGA2's look-ahead of one round). The masters
-themselves (``flat``, the checkpointed model) never hold the look-ahead; the worker's gradient is computed at
-``w_hat`` and applied to the masters.
+``D`` the measured staleness of arrivals in rounds (a running mean of ``tau / N``, ``tau`` in arrivals) and ``v`` one
+round of the master's movement: ``"recent"`` (default) the movement over the last ``N`` arrivals,
+``v = (flat - w_r) + (1 - k / N) u`` (the preview so far plus the rest of the last real step ``u = w_r - w_{r-1}``:
+exact when the previous round's preview moved linearly, as SGD's does with equal arrivals), or ``"step"``, ``v = u``. The coefficient:
+``c = D`` (``"linear"``: one round's movement extrapolated over the staleness, SpecTrain's and the worker-side linear
+prediction's rule) or ``c = sum_{i=1..D} mu^i`` (``"momentum"``: MSNAG's momentum-aware horizon, future gradients
+assumed to average out, ``mu`` the group's momentum or Adam's ``beta1``; with ``D = 1`` DANA-Zero's and SMEGA2's
+look-ahead of one round). ``benchmarks/convergence.py`` measures them: ``"linear"`` with ``"recent"`` kept
+synchronous accuracy best, and is what ``lookahead="auto"`` selects. The masters themselves (``flat``, the
+checkpointed model) never hold the look-ahead; the worker's gradient is computed at ``w_hat`` and applied to the
+masters.
 
 State beyond the optimizer's (:meth:`ShardOwner.round_state`): the round in progress (``w_r``, ``G``, ``k``) and
 the round count; checkpoints carry it, keyed by parameter index, so a resume continues the round.
@@ -68,12 +73,7 @@ from lightning_asyncpred.remedies import (DelayCompensation, GapAware, correct_g
                                           momentum_horizon)
 
 LOOKAHEADS = ("linear", "momentum")
-
-
-def default_lookahead(optimizer: Optimizer) -> str:
-    """``"momentum"`` for an optimizer with a momentum (SGD's ``momentum``, Adam's ``betas``), else ``"linear"``."""
-    groups = optimizer.param_groups
-    return "momentum" if all("momentum" in g or "betas" in g for g in groups) else "linear"
+VELOCITIES = ("recent", "step")
 
 
 class ShardOwner:
@@ -125,6 +125,7 @@ class ShardOwner:
         self.gap_aware: Optional[GapAware] = None
         self.lookahead: Optional[str] = None
         self.lookahead_horizon: Optional[float] = None
+        self.lookahead_velocity = "recent"
         self.reply = self.flat  # what replies carry: the published master, or its look-ahead (set_lookahead)
         self._last: Optional[Tensor] = None  # u, the last real step (look-ahead only)
         self._tau = [0.0, 0.0]  # running mean of tau / N: (weighted sum, weight), decay LAG_DECAY per arrival
@@ -145,16 +146,20 @@ class ShardOwner:
         self.staleness_lr, self.dc, self.delay_adaptive, self.gap_aware = bool(staleness_lr), dc, bool(delay_adaptive), gap_aware
         self._history = deque(maxlen=max(1, int(history)))
 
-    def set_lookahead(self, mode: Optional[str], horizon: Optional[float] = None) -> None:
-        """Replies carry the look-ahead ``flat + c u`` (``mode`` ``"linear"`` or ``"momentum"``) or, with ``None``, the
-        published master (see the module docstring); ``horizon``: a fixed ``D`` in rounds instead of the measured
-        one. Set it before the replies are wired (the transport reads :attr:`reply` once)."""
+    def set_lookahead(self, mode: Optional[str], horizon: Optional[float] = None, velocity: str = "recent") -> None:
+        """Replies carry the look-ahead ``flat + c v`` (``mode`` ``"linear"`` or ``"momentum"``, ``velocity``
+        ``"recent"`` or ``"step"``) or, with ``None``, the published master (see the module docstring); ``horizon``: a
+        fixed ``D`` in rounds instead of the measured one. Set it before the replies are wired (the transport reads
+        :attr:`reply` once)."""
         if mode is not None and mode not in LOOKAHEADS:
             raise ValueError(f"lookahead must be None, 'linear' or 'momentum', got {mode!r}")
         if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, (int, float))
                                     or not math.isfinite(horizon) or horizon < 0):
             raise ValueError(f"lookahead horizon must be None (measured) or a number of rounds >= 0, got {horizon!r}")
+        if velocity not in VELOCITIES:
+            raise ValueError(f"lookahead velocity must be 'recent' or 'step', got {velocity!r}")
         self.lookahead_horizon = None if horizon is None else float(horizon)
+        self.lookahead_velocity = velocity
         if mode == "momentum" and self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 _group_momentum(group, type(self.user).__name__)
@@ -185,8 +190,16 @@ class ShardOwner:
             return
         coefficients = self.lookahead_coefficients()
         outs, flats, steps = flat_views(self.reply, self.masters), flat_views(self.flat, self.masters), flat_views(self._last, self.masters)
-        for out, w, u, g in zip(outs, flats, steps, self._group_of):
-            torch.add(w, u, alpha=coefficients[g], out=out)
+        if self.lookahead_velocity == "step":
+            for out, w, u, g in zip(outs, flats, steps, self._group_of):
+                torch.add(w, u, alpha=coefficients[g], out=out)
+            return
+        # "recent": the master's movement over the last N arrivals, (flat - w_r) + (1 - k/N) u
+        rest = 1.0 - self.count / self.world_size
+        for out, w, b, u, g in zip(outs, flats, self.masters, steps, self._group_of):
+            c = coefficients[g]
+            torch.add(w, u, alpha=c * rest, out=out)
+            out.add_(w, alpha=c).sub_(b, alpha=c)
 
     def _read_master(self, staleness: int) -> Optional[Tensor]:
         """The master published ``staleness`` arrivals ago (the version the worker read); ``None`` if older than the

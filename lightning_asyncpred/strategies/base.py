@@ -49,7 +49,7 @@ from lightning_fabric.utilities.data import _set_sampler_epoch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from lightning_asyncpred.exchange import Exchange, GradientBuckets, ReadyGradient, sum_buckets
 from lightning_asyncpred.exchange.buckets import flat_views
-from lightning_asyncpred.exchange.owner import LOOKAHEADS, default_lookahead
+from lightning_asyncpred.exchange.owner import LOOKAHEADS
 from lightning_asyncpred.staleness import StalenessStats
 from lightning_asyncpred.strategies.signals import SafePointSignals
 from lightning_asyncpred.strategies.work_sharing import WorkSharing
@@ -102,16 +102,13 @@ class AsyncUpdateMixin:
 
     def _resolve_lookahead(self, trainer: "pl.Trainer", requested: Optional[str]) -> Optional[str]:
         """The owners' look-ahead for this fit: ``requested``, or for ``"auto"`` ``None`` when the Trainer has a
-        ``LinearPrediction`` callback (the workers predict: one prediction, not two) and otherwise
-        ``default_lookahead`` of the optimizer (``"momentum"`` when it has a momentum)."""
+        ``LinearPrediction`` callback (the workers predict: one prediction, not two) and otherwise ``"linear"`` (the
+        best rule of ``benchmarks/convergence.py``, for any optimizer)."""
         if requested != "auto":
             return requested
         from lightning_asyncpred.callbacks import LinearPrediction
 
-        if any(isinstance(c, LinearPrediction) for c in trainer.callbacks):
-            return None
-        assert self._optimizer is not None
-        return default_lookahead(self._optimizer)
+        return None if any(isinstance(c, LinearPrediction) for c in trainer.callbacks) else "linear"
 
     def _check_owner_optimizer(self, params: list[Tensor], what: str, instead: str) -> None:
         """Refuse what owners (``exchange/owner.py``) cannot step: an optimizer whose ``step`` needs a closure, or
