@@ -156,12 +156,14 @@ class LinearPrediction(Callback):
         self._restore()  # backward may have been skipped (training_step returned None)
         strategy = trainer.strategy
         if int(getattr(strategy, "applied_updates", 0)) != self._applied_at_start:
-            # the gradients applied in this batch's update landed on the parameters of the batch's start
+            # the gradients applied in this batch's update landed on the parameters of the batch's start; under owners
+            # (p2p) on the masters the owners answered right after applying them, which this batch just installed
             applied = list(getattr(strategy, "last_applied_steps", ()))
+            owners = bool(getattr(strategy, "_exchange_returns_parameters", False))
             for key in applied:
                 self.lags.applied(key, self._count_at_start)
                 if key == self.predictor.probe_key and self._step_start is not None:
-                    self.predictor.resolve_(key, self._step_start)
+                    self.predictor.resolve_(key, self.predictor.real_parameters() if owners else self._step_start)
             probe_key = self.predictor.probe_key
             if probe_key is not None and applied and max(applied) > probe_key:
                 self.predictor.cancel_probe()  # its gradient was never submitted (gradients are applied in order)

@@ -50,6 +50,7 @@ class Owner(protocol.Owner):
     def __init__(self, initial: torch.Tensor, rank: int) -> None:
         self.initial = initial.clone()
         self.flat = device_tensor(initial, rank)
+        self.reply = self.flat  # what replies carry (ShardOwner.reply): the master itself, no look-ahead
         self.momentum = device_tensor(torch.zeros_like(initial), rank)
         self.log: list[tuple[int, int, int, torch.Tensor]] = []  # (source, step, staleness, gradient)
 
