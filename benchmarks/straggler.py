@@ -113,12 +113,16 @@ def worker(args: argparse.Namespace) -> None:
             self.train_time = time.perf_counter() - self.t0 - self.val_time
 
     class Checks(Callback):
-        """Evaluates this rank's parameters on the validation split every ``every`` of its steps; the time it takes
-        is added to the probe's evaluation time (taken out of every clock)."""
+        """Evaluates this rank's parameters on the validation split ``checks`` times per its equal share of an epoch's
+        steps; the time it takes is added to the probe's evaluation time (taken out of every clock)."""
 
-        def __init__(self, probe: "Probe", every: int) -> None:
-            self.probe, self.every, self.steps = probe, every, 0
+        def __init__(self, probe: "Probe", checks: int) -> None:
+            self.probe, self.checks, self.steps, self.every = probe, checks, 0, 1
             self.curve: list[tuple[float, float]] = []
+
+        def on_train_start(self, trainer, pl_module):
+            share = len(trainer.datamodule.train_set) // (trainer.datamodule.batch_size * trainer.world_size)
+            self.every = max(1, share // self.checks)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.steps += 1
@@ -142,14 +146,10 @@ def worker(args: argparse.Namespace) -> None:
         transport = "p2p" if "p2p" in name else "allreduce"
         return la.AsyncPredStrategy(transport=transport, max_staleness=2, timeout=120)
 
-    # checks per epoch: every 1/checks of a rank's equal share of an epoch's steps
-    train_size = round(1797 * 0.8 * 0.9)
-    every = max(1, train_size // (args.batch_size * world) // args.checks)
-
     def fit(tag: str, name: str, delay, epochs: int, seed: int) -> dict:
         pl.seed_everything(seed, verbose=False)
         probe = Probe(delay)
-        checks = Checks(probe, every)
+        checks = Checks(probe, args.checks)
         predict = name not in ("ddp", STRATEGIES[P2P])
         callbacks = [probe, checks] + ([la.LinearPrediction(horizon="auto", warmup_steps=20)] if predict else [])
         trainer = pl.Trainer(

@@ -148,7 +148,7 @@ class VirtualWorkers:
             self._apply(heapq.heappop(self._arrivals))
         self.time = now
         step = self._steps[worker]
-        read = max(-1, step - self.depth)
+        read = self._read_key(step)
         version, params, real = self._replies[worker][read]
         self.read_real = params if real is None else real
         for old in [k for k in self._replies[worker] if k < read]:
@@ -195,8 +195,11 @@ class VirtualWorkers:
         if self._current is None:
             return None
         worker, step, _ = self._current
-        entry = self._replies[worker][max(-1, step - self.depth)]
-        return worker, entry[1]
+        return worker, self._replies[worker][self._read_key(step)][1]
+
+    def _read_key(self, step: int) -> int:
+        """The worker's step whose reply its step ``step`` reads (-1: the initial parameters)."""
+        return max(-1, step - self.depth)
 
     def state_dict(self) -> dict[str, Any]:
         """The clocks, the replies each worker may still read, the gradients in flight, the step started and not

@@ -95,11 +95,11 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             (a worker waits for the owners' answer to its last gradient before its next step, so every gradient is
             about one round stale; with 1 or more the next step starts at once and reads the answer to the step
             before, two rounds stale, which costs momentum SGD its accuracy: ``benchmarks/convergence.py``).
-        lookahead: ``"p2p"`` only: what the owners reply. ``"auto"`` (default): ``"momentum"`` for an optimizer with
-            a momentum, else ``"linear"``, and ``None`` when the Trainer has a ``LinearPrediction`` callback (the
-            workers predict then). ``"momentum"``: the master plus ``c(D)`` times the last real step, ``D`` the
-            measured staleness in rounds and ``c(D) = sum_{i<=D} mu^i`` (MSNAG's momentum-aware horizon);
-            ``"linear"``: ``c = D``; ``None``: the master itself (``exchange/owner.py``).
+        lookahead: ``"p2p"`` only: what the owners reply. ``"auto"`` (default): ``"linear"``, and ``None`` when the
+            Trainer has a ``LinearPrediction`` callback (the workers predict then). ``"linear"``: the master plus
+            ``D`` times its movement over the last ``N`` arrivals, ``D`` the measured staleness in rounds;
+            ``"momentum"``: ``c(D) = sum_{i<=D} mu^i`` instead of ``D`` (MSNAG's momentum-aware horizon); ``None``: the
+            master itself (``exchange/owner.py``).
         mode: ``"fixed"`` (deterministic, bit-identical replicas) or ``"eager"`` (apply as soon as a
             reduction completes; NCCL only).
         bucket_cap_mb: size cap of the flat gradient buckets (one collective per bucket). The cap must be
