@@ -10,7 +10,7 @@ import torch
 
 from lightning_asyncpred.exchange.owner import ShardOwner
 from lightning_asyncpred.exchange.preview import SGDPreview, TentativePreview
-from lightning_asyncpred.exchange.sharding import partition
+from lightning_asyncpred.exchange.sharding import shard_pieces
 
 SHAPES = [(5, 3), (7,), (3, 3), (2,), (4, 2)]
 
@@ -66,35 +66,41 @@ def _gradient(params, target):
     return [(w - t) * (1 + w.abs()) for w, t in zip(params, target)]
 
 
-def _owners(make, init, n):
+def _owners(make, init, n, sharding="whole"):
     params = [p.clone().requires_grad_() for p in init]
     user = make(_groups_for(make, params))
-    return [ShardOwner(user, params, shard, world_size=n) for shard in partition([p.numel() for p in params], n)], user
+    shards = shard_pieces([p.numel() for p in params], n, sharding)
+    return [ShardOwner(user, params, shard, world_size=n) for shard in shards], user
 
 
 def _masters(owners, count):
-    out = [None] * count
+    """The whole parameters from the owners' pieces."""
+    params = owners[0].params
+    out = [torch.empty(params[i].numel()) for i in range(count)]
     for o in owners:
-        for i, m in zip(o.owned, o.masters):
-            out[i] = m.detach().clone()
-    return out
+        for piece, m in zip(o.pieces, o.masters):
+            out[piece.index][piece.start : piece.stop] = m.detach().reshape(-1)
+    return [t.view(params[i].shape) for i, t in enumerate(out)]
 
 
 def _shard(o, grads):
-    return torch.cat([grads[i].reshape(-1) for i in o.owned])
+    return torch.cat([grads[p.index].reshape(-1)[p.start : p.stop] for p in o.pieces])
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("n", [2, 4])
-def test_lockstep_rounds_are_ddp_steps(name, n):
+@pytest.mark.parametrize("n,sharding", [(2, "whole"), (4, "whole"), (3, "flat"), (4, "flat")])
+def test_lockstep_rounds_are_ddp_steps(name, n, sharding):
     """Each round is the N workers' gradients at the round's base, arriving in a random order (each owner its own
     order): after every round the owners' masters equal ddp's parameters (the user's optimizer stepped with the
-    mean), and the published master is the base (no preview left)."""
+    mean), and the published master is the base (no preview left). With flat shards tensors are cut between
+    owners (every optimizer here is element-wise, the user's own too)."""
     make = OPTIMIZERS[name]
     init = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(SHAPES)]
     ref = [p.clone().requires_grad_() for p in init]
     ref_opt = make(_groups_for(make, ref))
-    owners, _ = _owners(make, init, n)
+    owners, _ = _owners(make, init, n, sharding)
+    if sharding == "flat":
+        assert any(p.numel < owners[0].params[p.index].numel() for o in owners for p in o.pieces)
     targets = _targets(n)
     rng = random.Random(0)
     for r in range(6):

@@ -29,7 +29,7 @@ from lightning_asyncpred.exchange import p2p
 from lightning_asyncpred.exchange.p2p import ExchangeThreadError, HandshakeError, P2PExchange
 from lightning_asyncpred.exchange.p2p_backends import NCCLBackend
 from lightning_asyncpred.exchange.p2p_dataplane import DataPlane
-from lightning_asyncpred.exchange.sharding import partition
+from lightning_asyncpred.exchange.sharding import shard_pieces
 from tests.fake_nccl import PostOnArrival
 from tests.nccl_emulator import EmulatorError, World, device_tensor
 from tests import test_p2p_protocol as protocol
@@ -73,8 +73,8 @@ class Run:
                  slots=SEND_SLOTS + RECV_SLOTS + 1, timeout=30.0, handshake=30.0, lose=None):
         self.seed, self.n, self.steps, self.bound, self.speeds = seed, world, steps, bound, speeds
         self.rng = random.Random(seed)
-        shards = partition(sizes, world)
-        self.numels = [sum(sizes[i] for i in s) for s in shards]
+        shards = shard_pieces(sizes, world, "flat" if seed % 2 else "whole")  # both layouts: the shard sizes differ
+        self.numels = [sum(p.numel for p in s) for s in shards]
         init = torch.Generator().manual_seed(seed)
         self.world = World(world, slots=slots, seed=seed, nccl_delay=self.rng.choice([0.0002, 0.002, 0.01]))
         self.owners = [Owner(torch.randn(n, generator=init, dtype=torch.float64), r) for r, n in enumerate(self.numels)]

@@ -65,7 +65,7 @@ def _p2p_factory(max_staleness, group, timeout, monitor, buckets, optimizer, han
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    owner = ShardOwner(optimizer, buckets.params, buckets.groups[rank], world_size=world)
+    owner = ShardOwner(optimizer, buckets.params, buckets.pieces[rank], world_size=world)
     owner.set_lookahead(lookahead)
     return P2PExchange(max_staleness, owner, buckets.numels, rank, world, control_group=group, timeout=timeout,
                        monitor=monitor, handshake_timeout=handshake_timeout)

@@ -61,13 +61,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_asyncpred.exchange.buckets import flat_views
+from lightning_asyncpred.exchange.sharding import Piece, piece_key, slice_state
 from lightning_asyncpred.exchange.preview import copy_hyperparameters, make_preview, optimizer_like
 from lightning_asyncpred.remedies import (DelayCompensation, GapAware, correct_gradients_, delay_adaptive_scale,
                                           momentum_horizon)
@@ -82,24 +83,31 @@ class ShardOwner:
     Args:
         optimizer: the user's optimizer (its class, defaults and groups).
         params: the trainable parameters, in the order the shards index them.
-        owned: indices (into ``params``) of this shard, in order.
+        owned: this shard, in order: pieces of parameters (``sharding.Piece``), or indices into ``params`` (whole
+            parameters).
         world_size: ``N``, the arrivals per round (the number of workers).
     """
 
-    def __init__(self, optimizer: Optimizer, params: Sequence[Tensor], owned: Sequence[int], world_size: int = 1) -> None:
+    def __init__(self, optimizer: Optimizer, params: Sequence[Tensor], owned: Sequence[Union[int, Piece]],
+                 world_size: int = 1) -> None:
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be an int >= 1 (the arrivals per round), got {world_size!r}")
         self.user = optimizer
         self.params = list(params)
-        self.owned = list(owned)
         self.world_size = world_size
+        # the shard: pieces of parameters (sharding.py), or whole parameters by index
+        self.pieces = [p if isinstance(p, Piece) else Piece(int(p), 0, self.params[int(p)].numel()) for p in owned]
+        self.owned = [p.index for p in self.pieces]
+        self._keys = [piece_key(p, self.params[p.index].numel()) for p in self.pieces]  # how states are keyed
         ref = self.params[self.owned[0]] if self.owned else self.params[0]
         with torch.no_grad():
-            parts = [self.params[i].detach().reshape(-1) for i in self.owned]
+            parts = [self.params[p.index].detach().reshape(-1)[p.start : p.stop] for p in self.pieces]
             self.base = torch.cat(parts).clone() if parts else torch.zeros(0, dtype=ref.dtype, device=ref.device)
         self.flat = self.base.clone()  # the published master: the round's base, or its preview mid-round
         self.acc = torch.zeros_like(self.base)  # G, the sum of the round's arrivals
-        shapes = [self.params[i] for i in self.owned]
+        # what the optimizer steps: a whole parameter in its shape, a piece of one flat
+        shapes = [self.params[p.index] if isinstance(k, int) else torch.empty(p.numel, device="meta")
+                  for p, k in zip(self.pieces, self._keys)]
         self.masters = flat_views(self.base, shapes)  # the optimizer's parameters
         self._grads = flat_views(self.acc, shapes)
         # the user's group of every parameter
@@ -281,67 +289,78 @@ class ShardOwner:
     # ------------------------------------------------------------------ state
     def round_state(self, copy: bool = True) -> dict[str, Any]:
         """The round in progress and the round count: ``{"rounds", "count", "world_size", "params"}`` with
-        ``params[i] = {"base", "acc"}`` for each owned parameter index (with look-ahead also ``"last"``, ``u``'s slice,
-        and ``"lag"``, this owner's running mean of ``tau / N``; no ``base``/``acc`` when no round is in progress: then
-        ``flat`` is the base); CPU copies, or with ``copy=False`` views of the live tensors (to send at once)."""
+        ``params[key] = {"base", "acc"}`` for each owned piece (keyed by the parameter index, or ``(index, start,
+        stop)`` for a piece of one: ``sharding.merge_pieces`` merges them; with look-ahead also ``"last"``, ``u``'s
+        slice, and ``"lag"``, this owner's running mean of ``tau / N``; no ``base``/``acc`` when no round is in
+        progress: then ``flat`` is the base); CPU copies, or with ``copy=False`` views of the live tensors (to send at
+        once)."""
         state: dict[str, Any] = {"rounds": self.rounds, "count": self.count, "world_size": self.world_size, "params": {}}
         keep = (("base", self.masters), ("acc", self._grads)) if self.count else ()
-        if self._last is not None:  # the look-ahead's last step and this owner's measured lag (its own arrivals)
-            lag = torch.tensor(self._tau, dtype=torch.float64)
-            keep += (("last", flat_views(self._last, self.masters)), ("lag", [lag] * len(self.owned)))
-        for n, i in enumerate(self.owned):
+        if self._last is not None:  # the look-ahead's last step
+            keep += (("last", flat_views(self._last, self.masters)),)
+        for n, key in enumerate(self._keys):
             if keep:
-                state["params"][i] = {k: ts[n].detach().cpu().clone() if copy else ts[n].detach() for k, ts in keep}
+                state["params"][key] = {k: ts[n].detach().cpu().clone() if copy else ts[n].detach() for k, ts in keep}
+                if self._last is not None:  # this owner's measured lag (its own arrivals)
+                    state["params"][key]["lag"] = list(self._tau)
         return state
+
+    def _saved(self, states: dict[Any, dict[str, Any]]) -> list[Optional[dict[str, Any]]]:
+        """Per owned piece, its part of per-parameter ``states`` (``None`` where absent)."""
+        return [None if p.index not in states else slice_state(states[p.index], p, self.params[p.index].shape)
+                for p in self.pieces]
 
     @torch.no_grad()
     def load_round_state(self, state: dict[str, Any]) -> None:
-        """Put back :meth:`round_state` (merged over owners: entries of other shards are ignored). The published
-        master (``flat``) is the saved model's, loaded before; the optimizer state may come later
-        (:meth:`load_state`). A round saved by a run of another number of workers keeps its arrivals: it completes
-        at the first arrival that brings it to ``world_size`` or more, with the mean of all of them."""
+        """Put back :meth:`round_state` merged per parameter (``sharding.merge_pieces``, over all owners: entries of
+        other shards are ignored; a layout of another number of owners cuts differently). The published master
+        (``flat``) is the saved model's, loaded before; the optimizer state may come later (:meth:`load_state`). A
+        round saved by a run of another number of workers keeps its arrivals: it completes at the first arrival
+        that brings it to ``world_size`` or more, with the mean of all of them."""
         self.rounds, self.count = int(state["rounds"]), int(state["count"])
         self.arrivals = self.rounds * self.world_size + self.count
         if self.optimizer is None:
             return
+        saved = self._saved(state["params"])
         if self.count:
-            for i, b, g in zip(self.owned, self.masters, self._grads):
-                b.copy_(state["params"][i]["base"])
-                g.copy_(state["params"][i]["acc"])
+            for b, g, s in zip(self.masters, self._grads, saved):
+                assert s is not None, "a round in progress without its base"
+                b.copy_(s["base"].view_as(b))
+                g.copy_(s["acc"].view_as(g))
         if self._last is not None:
-            for i, u in zip(self.owned, flat_views(self._last, self.masters)):
-                saved = state["params"].get(i, {})
-                if saved.get("last") is None:
+            for u, s in zip(flat_views(self._last, self.masters), saved):
+                if s is None or s.get("last") is None:
                     u.zero_()
                 else:
-                    u.copy_(saved["last"])
-                    self._tau = [float(x) for x in saved["lag"]]
+                    u.copy_(s["last"].view_as(u))
+                    self._tau = [float(x) for x in s["lag"]]
         if self._preview is not None:
             self._preview.new_round()
         self._publish_lookahead()
 
-    def state_dict(self, copy: bool = True) -> dict[int, dict[str, Any]]:
-        """The optimizer state of the owned parameters, keyed by their index into ``params``: CPU copies, or with
+    def state_dict(self, copy: bool = True) -> dict[Any, dict[str, Any]]:
+        """The optimizer state of the owned pieces, keyed as in :meth:`round_state`: CPU copies, or with
         ``copy=False`` the live tensors (to send at once)."""
         if self.optimizer is None:
             return {}
         out = {}
-        for i, m in zip(self.owned, self.masters):
+        for key, m in zip(self._keys, self.masters):
             state = self.optimizer.state.get(m)
             if state:
-                out[i] = {k: ((v.detach().cpu().clone() if copy else v.detach()) if isinstance(v, Tensor) else v)
-                          for k, v in state.items()}
+                out[key] = {k: ((v.detach().cpu().clone() if copy else v.detach()) if isinstance(v, Tensor) else v)
+                            for k, v in state.items()}
         return out
 
     def load_state(self, states: dict[int, dict[str, Any]]) -> None:
-        """Put back :meth:`state_dict` entries (any subset; others stay empty)."""
+        """Put back per-parameter optimizer states (a ``ddp`` optimizer's, or :meth:`state_dict` merged by
+        ``sharding.merge_pieces``; any subset, others stay empty): each owned piece takes its part."""
         if self.optimizer is None:
             return
-        for i, m in zip(self.owned, self.masters):
-            if i in states:
-                self.optimizer.state[m] = {
-                    k: (v.to(m.device) if isinstance(v, Tensor) and v.dim() > 0 else v) for k, v in states[i].items()
-                }
+        for m, saved, key in zip(self.masters, self._saved(states), self._keys):
+            # a piece's slice is copied (it must not keep the whole parameter's state alive), and so is a scalar
+            # (Adam's step, incremented in place: pieces of one parameter must not share it)
+            if saved is not None:
+                self.optimizer.state[m] = {k: _placed(v, m.device, copy=not isinstance(key, int)) for k, v in saved.items()}
         if self._preview is not None:
             self._preview.new_round()
 
@@ -364,6 +383,14 @@ class ShardOwner:
             if tentative is not None:
                 tensors += [v for st in tentative.state.values() for v in st.values() if isinstance(v, Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _placed(value: Any, device: torch.device, copy: bool) -> Any:
+    if not isinstance(value, Tensor):
+        return value
+    if value.dim() == 0:  # scalars (a step count) stay where the optimizer keeps them
+        return value.clone()
+    return value.to(device, copy=copy)
 
 
 def _group_momentum(group: dict[str, Any], name: str) -> float:

@@ -35,6 +35,7 @@ from lightning_asyncpred.exchange.allreduce import PeerLostError, PeerMonitor, d
 from lightning_asyncpred.exchange.base import Exchange, ReadyGradient
 from lightning_asyncpred.exchange.owner import ShardOwner
 from lightning_asyncpred.exchange.p2p_gather import gather_flat, gather_states
+from lightning_asyncpred.exchange.sharding import merge_pieces
 from lightning_asyncpred.exchange.p2p_backends import Backend, make_backend
 from lightning_asyncpred.exchange.p2p_dataplane import Action, DataPlane
 from lightning_asyncpred.exchange.p2p_protocol import REQUEST, Engine, Message
@@ -419,17 +420,21 @@ class P2PExchange(Exchange):
             return [self.owner.flat.detach().to("cpu", copy=True)]
         return gather_flat(self.owner.flat, self.shard_numels, self.WRITER, self.control_group)
 
+    @property
+    def _shapes(self) -> list[torch.Size]:
+        return [p.shape for p in self.owner.params]
+
     def gather_optimizer_states(self) -> Optional[dict[int, dict[str, Any]]]:
-        """Every owner's optimizer state, keyed by parameter index, on the writing rank; ``None`` elsewhere (a
-        collective on the control group)."""
+        """Every owner's optimizer state on the writing rank, merged per parameter (a parameter cut between owners
+        is whole again: ``sharding.merge_pieces``), keyed by parameter index; ``None`` elsewhere (a collective on the
+        control group)."""
         self.backend.synchronize()
         mine = self.owner.state_dict(copy=self.world_size == 1)
-        if self.world_size == 1:
-            return mine
-        return gather_states(mine, self.WRITER, self.control_group)
+        gathered = mine if self.world_size == 1 else gather_states(mine, self.WRITER, self.control_group)
+        return None if gathered is None else merge_pieces(gathered, self._shapes)
 
     def gather_round_states(self) -> Optional[dict[str, Any]]:
-        """Every owner's round in progress merged (``ShardOwner.round_state``, keyed by parameter index) on the
+        """Every owner's round in progress merged (``ShardOwner.round_state``, per parameter) on the
         writing rank, ``None`` elsewhere (a collective on the control group). After :meth:`quiesce` every owner has
         seen the same arrivals, so the round count and the arrivals in the round agree on every owner with
         parameters."""
@@ -450,7 +455,7 @@ class P2PExchange(Exchange):
         if len(counts) != 1:
             raise RuntimeError(f"the owners disagree on the round in progress (rounds, arrivals): {sorted(counts)}")
         assert gathered is not None
-        return {**heads[0], "params": gathered}
+        return {**heads[0], "params": merge_pieces(gathered, self._shapes)}
 
     def state_dict(self) -> dict[str, Any]:
         """After :meth:`quiesce` nothing is in flight: counters, statistics and the owners' round in progress

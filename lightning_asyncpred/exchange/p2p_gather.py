@@ -55,11 +55,11 @@ def gather_flat(mine: Tensor, numels: Sequence[int], dst: int = 0, group: Any = 
 
 def gather_states(states: dict[int, dict[str, Any]], dst: int = 0, group: Any = None,
                   chunk_bytes: int = CHUNK_BYTES) -> Optional[dict[int, dict[str, Any]]]:
-    """Every rank's ``{index: {key: tensor or value}}`` merged on rank ``dst`` (tensors on the CPU, copies);
+    """Every rank's ``{key: {name: tensor or value}}`` merged on rank ``dst`` (tensors on the CPU, copies);
     ``None`` on the other ranks. The ranks' indices are disjoint (each owner's parameters)."""
     rank, world = dist.get_rank(), dist.get_world_size(group)
     meta = [(i, key, (tuple(v.shape), v.dtype) if isinstance(v, Tensor) else None, None if isinstance(v, Tensor) else v)
-            for i in sorted(states) for key, v in states[i].items()]
+            for i in states for key, v in states[i].items()]
     metas: Optional[list[Any]] = [None] * world if rank == dst else None
     dist.gather_object(meta, metas, dst=dst, group=group)
     if rank != dst:

@@ -48,7 +48,6 @@ import pytorch_lightning as pl
 from lightning_fabric.utilities.data import _set_sampler_epoch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from lightning_asyncpred.exchange import Exchange, GradientBuckets, ReadyGradient, sum_buckets
-from lightning_asyncpred.exchange.buckets import flat_views
 from lightning_asyncpred.exchange.owner import LOOKAHEADS
 from lightning_asyncpred.staleness import StalenessStats
 from lightning_asyncpred.strategies.signals import SafePointSignals
@@ -466,10 +465,8 @@ class AsyncUpdateMixin:
             return state
         names = {id(p): n for n, p in self.lightning_module.named_parameters()}
         state = dict(state)
-        for k, flat in enumerate(masters):  # fresh CPU copies: their views go into the state dict
-            params = self._buckets.bucket_params(k)
-            for p, view in zip(params, flat_views(flat, params)):
-                state[names[id(p)]] = view
+        for p, value in zip(self._buckets.params, self._buckets.assemble(masters)):  # fresh CPU tensors
+            state[names[id(p)]] = value
         return state
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:

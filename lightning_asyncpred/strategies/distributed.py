@@ -56,7 +56,7 @@ from pytorch_lightning.strategies import ParallelStrategy
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_asyncpred.exchange import (
     TRANSPORTS,
     Exchange,
@@ -70,7 +70,7 @@ from lightning_asyncpred.exchange import (
 )
 from lightning_asyncpred.exchange.p2p import DEFAULT_HANDSHAKE_TIMEOUT
 from lightning_asyncpred.exchange.p2p_backends import check_backend
-from lightning_asyncpred.exchange.sharding import partition
+from lightning_asyncpred.exchange.sharding import check_sharding, resolve_sharding, shard_pieces
 from lightning_asyncpred.exchange.horovod import import_horovod
 from lightning_asyncpred.strategies.base import AsyncUpdateMixin, check_lookahead
 from lightning_asyncpred.strategies.horovod_env import LAUNCH_HINT, HorovodEnvironment, rendezvous_address
@@ -127,6 +127,12 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         handshake_timeout: ``"p2p"``: seconds the data plane's setup may take (creating its groups, warming up
             every pair, one round trip with every peer). A data plane that cannot work between these processes
             fails then with an error naming the peers, instead of hanging at the first step.
+        sharding: ``"p2p"`` only: how the parameters are cut into the owners' shards (``exchange/sharding.py``).
+            ``"flat"``: the flat parameter space in ``N`` equal contiguous pieces (a tensor may span two owners), so
+            each rank sends ring all-reduce's ``2 (N - 1) P / N`` elements per step at any ``N``; needs an
+            element-wise optimizer (SGD, Adam, AdamW, ...). ``"whole"``: whole tensors, balanced greedily (any
+            optimizer; the busiest rank sends ``2 (N - 1)`` times the largest shard, at least the largest tensor).
+            ``"auto"`` (default): ``"flat"`` for torch's element-wise optimizers, else ``"whole"``.
     """
 
     strategy_name = "async_pred_allreduce"
@@ -147,6 +153,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         max_updates: Optional[int] = None,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         lookahead: Optional[str] = "auto",
+        sharding: str = "auto",
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -172,6 +179,10 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         self.max_staleness = check_int("max_staleness", default if max_staleness is None else max_staleness, 0)
         self.transport = transport
         self.lookahead = check_lookahead(lookahead)
+        self.sharding = check_sharding(sharding)
+        if sharding != "auto" and transport != "p2p":
+            raise ValueError(f"sharding={sharding!r} cuts the p2p owners' shards (transport='p2p'); the {transport!r} "
+                             "transport has no owners: leave sharding='auto'")
         if lookahead not in ("auto", None) and transport != "p2p":
             raise ValueError(f"lookahead={lookahead!r} is the p2p owners' (transport='p2p'); the {transport!r} transport "
                              "has no owners: leave lookahead='auto' or use LinearPrediction")
@@ -459,7 +470,12 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
                 "world of 1; use devices >= 2, strategy='async_pred_sim' to simulate asynchrony on one device, or "
                 "AsyncPredStrategy(transport='allreduce')"
             )
-        return GradientBuckets.from_groups(params, partition([p.numel() for p in params], world))
+        sharding = resolve_sharding(self.sharding, self._optimizer)
+        if sharding == "whole" and self.sharding == "auto":
+            rank_zero_info(f"async_pred: whole-tensor shards for {type(self._optimizer).__name__} (flat shards, which "
+                           "send ring all-reduce's bytes, need one of torch's element-wise optimizers; "
+                           "sharding='flat' if yours is element-wise: exchange/sharding.py)")
+        return GradientBuckets.from_pieces(params, shard_pieces([p.numel() for p in params], world, sharding))
 
     def _check_trainer(self, trainer: "pl.Trainer") -> None:
         if self._work_sharing is not None:

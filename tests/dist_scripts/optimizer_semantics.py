@@ -91,9 +91,12 @@ def main() -> None:
     result = {}
     if args.mode == "compare":
         for name in ("sgd", "adamw"):
+            # the owners' optimizer, not a look-ahead: replies carry the masters. Flat shards (the default here)
+            # cut w (12 elements of 17) between the two owners; whole shards give w to one owner, b to the other
             result[name] = {"ddp": fit("ddp", name, args.out),
-                            # the owners' optimizer, not a look-ahead: replies carry the masters
-                            "p2p": fit(la.AsyncPredStrategy(max_staleness=2, timeout=60, lookahead=None), name, args.out)}
+                            "p2p": fit(la.AsyncPredStrategy(max_staleness=2, timeout=60, lookahead=None), name, args.out),
+                            "p2p_whole": fit(la.AsyncPredStrategy(max_staleness=2, timeout=60, lookahead=None,
+                                                                  sharding="whole"), name, args.out)}
     else:
         ckdir = os.path.join(args.out, "ckpt")
         ck = ModelCheckpoint(dirpath=ckdir, save_last=True, save_top_k=0)
