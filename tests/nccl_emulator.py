@@ -203,8 +203,10 @@ class GlooWork:
                 w.lock.wait(0.5 if left is None else min(left, 0.5))
 
     def _source_rank(self) -> int:
+        """The sender's rank *in the group*, as Gloo reports it (measured: rank 3 sending on ``new_group([1, 3])``
+        is source 1 at the receiver); ``isend``/``irecv`` take global ranks."""
         assert self._source is not None
-        return self._source
+        return self.group.ranks.index(self._source)
 
 
 # ---------------------------------------------------------------------------------------------- device memory

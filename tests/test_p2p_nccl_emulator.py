@@ -70,14 +70,19 @@ class Run:
     comes back (a kernel on the training stream that records it), finishes and closes."""
 
     def __init__(self, seed, world, steps, bound, speeds, sizes, backend_cls=NCCLBackend, plane_cls=DataPlane,
-                 slots=SEND_SLOTS + RECV_SLOTS + 1, timeout=30.0, handshake=30.0, lose=None):
+                 slots=SEND_SLOTS + RECV_SLOTS + 1, timeout=30.0, handshake=30.0, lose=None, columns=None):
         self.seed, self.n, self.steps, self.bound, self.speeds = seed, world, steps, bound, speeds
         self.rng = random.Random(seed)
-        shards = shard_pieces(sizes, world, "flat" if seed % 2 else "whole")  # both layouts: the shard sizes differ
-        self.numels = [sum(p.numel for p in s) for s in shards]
+        # exchanges among subsets of the ranks at once (sync groups' columns), or one among all
+        self.columns = [list(range(world))] if columns is None else columns
+        self.column = {r: c for c in self.columns for r in c}
+        width = len(self.columns[0])
+        shards = shard_pieces(sizes, width, "flat" if seed % 2 else "whole")  # both layouts: the shard sizes differ
+        self.numels = [sum(p.numel for p in s) for s in shards]  # per index within a column
         init = torch.Generator().manual_seed(seed)
         self.world = World(world, slots=slots, seed=seed, nccl_delay=self.rng.choice([0.0002, 0.002, 0.01]))
-        self.owners = [Owner(torch.randn(n, generator=init, dtype=torch.float64), r) for r, n in enumerate(self.numels)]
+        self.owners = [Owner(torch.randn(self.numels[self._local(r)], generator=init, dtype=torch.float64), r)
+                       for r in range(world)]
         self.backend_cls, self.plane_cls = backend_cls, plane_cls
         self.timeout, self.handshake, self.lose = timeout, handshake, lose
         self.exchanges: list = [None] * world
@@ -87,14 +92,19 @@ class Run:
         self.submitted = [0] * world
         self.applied = [0] * world
 
+    def _local(self, r: int) -> int:
+        return self.column[r].index(r)
+
     def _worker(self, r: int) -> None:
         api = self.world.api(r)
         owner = self.owners[r]
-        backend = self.backend_cls(api, r, self.n, owner.flat, None, timedelta(seconds=self.timeout))
+        col, me = self.column[r], self._local(r)
+        backend = self.backend_cls(api, me, len(col), owner.flat, None, timedelta(seconds=self.timeout),
+                                   members=col, member_sets=self.columns)
         rng = random.Random(self.seed * 31 + r)
         ex = None
         try:
-            ex = P2PExchange(self.bound, owner, self.numels, r, self.n, backend=backend, timeout=self.timeout,
+            ex = P2PExchange(self.bound, owner, self.numels, me, len(col), backend=backend, timeout=self.timeout,
                              handshake_timeout=self.handshake)
             self.exchanges[r] = ex
             for t in range(self.steps[r]):
@@ -148,15 +158,16 @@ class Run:
         assert not self.hung, f"ranks {self.hung} did not end\n{self.state}"
         assert not self.errors, f"{self.errors}\n{self.state}"
         assert not self.world.failures, self.world.failures
-        n, steps = self.n, self.steps
-        replays = protocol.check_owners(self.owners, [plain(o.flat) for o in self.owners], steps)
-        for w in range(n):
-            assert self.max_in_flight[w] <= self.bound
-            assert self.submitted[w] == self.applied[w] == steps[w]
-            for shard, version, params in self.installed[w]:  # what the training stream read: the master at that version
-                assert torch.equal(params, replays[shard][version]), (w, shard, version)
-            if steps[w]:  # the last refresh holds every shard just after this worker's last step
-                assert {s for s, _, _ in self.installed[w]} == set(range(n))
+        for col in self.columns:  # each exchange on its own: its owners saw its workers' steps only
+            owners, steps = [self.owners[r] for r in col], [self.steps[r] for r in col]
+            replays = protocol.check_owners(owners, [plain(o.flat) for o in owners], steps)
+            for w in col:
+                assert self.max_in_flight[w] <= self.bound
+                assert self.submitted[w] == self.applied[w] == self.steps[w]
+                for shard, version, params in self.installed[w]:  # what the training stream read: the master then
+                    assert torch.equal(params, replays[shard][version]), (w, shard, version)
+                if self.steps[w]:  # the last refresh holds every shard just after this worker's last step
+                    assert {s for s, _, _ in self.installed[w]} == set(range(len(col)))
         assert self.world.nccl_ops > 0
         assert self.world.nccl_ops_from_default_stream == 0, "data-plane operations issued on the default (training) stream"
         assert max(self.world.max_resident) <= SEND_SLOTS + RECV_SLOTS + 1  # + the training kernel
@@ -180,6 +191,19 @@ def _random_schedule(seed: int, **kwargs) -> Run:
 def test_random_schedules_on_emulated_gpus(block):
     for seed in range(block * 8, block * 8 + 8):
         _random_schedule(seed).go().check()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exchanges_among_columns_of_sync_groups_run_at_once(seed):
+    """Sync groups' data plane: one p2p exchange per column (the ranks with the same index in every group), all
+    running at once on the same emulated GPUs; every process creates every column's groups in one order, peers are
+    indices into the column (the header group reports a source by its rank in the group)."""
+    rng = random.Random(seed)
+    world, k = rng.choice([(4, 2), (6, 2), (6, 3), (8, 2)])
+    columns = [[g * k + j for g in range(world // k)] for j in range(k)]
+    Run(seed, world, steps=[rng.randint(1, 4) for _ in range(world)], bound=rng.randint(0, 2),
+        speeds=[rng.choice([0.0005, 0.003, 0.01]) for _ in range(world)],
+        sizes=[rng.randint(1, 40) for _ in range(world + 3)], columns=columns).go().check()
 
 
 @pytest.mark.slow

@@ -82,6 +82,10 @@ class P2PExchange(Exchange):
         monitor: names lost ranks in errors.
         handshake_timeout: seconds the setup round trip with every peer may take.
         send_slots, recv_slots: the most payload transfers this rank has posted at once, each way.
+        members, member_sets: an exchange among a subset of the processes (``p2p_backends.Backend``): ``rank`` and
+            ``world_size`` are then this process's index among ``members`` and their number.
+        owner_numels: the shard sizes of every owner of ``control_group``, in its rank order, when that group holds
+            more owners than this exchange (sync groups: every process owns a piece); default ``shard_numels``.
     """
 
     name = "p2p"
@@ -101,6 +105,9 @@ class P2PExchange(Exchange):
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         send_slots: int = 2,
         recv_slots: int = 2,
+        members: Optional[list[int]] = None,
+        member_sets: Optional[list[list[int]]] = None,
+        owner_numels: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__(max_staleness)
         handshake_timeout = check_positive_number("handshake_timeout", handshake_timeout, "a number of seconds")
@@ -110,9 +117,11 @@ class P2PExchange(Exchange):
         self.monitor = monitor
         self.control_group = control_group
         self.shard_numels = list(shard_numels)
+        self.owner_numels = list(self.shard_numels if owner_numels is None else owner_numels)
         self.device = owner.flat.device
         self._events: queue.Queue = queue.Queue()
-        self.backend = backend if backend is not None else make_backend(self.device, self.rank, self.world_size, owner.flat, None, self.timeout)
+        self.backend = backend if backend is not None else make_backend(
+            self.device, self.rank, self.world_size, owner.flat, None, self.timeout, members=members, member_sets=member_sets)
         self.backend.report = lambda *event: self._events.put(event)  # its waiters' completions, to the communication thread
         self.engine = Engine(self.rank, self.world_size, self.shard_numels, owner.apply, owner.reply,
                              launch=self.backend.launch, snapshot=self.backend.snapshot)
@@ -383,16 +392,16 @@ class P2PExchange(Exchange):
     def _gather(self) -> list[tuple[int, Tensor]]:
         """``(version, flat master)`` of every owner, on every rank (a collective on the control group)."""
         self.backend.synchronize()
-        if self.world_size == 1:
+        if len(self.owner_numels) == 1:
             return [(self.engine.version, self.owner.flat.detach().clone())]
-        size = max(self.shard_numels)
+        size = max(self.owner_numels)
         mine = torch.zeros(size + 1, dtype=torch.float64, device=self._control_device())
         mine[: self.owner.flat.numel()] = self.owner.flat.detach().to(mine)
         mine[-1] = self.engine.version
-        gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        gathered = [torch.zeros_like(mine) for _ in self.owner_numels]
         dist.all_gather(gathered, mine, group=self.control_group)
         return [
-            (int(t[-1].item()), t[: self.shard_numels[k]].to(self.owner.flat.dtype).to(self.device))
+            (int(t[-1].item()), t[: self.owner_numels[k]].to(self.owner.flat.dtype).to(self.device))
             for k, t in enumerate(gathered)
         ]
 
@@ -404,7 +413,7 @@ class P2PExchange(Exchange):
         if self._quiesced_at == self._posted:  # nothing submitted since the last quiesce (same checkpoint)
             return
         self._wait_for(lambda: self._processed >= self._posted and self.engine.in_flight == 0, "a checkpoint")
-        if self.world_size > 1:
+        if len(self.owner_numels) > 1:
             dist.barrier(group=self.control_group)
         self.backend.synchronize()
         self._quiesced_at = self._posted
@@ -416,9 +425,9 @@ class P2PExchange(Exchange):
         """Every owner's master shard (flat, per shard) on the writing rank, ``None`` elsewhere (a collective on the
         control group; raw bytes in bounded chunks, see ``p2p_gather.py``)."""
         self.backend.synchronize()
-        if self.world_size == 1:
+        if len(self.owner_numels) == 1:
             return [self.owner.flat.detach().to("cpu", copy=True)]
-        return gather_flat(self.owner.flat, self.shard_numels, self.WRITER, self.control_group)
+        return gather_flat(self.owner.flat, self.owner_numels, self.WRITER, self.control_group)
 
     @property
     def _shapes(self) -> list[torch.Size]:
@@ -429,8 +438,9 @@ class P2PExchange(Exchange):
         is whole again: ``sharding.merge_pieces``), keyed by parameter index; ``None`` elsewhere (a collective on the
         control group)."""
         self.backend.synchronize()
-        mine = self.owner.state_dict(copy=self.world_size == 1)
-        gathered = mine if self.world_size == 1 else gather_states(mine, self.WRITER, self.control_group)
+        alone = len(self.owner_numels) == 1
+        mine = self.owner.state_dict(copy=alone)
+        gathered = mine if alone else gather_states(mine, self.WRITER, self.control_group)
         return None if gathered is None else merge_pieces(gathered, self._shapes)
 
     def gather_round_states(self) -> Optional[dict[str, Any]]:
@@ -439,13 +449,14 @@ class P2PExchange(Exchange):
         seen the same arrivals, so the round count and the arrivals in the round agree on every owner with
         parameters."""
         self.backend.synchronize()
-        mine = self.owner.round_state(copy=self.world_size == 1) if self.owner.optimizer is not None else None
+        alone = len(self.owner_numels) == 1
+        mine = self.owner.round_state(copy=alone) if self.owner.optimizer is not None else None
         head = None if mine is None else {k: v for k, v in mine.items() if k != "params"}
         tensors = {} if mine is None else mine["params"]
-        if self.world_size == 1:
+        if alone:
             heads, gathered = [head], tensors
         else:
-            heads = [None] * self.world_size if dist.get_rank() == self.WRITER else None
+            heads = [None] * len(self.owner_numels) if dist.get_rank() == self.WRITER else None
             dist.gather_object(head, heads, dst=self.WRITER, group=self.control_group)
             gathered = gather_states(tensors, self.WRITER, self.control_group)
         if heads is None:

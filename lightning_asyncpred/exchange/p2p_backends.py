@@ -123,18 +123,29 @@ class Backend:
 
     Args:
         api: :class:`TorchAPI` (or the emulator's).
-        rank, world_size: this rank and the number of ranks.
+        rank, world_size: this rank and the number of ranks of the exchange (its index among ``members``).
         like: a tensor on the payloads' device and dtype (buffers are ``like.new_empty(n)``).
         report: ``report(kind, *args)`` puts an event on the communication thread's queue (``P2PExchange`` sets it).
         timeout: of the payload groups and of every wait on a payload or a header send.
+        members: the global ranks of the exchange's ranks, ascending (default: ``0 .. world_size - 1``, every rank):
+            an exchange among a subset of the processes (sync groups: the ranks with the same index in every group).
+        member_sets: every exchange's ``members`` running at once, in one order shared by all processes (each
+            creates every set's groups, as ``new_group`` requires; default: ``[members]``).
     """
 
     name = "gloo"
     payload_backend = "gloo"
 
-    def __init__(self, api: Any, rank: int, world_size: int, like: Tensor, report: Callable[..., None], timeout: timedelta) -> None:
+    def __init__(self, api: Any, rank: int, world_size: int, like: Tensor, report: Callable[..., None], timeout: timedelta,
+                 members: Optional[list[int]] = None, member_sets: Optional[list[list[int]]] = None) -> None:
         self.api, self.rank, self.world_size = api, rank, world_size
         self.like, self.report, self.timeout = like, report, timeout
+        self.members = list(range(world_size)) if members is None else [int(m) for m in members]
+        if len(self.members) != world_size or self.members != sorted(set(self.members)):
+            raise ValueError(f"members must be {world_size} ascending distinct ranks, got {members!r}")
+        self.member_sets = [self.members] if member_sets is None else [list(m) for m in member_sets]
+        if self.members not in self.member_sets:
+            raise ValueError(f"members {self.members} are not among member_sets {self.member_sets}")
         self.header_group: Any = None
         self.pairs: dict[int, Any] = {}
         self._waiters = _Waiters(lambda *event: self.report(*event))
@@ -144,21 +155,26 @@ class Backend:
         """First call on the communication thread."""
 
     def connect(self) -> None:
-        """The header group, one payload group per pair (every rank creates every group, in one global order, as
-        ``new_group`` requires), then each of this rank's pairs warmed up in that order."""
-        world = list(range(self.world_size))
-        self.header_group = self.api.new_group(world, "gloo", HEADER_TIMEOUT)
-        order = [(lo, hi) for lo in world for hi in world if lo < hi]
-        for lo, hi in order:
-            group = self.api.new_group([lo, hi], self.payload_backend, self.timeout)
-            if self.rank in (lo, hi):
-                self.pairs[hi if self.rank == lo else lo] = group
+        """For every member set in turn: its header group, then one payload group per pair (every process creates
+        every group, in one global order, as ``new_group`` requires); then each of this rank's pairs warmed up in
+        that order. Peers are indices into ``members``; torch gets their global ranks."""
+        local = list(range(self.world_size))
+        order = [(lo, hi) for lo in local for hi in local if lo < hi]
+        for members in self.member_sets:
+            mine = members == self.members
+            header = self.api.new_group(members, "gloo", HEADER_TIMEOUT)
+            if mine:
+                self.header_group = header
+            for lo, hi in ((a, b) for a in range(len(members)) for b in range(len(members)) if a < b):
+                group = self.api.new_group([members[lo], members[hi]], self.payload_backend, self.timeout)
+                if mine and self.rank in (lo, hi):
+                    self.pairs[hi if self.rank == lo else lo] = group
         for lo, hi in (pair for pair in order if self.rank in pair):
             buf = self.alloc(1)
             if self.rank == lo:
-                work = self.api.isend(buf, hi, self.pairs[hi])
+                work = self.api.isend(buf, self.members[hi], self.pairs[hi])
             else:
-                work = self.api.irecv(buf, lo, self.pairs[lo])
+                work = self.api.irecv(buf, self.members[lo], self.pairs[lo])
             self._complete(work)
 
     def _complete(self, work: Any) -> None:
@@ -171,10 +187,11 @@ class Backend:
     def post_header_recv(self) -> None:
         buf = torch.zeros(HEADER_WORDS, dtype=torch.int64)
         work = self.api.irecv(buf, None, self.header_group)
+        # the source's rank in the header group, whose ranks are the members in order: the peer's index
         self._waiters.watch("header-recv", work, None, lambda w: ("header", int(w._source_rank()), buf.tolist()))
 
     def send_header(self, peer: int, words: list[int]) -> None:
-        work = self.api.isend(torch.tensor(words, dtype=torch.int64), peer, self.header_group)
+        work = self.api.isend(torch.tensor(words, dtype=torch.int64), self.members[peer], self.header_group)
         self._waiters.watch("header-send", work, self.timeout, None)
 
     # ------------------------------------------------------------------ payloads
@@ -183,9 +200,9 @@ class Backend:
         assert t is not None
         group = self.pairs[action.peer]
         if action.kind == "send":
-            work = self.api.isend(t.message.payload, action.peer, group)
+            work = self.api.isend(t.message.payload, self.members[action.peer], group)
         else:
-            work = self.api.irecv(t.message.payload, action.peer, group)
+            work = self.api.irecv(t.message.payload, self.members[action.peer], group)
         self._watch(work, t, action.kind)
 
     def _watch(self, work: Any, t: Transfer, kind: str) -> None:

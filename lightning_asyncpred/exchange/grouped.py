@@ -1,0 +1,174 @@
+"""Sync groups: synchronous inside a group of ``k`` ranks, asynchronous between groups (pure ``torch.distributed``).
+
+Layout (:func:`group_layout`). ``N`` ranks, ``k`` (``sync_group_size``) dividing ``N``, ``G = N / k`` groups: group
+``g`` is ranks ``g k .. g k + k - 1``, and rank ``r = g k + j`` is member ``j`` of group ``g``. The parameters are
+cut into ``N`` pieces, piece ``r`` owned by rank ``r`` (``sharding.py``), as without groups. *Column* ``j`` is the
+ranks with index ``j`` in every group, ``[j, k + j, ..., (G - 1) k + j]``; their pieces are column ``j``'s part of the
+model.
+
+One step of rank ``r = (g, j)`` (:class:`GroupedExchange`):
+
+1. the gradient (all ``N`` pieces) is averaged over the group: one ``all_reduce`` on the group's process group,
+   synchronous (the well-trodden collective; NCCL over NVLink inside a node);
+2. rank ``r`` sends column ``j``'s pieces of that mean to their owners, the column's other ``G - 1`` ranks, and
+   applies its own, through the p2p transport among the column's ranks (``P2PExchange`` with ``members`` = the
+   column: its owners make rounds of ``G`` arrivals, one per group, each the mean of ``k`` gradients, so a round is
+   ``ddp``'s step over all ``N`` ranks' gradients in lockstep);
+3. with ``max_staleness = 0`` the rank waits for its column's answers to this step; every member of the group waits
+   for the same step, so
+4. the group all-gathers its members' columns (:meth:`GroupedExchange.take_parameters`) and every member installs the
+   same parameters: each piece the master that answered the group's step.
+
+Staleness therefore grows with the number of groups ``G``, not of ranks. ``k = N`` is one group: each owner's round is
+one arrival, the all-reduced mean, so the masters are ``ddp``'s parameters; ``k = 1`` is the plain p2p transport.
+Bytes a rank sends per step: ``2 (k - 1) / k P`` (the all-reduce) + ``2 (G - 1) / G P / k`` (its column) + ``(k - 1) / k P``
+(the all-gather). The bound is ``max_staleness = 0``: with more steps in flight the members' columns could answer
+different steps and the group would install a mix.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_asyncpred.exchange.base import Exchange, ReadyGradient
+from lightning_asyncpred.exchange.p2p import P2PExchange
+from lightning_asyncpred.validation import check_int
+
+
+def group_layout(world_size: int, group_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """``(groups, columns)`` of ``world_size`` ranks in groups of ``group_size`` (see the module docstring)."""
+    check_int("world_size", world_size, 1)
+    check_int("sync_group_size", group_size, 1)
+    if world_size % group_size:
+        raise ValueError(f"sync_group_size={group_size} must divide the number of ranks, {world_size}; "
+                         f"allowed: {', '.join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)}")
+    count = world_size // group_size
+    groups = [list(range(g * group_size, (g + 1) * group_size)) for g in range(count)]
+    columns = [[g * group_size + j for g in range(count)] for j in range(group_size)]
+    return groups, columns
+
+
+class GroupedExchange(Exchange):
+    """One rank of a run in sync groups (see the module docstring).
+
+    Args:
+        column: this rank's ``P2PExchange`` among its column (``members`` = the column, ``owner_numels`` = every
+            rank's piece, the default process group as ``control_group``).
+        group: the process group of this rank's sync group.
+        rank: this rank (global).
+        group_size: ``k``.
+        piece_numels: the ``N`` pieces' sizes, piece ``r`` owned by rank ``r``.
+    """
+
+    name = "p2p_grouped"
+    returns = "parameters"
+
+    def __init__(self, column: P2PExchange, group: Any, rank: int, group_size: int, piece_numels: Sequence[int]) -> None:
+        super().__init__(0)
+        if column.max_staleness != 0:
+            raise ValueError(f"sync groups need max_staleness=0 (every member of a group installs the answer to the same "
+                             f"step), got {column.max_staleness}")
+        self.column, self.group, self.rank, self.group_size = column, group, int(rank), int(group_size)
+        self.piece_numels = [int(n) for n in piece_numels]
+        _, columns = group_layout(len(self.piece_numels), self.group_size)
+        self.members = columns[self.rank % self.group_size]  # global ranks of this rank's column, ascending
+        self.columns = columns
+        self._pending: dict[int, Tensor] = {}
+
+    @property
+    def owner(self) -> Any:
+        return self.column.owner
+
+    @property
+    def expected_staleness(self) -> float:
+        return self.column.expected_staleness
+
+    @property
+    def in_flight_steps(self) -> int:
+        return self.column.in_flight_steps
+
+    @property
+    def wait_seconds(self) -> float:
+        return self.column.wait_seconds
+
+    # ------------------------------------------------------------------ a step
+    def _submit(self, step: int, buckets: list[Tensor]) -> None:
+        if len(buckets) != len(self.piece_numels):
+            raise ValueError(f"expected {len(self.piece_numels)} pieces, got {len(buckets)}")
+        flat = torch.cat([b.detach().reshape(-1) for b in buckets])
+        if self.group_size > 1:
+            dist.all_reduce(flat, group=self.group)
+            flat.div_(self.group_size)
+        pieces = list(torch.split(flat, self.piece_numels))
+        self.column.submit(step, [pieces[m] for m in self.members])
+
+    def _ready(self) -> list[ReadyGradient]:
+        return self.column.ready()
+
+    def take_parameters(self) -> dict[int, Tensor]:
+        """Every piece, the same on every member of the group: each member's column (the masters that answered the
+        group's step) all-gathered over the group. One collective per call: every member calls it once per step."""
+        if self._pending:  # the final masters (drain)
+            out, self._pending = self._pending, {}
+            return out
+        got = self.column.take_parameters()  # column index -> flat
+        if self.group_size == 1:
+            return {self.members[i]: t for i, t in got.items()}
+        size = max(sum(self.piece_numels[m] for m in c) for c in self.columns)
+        mine = torch.zeros(size + 1, dtype=self.owner.flat.dtype, device=self.owner.flat.device)
+        if len(got) == len(self.members):  # a whole column answered (else: nothing new, flagged by the last word)
+            offset = 0
+            for i, m in enumerate(self.members):
+                mine[offset: offset + self.piece_numels[m]] = got[i]
+                offset += self.piece_numels[m]
+            mine[-1] = 1
+        elif got:
+            raise RuntimeError(f"rank {self.rank}: {len(got)} of its column's {len(self.members)} pieces answered")
+        gathered = [torch.empty_like(mine) for _ in range(self.group_size)]
+        dist.all_gather(gathered, mine, group=self.group)
+        out: dict[int, Tensor] = {}
+        for j, t in enumerate(gathered):
+            if t[-1] == 0:
+                continue
+            offset = 0
+            for m in self.columns[j]:
+                out[m] = t[offset: offset + self.piece_numels[m]]
+                offset += self.piece_numels[m]
+        return out
+
+    def _drain(self) -> list[ReadyGradient]:
+        """The column finishes (serves until every rank has finished); every rank then gets every owner's final
+        master (an all-gather over the default group, every rank owning its piece)."""
+        self.column.finish()
+        out = self.column.ready()
+        self.column._stop_thread()
+        self._pending = {m: flat for m, (_, flat) in enumerate(self.column._gather())}
+        return out
+
+    def finish(self, seconds: Optional[float] = None) -> None:
+        self.column.finish(seconds)
+
+    # ------------------------------------------------------------------ checkpoints: every rank owns its piece
+    def quiesce(self) -> None:
+        self.column.quiesce()
+
+    def gather_masters(self) -> Optional[list[Tensor]]:
+        return self.column.gather_masters()
+
+    def gather_optimizer_states(self) -> Optional[dict[int, dict[str, Any]]]:
+        return self.column.gather_optimizer_states()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.column.state_dict()
+        return {**state, "transport": self.name, "submitted": self.submitted, "applied": self.submitted}
+
+    def load_state_dict(self, state: dict[str, Any], place: Any = list) -> None:
+        self.column.load_state_dict({**state, "transport": self.column.name}, place)
+        self.submitted = self.applied = int(state["submitted"])
+
+    def _close(self) -> None:
+        self.column.close()
