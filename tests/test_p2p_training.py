@@ -179,13 +179,14 @@ def test_p2p_owners_step_the_users_optimizer_as_ddp_does(tmp_path):
     The gradient is constant, so the order of arrivals cannot matter: 16 arrivals per owner are 8 ddp steps, with
     weight decay, momentum, Adam's normalised step and the schedule applied once per round (today's owner stepped
     once per arrival: twice the decay, twice Adam's distance, the schedule on each rank's own steps). Both shard
-    layouts: flat (a tensor cut between the owners) and whole tensors."""
+    layouts: flat (a tensor cut between the owners) and whole tensors; and sync_group_size = N (one group: ddp)."""
     ranks = _semantics(tmp_path, "compare")
     for res in ranks:
         for name in ("sgd", "adamw"):
             ddp, p2p = res[name]["ddp"], res[name]["p2p"]
             assert _same(p2p, ddp), (name, p2p, ddp)  # flat shards: w cut between the owners
             assert _same(res[name]["p2p_whole"], ddp), (name, res[name]["p2p_whole"], ddp)
+            assert _same(res[name]["p2p_one_group"], ddp), (name, res[name]["p2p_one_group"], ddp)  # sync_group_size=N
             assert p2p["scheduler_steps"] == ddp["scheduler_steps"] == 8  # once per round on every rank
             assert p2p["lr"] == pytest.approx(ddp["lr"])
             assert p2p["frequency"] == ddp["frequency"] == 1  # Lightning's own stepping is handed back after the fit

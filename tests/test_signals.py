@@ -108,10 +108,15 @@ def test_ctrl_c_ends_every_rank_like_ddp(tmp_path, strategy):
         assert json.loads((out / "rank1.json").read_text())["error"] == "SystemExit: 1"
 
 
-def test_sigterm_to_every_worker_under_torchrun(tmp_path):
+@pytest.mark.parametrize("args, lead", [
+    ((), 5),  # the script's default: allreduce, max_staleness 2
+    # p2p in one sync group of both ranks: the group agrees on a step (lead 3: its members are at most a step apart)
+    (("--transport", "p2p", "--max-staleness", "0", "--sync-group-size", "2", "--no-pool"), 3),
+])
+def test_sigterm_to_every_worker_under_torchrun(tmp_path, args, lead):
     out = tmp_path / "run"
     agent = _popen(out, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
-                         "--out", str(out), *LONG_RUN], ENV)
+                         "--out", str(out), *LONG_RUN, *args], ENV)
     for pid in _wait_for_markers(out, [agent]):
         os.kill(pid, signal.SIGTERM)
     _finish(out, [agent])
@@ -119,7 +124,7 @@ def test_sigterm_to_every_worker_under_torchrun(tmp_path):
     assert "Received SIGTERM: 15" in log
     res = results(out)
     assert [x["error_type"] for x in res] == ["SIGTERMException", "SIGTERMException"]
-    assert res[0]["signal_actions"] == res[1]["signal_actions"] == [["sigterm", MARK + 5]]
+    assert res[0]["signal_actions"] == res[1]["signal_actions"] == [["sigterm", MARK + lead]]
 
 
 def _slurm_ranks(out: Path, *args: str) -> list[subprocess.Popen]:

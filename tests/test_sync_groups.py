@@ -8,7 +8,7 @@ import json
 import pytest
 
 from lightning_asyncpred.exchange.grouped import group_layout
-from tests.dist_helpers import SCRIPT, run
+from tests.dist_helpers import SCRIPT, assert_balanced, assert_identical_replicas, results, run
 
 GROUPED = SCRIPT.parent / "grouped_exchange.py"
 
@@ -38,3 +38,47 @@ def test_grouped_exchange_ends_at_ddps_parameters_and_a_group_installs_the_same(
         members = [res for res in ranks if res["group"] == g]
         assert len(members) == group_size
         assert all(m["checksums"] == members[0]["checksums"] for m in members)
+
+
+def test_async_pred_in_two_sync_groups_trains_and_ends_with_every_replica_at_the_masters(tmp_path):
+    """Trainer(strategy=AsyncPredStrategy(sync_group_size=2)) on 4 Gloo ranks (two groups of two, static shards):
+    every step submitted is applied, every rank's piece of the masters is what its replica holds after the end, the
+    replicas are identical, and training moved the validation loss down."""
+    out = tmp_path / "groups"
+    run(out, "--transport", "p2p", "--max-staleness", "0", "--sync-group-size", "2", "--no-pool", "--max-steps", "30",
+        nproc=4, timeout=240)
+    res = results(out, 4)
+    for x in res:
+        assert "error" not in x, x.get("error")
+        assert x["master_equals_replica"] and x["global_step"] == 30
+        assert x["sampler"] == "DistributedSampler"
+        assert x["val_losses"][-1] < x["val_losses"][0], x["val_losses"]
+    assert_balanced(res)
+    assert_identical_replicas(out, 4)
+
+
+def test_a_checkpoint_of_sync_groups_is_a_ddp_checkpoint_and_resumes_without_groups(tmp_path):
+    """4 ranks in two groups of 2 save every 7 steps (quiesce, every rank's piece gathered over all ranks): the
+    checkpoint holds the plain model and one SGD momentum buffer per parameter, and a run of 2 ranks without groups
+    resumes from it to the end."""
+    import torch
+
+    import lightning_asyncpred as la
+
+    saving = tmp_path / "saving"
+    run(saving, "--transport", "p2p", "--max-staleness", "0", "--sync-group-size", "2", "--no-pool", "--max-steps", "21",
+        "--ckpt-every", "7", nproc=4, timeout=240)
+    ckpt = saving / "ckpt" / "step=14.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    named = dict(la.ImageClassifier(arch="digits_cnn").named_parameters())
+    assert {k for k in state["state_dict"] if k in named} == set(named)
+    assert all(state["state_dict"][k].shape == p.shape for k, p in named.items())
+    opt = state["optimizer_states"][0]
+    assert [opt["state"][i]["momentum_buffer"].shape for i in range(len(named))] == [p.shape for p in named.values()]
+    assert state["async_pred"]["exchange"]["transport"] == "p2p_grouped"
+    resumed = tmp_path / "resumed"
+    run(resumed, "--transport", "p2p", "--max-staleness", "0", "--no-pool", "--max-steps", "30", "--resume", str(ckpt),
+        nproc=2, timeout=240)
+    res = results(resumed, 2)
+    assert all("error" not in x and x["global_step"] == 30 and x["master_equals_replica"] for x in res)
+    assert_identical_replicas(resumed, 2)

@@ -58,16 +58,26 @@ def _allreduce_factory(max_staleness, mode, group, timeout, monitor, **_):
     return AllReduceExchange(max_staleness, mode=mode, group=group, timeout=timeout, monitor=monitor)
 
 
-def _p2p_factory(max_staleness, group, timeout, monitor, buckets, optimizer, handshake_timeout=120.0, lookahead=None, **_):
+def _p2p_factory(max_staleness, group, timeout, monitor, buckets, optimizer, handshake_timeout=120.0, lookahead=None,
+                 sync_group_size=1, **_):
     """Owner of shard ``rank`` (the buckets are the shards), looking ahead as ``lookahead`` says; the data plane
     (NCCL on CUDA, Gloo on CPU) connects and makes a round trip with every peer before this returns
-    (``exchange/p2p.py``)."""
+    (``exchange/p2p.py``). With ``sync_group_size > 1`` the ranks' groups all-reduce and each column of the groups
+    runs the data plane (``exchange/grouped.py``)."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    owner = ShardOwner(optimizer, buckets.params, buckets.pieces[rank], world_size=world)
-    owner.set_lookahead(lookahead)
-    return P2PExchange(max_staleness, owner, buckets.numels, rank, world, control_group=group, timeout=timeout,
+
+    def owner(arrivals_per_round):
+        made = ShardOwner(optimizer, buckets.params, buckets.pieces[rank], world_size=arrivals_per_round)
+        made.set_lookahead(lookahead)
+        return made
+
+    if sync_group_size > 1:
+        from lightning_asyncpred.exchange.grouped import make_grouped_exchange
+
+        return make_grouped_exchange(owner, buckets.numels, rank, sync_group_size, timeout, monitor, handshake_timeout)
+    return P2PExchange(max_staleness, owner(world), buckets.numels, rank, world, control_group=group, timeout=timeout,
                        monitor=monitor, handshake_timeout=handshake_timeout)
 
 

@@ -152,6 +152,14 @@ class GroupedExchange(Exchange):
     def finish(self, seconds: Optional[float] = None) -> None:
         self.column.finish(seconds)
 
+    def grace_seconds(self, minimum: float = 10.0) -> float:
+        return self.column.grace_seconds(minimum)
+
+    def stop_gracefully(self) -> None:
+        """SIGTERM (every member of the group stops after the same step): the column's FIN and grace, no gather."""
+        self.column.stop_gracefully()
+        self.close()
+
     # ------------------------------------------------------------------ checkpoints: every rank owns its piece
     def quiesce(self) -> None:
         self.column.quiesce()
@@ -172,3 +180,19 @@ class GroupedExchange(Exchange):
 
     def _close(self) -> None:
         self.column.close()
+
+
+def make_grouped_exchange(owner_factory: Any, piece_numels: Sequence[int], rank: int, group_size: int, timeout: Any,
+                          monitor: Any = None, handshake_timeout: float = 120.0) -> GroupedExchange:
+    """Rank ``rank``'s exchange in sync groups of ``group_size`` (every process calls it: every group's process group
+    and every column's data-plane groups are created by all, in one order). ``owner_factory(arrivals_per_round)``
+    builds this rank's ``ShardOwner`` of piece ``rank``."""
+    world = len(piece_numels)
+    groups, columns = group_layout(world, group_size)
+    group_pgs = [dist.new_group(g, timeout=timeout) for g in groups]
+    column = columns[rank % group_size]
+    owner = owner_factory(len(groups))
+    col = P2PExchange(0, owner, [piece_numels[m] for m in column], column.index(rank), len(column), control_group=None,
+                      timeout=timeout, monitor=monitor, handshake_timeout=handshake_timeout, members=column,
+                      member_sets=columns, owner_numels=piece_numels)
+    return GroupedExchange(col, group_pgs[rank // group_size], rank, group_size, piece_numels)

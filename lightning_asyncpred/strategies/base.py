@@ -187,7 +187,7 @@ class AsyncUpdateMixin:
         self._uninstall_signals()
         self._signals = SafePointSignals(
             self._signal_lead(), self._signal_store(), self._signal_store_failure, per_rank=self._signal_per_rank(),
-            key=f"{self._fit_key}/signal",
+            key=f"{self._fit_key}/signal{self._signal_scope()}",
         )
         self._signals.install(trainer)
 
@@ -209,6 +209,10 @@ class AsyncUpdateMixin:
 
     def _signal_store_failure(self, exc: BaseException) -> BaseException:
         return exc
+
+    def _signal_scope(self) -> str:
+        """The ranks that agree on a signal's step share this suffix of the store key (default: all ranks)."""
+        return ""
 
     @property
     def signal_actions(self) -> list[tuple[str, int]]:

@@ -70,6 +70,7 @@ from lightning_asyncpred.exchange import (
 )
 from lightning_asyncpred.exchange.p2p import DEFAULT_HANDSHAKE_TIMEOUT
 from lightning_asyncpred.exchange.p2p_backends import check_backend
+from lightning_asyncpred.exchange.grouped import group_layout
 from lightning_asyncpred.exchange.sharding import check_sharding, resolve_sharding, shard_pieces
 from lightning_asyncpred.exchange.horovod import import_horovod
 from lightning_asyncpred.strategies.base import AsyncUpdateMixin, check_lookahead
@@ -133,6 +134,12 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             element-wise optimizer (SGD, Adam, AdamW, ...). ``"whole"``: whole tensors, balanced greedily (any
             optimizer; the busiest rank sends ``2 (N - 1)`` times the largest shard, at least the largest tensor).
             ``"auto"`` (default): ``"flat"`` for torch's element-wise optimizers, else ``"whole"``.
+        sync_group_size: ``"p2p"`` only: ``k`` ranks per sync group (``exchange/grouped.py``): inside a group the
+            gradient is all-reduced synchronously, groups exchange with the owners asynchronously, so staleness grows
+            with the number of groups, not of ranks; ``k`` must divide the number of ranks (consecutive ranks form a
+            group: with torchrun or SLURM, the ranks of a node when ``k`` is the GPUs per node). ``1`` (default, also
+            ``None``) is plain p2p, the number of ranks is ``ddp``'s update. Needs ``max_staleness=0`` and, for now,
+            static shards (``shared_pool=False``, the default when ``k > 1``).
     """
 
     strategy_name = "async_pred_allreduce"
@@ -154,6 +161,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         lookahead: Optional[str] = "auto",
         sharding: str = "auto",
+        sync_group_size: Optional[int] = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -205,6 +213,19 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         self.heartbeat_interval = check_positive_number("heartbeat_interval", heartbeat_interval, "a number of seconds")
         self.handshake_timeout = check_positive_number("handshake_timeout", handshake_timeout, "a number of seconds")
         self._process_group_backend = process_group_backend
+        self.sync_group_size = 1 if sync_group_size is None else check_int("sync_group_size", sync_group_size, 1)
+        if self.sync_group_size > 1:
+            if transport != "p2p":
+                raise ValueError(f"sync_group_size={sync_group_size!r} groups the p2p transport's ranks (transport='p2p'); "
+                                 f"the {transport!r} transport is synchronous across all ranks already")
+            if self.max_staleness != 0:
+                raise ValueError(f"sync_group_size={sync_group_size!r} needs max_staleness=0 (every member of a group "
+                                 f"installs the owners' answer to the same step), got max_staleness={max_staleness!r}")
+            if shared_pool:
+                raise ValueError(f"sync_group_size={sync_group_size!r} with shared_pool=True: the shared batch pool does "
+                                 "not yet draw per group (the members of a group must take the same steps); use "
+                                 "shared_pool=False (static shards, the default with sync groups)")
+            shared_pool = False
         self.shared_pool = self._check_shared_pool(shared_pool, transport)
         if (max_samples is not None or max_updates is not None) and not self.shared_pool:
             raise ValueError(
@@ -433,10 +454,18 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
     def _signal_lead(self) -> int:
         # allreduce: a rank completes at most s + 1 steps more than any other (see signals.py): s + 3 keeps all
         # below T. p2p: ranks run apart by any number of steps; each acts at its own next step boundary.
-        return 1 if self.transport == "p2p" else self.max_staleness + 3
+        # sync groups: a member completes at most one step more than another of its group (their all-reduce), so
+        # 3 (the allreduce rule with s = 0) keeps every member below the agreed step
+        if self.transport == "p2p":
+            return 3 if self.sync_group_size > 1 else 1
+        return self.max_staleness + 3
 
     def _signal_per_rank(self) -> bool:
-        return self.transport == "p2p"
+        # sync groups: the members of a group take the same steps (one all-reduce each), so a group agrees on a step
+        return self.transport == "p2p" and self.sync_group_size == 1
+
+    def _signal_scope(self) -> str:
+        return f"/group{self.global_rank // self.sync_group_size}" if self.sync_group_size > 1 else ""
 
     def _signal_store(self) -> Optional[Any]:
         return self._monitor.store if self._monitor is not None else None
@@ -457,6 +486,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             backend=self._process_group_backend,
             handshake_timeout=self.handshake_timeout,
             lookahead=self._resolve_lookahead(self.lightning_module.trainer, self.lookahead) if self.transport == "p2p" else None,
+            sync_group_size=self.sync_group_size,
         )
 
     def _make_buckets(self, params: list[Tensor]) -> GradientBuckets:
@@ -470,6 +500,8 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
                 "world of 1; use devices >= 2, strategy='async_pred_sim' to simulate asynchrony on one device, or "
                 "AsyncPredStrategy(transport='allreduce')"
             )
+        if world % self.sync_group_size:
+            group_layout(world, self.sync_group_size)  # raises, naming the allowed sizes
         sharding = resolve_sharding(self.sharding, self._optimizer)
         if sharding == "whole" and self.sharding == "auto":
             rank_zero_info(f"async_pred: whole-tensor shards for {type(self._optimizer).__name__} (flat shards, which "

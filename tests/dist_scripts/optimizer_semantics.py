@@ -96,7 +96,10 @@ def main() -> None:
             result[name] = {"ddp": fit("ddp", name, args.out),
                             "p2p": fit(la.AsyncPredStrategy(max_staleness=2, timeout=60, lookahead=None), name, args.out),
                             "p2p_whole": fit(la.AsyncPredStrategy(max_staleness=2, timeout=60, lookahead=None,
-                                                                  sharding="whole"), name, args.out)}
+                                                                  sharding="whole"), name, args.out),
+                            # one sync group of every rank: the all-reduced mean, one owner round per step (ddp)
+                            "p2p_one_group": fit(la.AsyncPredStrategy(max_staleness=0, timeout=60,
+                                                                      sync_group_size=args.devices), name, args.out)}
     else:
         ckdir = os.path.join(args.out, "ckpt")
         ck = ModelCheckpoint(dirpath=ckdir, save_last=True, save_top_k=0)

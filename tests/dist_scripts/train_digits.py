@@ -162,6 +162,7 @@ def main() -> None:
     p.add_argument("--natural-exit", action="store_true", help="after recording an exception, re-raise it (no os._exit)")
     p.add_argument("--drain-on-save", action="store_true")
     p.add_argument("--no-pool", action="store_true", help="shared_pool=False: static DistributedSampler shards")
+    p.add_argument("--sync-group-size", type=int, default=None, help="AsyncPredStrategy(sync_group_size=...)")
     p.add_argument("--max-updates", type=int, default=None, help="the strategy's global budget (sets max_steps=-1)")
     p.add_argument("--epoch-scheduler", action="store_true", help="StepLR(1, 0.5) stepped every epoch")
     p.add_argument("--precision", default="32-true")
@@ -191,6 +192,7 @@ def main() -> None:
             max_staleness=args.max_staleness, mode=args.mode, bucket_cap_mb=args.bucket_cap_mb, transport=args.transport,
             timeout=args.timeout, heartbeat_interval=0.5, drain_on_save=args.drain_on_save,
             shared_pool=False if args.no_pool else None, max_updates=args.max_updates,
+            sync_group_size=args.sync_group_size,
         )
     else:
         strategy = args.strategy
