@@ -3,7 +3,9 @@
 One run, on the same machine, of Lightning's ``ddp``, ``async_pred_allreduce`` (``max_staleness=2``, static
 shards, ``LinearPrediction``), ``async_pred`` as it ships (p2p, the shared batch pool, ``max_staleness=0``: a worker
 waits for the answer to its last gradient; the owners look ahead) and, for comparison, p2p as it shipped before
-(``max_staleness=2`` with ``LinearPrediction``: two steps in flight), each training the digits CNN for the same
+(``max_staleness=2`` with ``LinearPrediction``: two steps in flight), and sync groups of 2
+(``sync_group_size=2``, static shards: at 2 ranks one group, ddp's update through the owners; at 4 ranks two groups,
+the straggler's group slow), each training the digits CNN for the same
 number of epochs (the same data per epoch, the same constant lr), under three perturbations:
 
 - ``none``: every step of every rank sleeps ``base`` (``--base-delay``, default 20 ms);
@@ -17,7 +19,8 @@ For every fit: samples/s (samples trained by all ranks / training time, evaluati
 sum-of-rates limit ``B * sum_r 1 / mean_t(w[r][t])`` with ``w = compute + injected sleep`` of each step as the
 p2p run of the same perturbation and seed measured it (compute excludes the time blocked on peers; every rank at
 its own pace, nobody waiting; ddp's step times would include its waits for the straggler); efficiency = samples/s /
-limit; and the time to accuracy: every rank evaluates the parameters it trains on (its replica) on the validation
+limit; the mean staleness the strategy reports (``staleness_stats``: p2p in owner updates, allreduce in steps);
+and the time to accuracy: every rank evaluates the parameters it trains on (its replica) on the validation
 split every ``1/--checks`` of an epoch's share of steps (ddp's ranks at the same steps, so nobody waits for another's
 evaluation), rank 0's clock with the evaluations taken out, and the crossing of ``--target`` interpolated linearly
 between the checks around it: median (and range) over ``--seeds`` seeds. ``final acc``: Lightning's validation at
@@ -47,7 +50,9 @@ from pathlib import Path
 from _launch import launch_workers
 
 HERE = Path(__file__).resolve().parent
-STRATEGIES = ("ddp", "async_pred_allreduce s=2", "async_pred (p2p+pool) s=2 + LinearPrediction", "async_pred (p2p+pool)")
+STRATEGIES = ("ddp", "async_pred_allreduce s=2", "async_pred (p2p+pool) s=2 + LinearPrediction",
+              "async_pred sync groups of 2 (static shards)", "async_pred (p2p+pool)")
+GROUPS = 3  # sync_group_size=2: at 2 ranks one group (ddp's update), at 4 two groups, the last one slow
 P2P = len(STRATEGIES) - 1  # async_pred as it ships: the row the printed figures are about
 PERTURBATIONS = ("none", "jitter", "straggler")
 
@@ -143,6 +148,8 @@ def worker(args: argparse.Namespace) -> None:
             return "ddp"
         if name == STRATEGIES[P2P]:
             return la.AsyncPredStrategy(timeout=120)  # the defaults
+        if name == STRATEGIES[GROUPS]:
+            return la.AsyncPredStrategy(sync_group_size=2, timeout=120)
         transport = "p2p" if "p2p" in name else "allreduce"
         return la.AsyncPredStrategy(transport=transport, max_staleness=2, timeout=120)
 
@@ -150,7 +157,7 @@ def worker(args: argparse.Namespace) -> None:
         pl.seed_everything(seed, verbose=False)
         probe = Probe(delay)
         checks = Checks(probe, args.checks)
-        predict = name not in ("ddp", STRATEGIES[P2P])
+        predict = name in STRATEGIES[1:3]  # the two rows with two steps in flight
         callbacks = [probe, checks] + ([la.LinearPrediction(horizon="auto", warmup_steps=20)] if predict else [])
         trainer = pl.Trainer(
             accelerator="cpu", devices=world, strategy=strategy(name), max_epochs=epochs, num_sanity_val_steps=0,
@@ -160,7 +167,8 @@ def worker(args: argparse.Namespace) -> None:
         model = la.ImageClassifier(arch="digits_cnn", lr=args.lr, momentum=0.9)
         trainer.fit(model, datamodule=la.DigitsDataModule(batch_size=args.batch_size, shuffle_seed=seed))
         rec = {"tag": tag, "name": name, "rank": rank, "samples": probe.samples, "train_time": probe.train_time,
-               "work": probe.work, "val": probe.val, "checks": checks.curve}
+               "work": probe.work, "val": probe.val, "checks": checks.curve,
+               "staleness": float(trainer.strategy.staleness_stats.mean) if name != "ddp" else 0.0}
         (out / f"{tag}.rank{rank}.json").write_text(json.dumps(rec))
         return rec
 
@@ -214,7 +222,7 @@ def summarize(out: Path, world: int, seeds: int, batch: int, target: float, pert
     rows = []
     for pert in perturbations:
         for k, name in enumerate(STRATEGIES):
-            sps, lim, tta, acc, ratio = [], [], [], [], []
+            sps, lim, tta, acc, ratio, stale = [], [], [], [], [], []
             for seed in range(seeds if pert == "straggler" else 1):
                 recs = _load(out, f"{pert}.s{seed}.{k}", world)
                 sps.append(sum(r["samples"] for r in recs) / max(r["train_time"] for r in recs))
@@ -226,11 +234,13 @@ def summarize(out: Path, world: int, seeds: int, batch: int, target: float, pert
                 ddp_tta = time_to(_load(out, f"{pert}.s{seed}.0", world)[0]["checks"], target)
                 ratio.append(ddp_tta / tta[-1] if math.isfinite(tta[-1]) and math.isfinite(ddp_tta) else math.nan)
                 acc.append(recs[0]["val"][-1][1])
+                stale.append(statistics.fmean(r.get("staleness", math.nan) for r in recs))
             finite = [r for r in ratio if math.isfinite(r)]
             rows.append(dict(
                 world=world, pert=pert, name=name, sps=statistics.median(sps), limit=statistics.median(lim),
                 eff=statistics.median(s / m for s, m in zip(sps, lim)), tta=_median(tta), acc=statistics.median(acc),
                 tta_range=(min(finite), max(finite)) if finite else (math.nan, math.nan), seeds=len(tta),
+                staleness=statistics.median(stale),
                 curve=_load(out, f"{pert}.s0.{k}", world)[0]["checks"],
             ))
         ddp = rows[-len(STRATEGIES)]
@@ -246,16 +256,16 @@ def print_table(rows: list[dict], meta: dict, args: argparse.Namespace, seeds: i
           f"{meta['base'] * 1e3:.0f} ms (compute c = {meta['compute'] * 1e3:.1f} ms); straggler: the last rank sleeps "
           f"2 x {meta['base'] * 1e3:.0f} ms + c; time to val acc >= {args.target:.0%} ({args.checks} checks per epoch, "
           f"interpolated): median of {seeds} seed(s) (straggler), ddp's over the row's per seed: median [min, max]")
-    print("| perturbation | strategy | samples/s | vs ddp | sum-of-rates limit | efficiency | time to target | vs ddp "
-          "| final acc |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| perturbation | strategy | samples/s | vs ddp | sum-of-rates limit | efficiency | staleness | time to target "
+          "| vs ddp | final acc |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         tta = f"{r['tta']:.1f} s" if math.isfinite(r["tta"]) else "n/a"
         ttv = f"{r['tta_vs_ddp']:.2f}x" if math.isfinite(r["tta_vs_ddp"]) else "n/a"
         if r["seeds"] > 1 and math.isfinite(r["tta_range"][0]):
             ttv += f" [{r['tta_range'][0]:.2f}, {r['tta_range'][1]:.2f}]"
         print(f"| {r['pert']} | {r['name']} | {r['sps']:.0f} | {r['vs_ddp']:.2f}x | {r['limit']:.0f} | {r['eff']:.2f} | "
-              f"{tta} | {ttv} | {r['acc']:.3f} |")
+              f"{r['staleness']:.2f} | {tta} | {ttv} | {r['acc']:.3f} |")
 
 
 def plot(rows: list[dict], path: Path, world: int) -> None:
