@@ -82,3 +82,17 @@ def test_a_checkpoint_of_sync_groups_is_a_ddp_checkpoint_and_resumes_without_gro
     res = results(resumed, 2)
     assert all("error" not in x and x["global_step"] == 30 and x["master_equals_replica"] for x in res)
     assert_identical_replicas(resumed, 2)
+
+
+def test_sync_groups_refuse_fp16_before_the_data_plane(tmp_path):
+    """An fp16 overflow skips the step on one member only (its group would wait for it in the all-reduce): refused at
+    setup, naming the setting and the alternatives, before any group of the data plane exists."""
+    out = tmp_path / "refused"
+    proc = run(out, "--transport", "p2p", "--max-staleness", "0", "--sync-group-size", "2", "--no-pool", "--fp16",
+               "--max-steps", "10", "--natural-exit", check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    for r in range(2):
+        res = json.loads((out / f"rank{r}.json").read_text())
+        assert res["error_type"] == "ValueError", res
+        assert "sync_group_size=2 with precision='16-mixed'" in res["error"] and "bf16-mixed" in res["error"]
+        assert res["live_groups"] == 1

@@ -111,29 +111,26 @@ class GroupedExchange(Exchange):
 
     def take_parameters(self) -> dict[int, Tensor]:
         """Every piece, the same on every member of the group: each member's column (the masters that answered the
-        group's step) all-gathered over the group. One collective per call: every member calls it once per step."""
+        group's step: with ``max_staleness=0`` the whole column has answered the step just submitted) all-gathered
+        over the group. One collective per call: every member calls it once per step (no host read of device
+        memory: nothing to decide from the gathered values)."""
         if self._pending:  # the final masters (drain)
             out, self._pending = self._pending, {}
             return out
         got = self.column.take_parameters()  # column index -> flat
+        if len(got) != len(self.members):
+            raise RuntimeError(f"rank {self.rank}: {len(got)} of its column's {len(self.members)} pieces answered the "
+                               "step it submitted (every member of a sync group submits every step)")
         if self.group_size == 1:
             return {self.members[i]: t for i, t in got.items()}
         size = max(sum(self.piece_numels[m] for m in c) for c in self.columns)
-        mine = torch.zeros(size + 1, dtype=self.owner.flat.dtype, device=self.owner.flat.device)
-        if len(got) == len(self.members):  # a whole column answered (else: nothing new, flagged by the last word)
-            offset = 0
-            for i, m in enumerate(self.members):
-                mine[offset: offset + self.piece_numels[m]] = got[i]
-                offset += self.piece_numels[m]
-            mine[-1] = 1
-        elif got:
-            raise RuntimeError(f"rank {self.rank}: {len(got)} of its column's {len(self.members)} pieces answered")
+        mine = torch.zeros(size, dtype=self.owner.flat.dtype, device=self.owner.flat.device)
+        column = torch.cat([got[i].reshape(-1) for i in range(len(self.members))])
+        mine[: column.numel()].copy_(column)
         gathered = [torch.empty_like(mine) for _ in range(self.group_size)]
         dist.all_gather(gathered, mine, group=self.group)
         out: dict[int, Tensor] = {}
         for j, t in enumerate(gathered):
-            if t[-1] == 0:
-                continue
             offset = 0
             for m in self.columns[j]:
                 out[m] = t[offset: offset + self.piece_numels[m]]

@@ -512,6 +512,13 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
     def _check_trainer(self, trainer: "pl.Trainer") -> None:
         if self._work_sharing is not None:
             self._work_sharing.check_trainer(trainer)
+        if self.sync_group_size > 1 and str(trainer.precision).startswith("16"):
+            # an overflow skips the step on one member only, whose group then waits for it in the all-reduce
+            raise ValueError(
+                f"sync_group_size={self.sync_group_size} with precision={trainer.precision!r}: a gradient overflow "
+                "skips the step on one member of a group while the others all-reduce; use precision='bf16-mixed' "
+                "or '32-true' with sync groups, or sync_group_size=1"
+            )
 
     def _check_buckets(self) -> None:
         assert self._buckets is not None
