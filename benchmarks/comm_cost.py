@@ -43,6 +43,7 @@ OUT = Path(os.path.dirname(os.path.abspath(__file__))) / "out"
 NS = [2, 4, 8, 16, 32, 64, 128, 256]
 ELEMENT = 4  # fp32 gradients and masters
 BUCKET_CAP_MB = 25.0
+GROUP = 8  # the sync group size of the model's grouped columns (the GPUs of a node)
 
 
 def gpt2_small_sizes() -> list[int]:
@@ -82,10 +83,18 @@ def p2p_terms(sizes: list[int], n: int, sharding: str) -> list[tuple[float, floa
     """Per rank: (bytes, messages) it sends per step of its own (requests to the owners; the CTS for their replies)
     and (bytes, messages) per request of another worker it answers (the CTS for it, the reply), headers included;
     per answered request averaged over the peers (a GO goes only to a higher rank)."""
-    from lightning_asyncpred.exchange.p2p_dataplane import HEADER_WORDS
     from lightning_asyncpred.exchange.sharding import shard_pieces
 
-    shard = [sum(p.numel for p in s) for s in shard_pieces(sizes, n, sharding)]
+    return shard_terms([sum(p.numel for p in s) for s in shard_pieces(sizes, n, sharding)])
+
+
+def shard_terms(shard: list[int]) -> list[tuple[float, float, float, float]]:
+    """:func:`p2p_terms` for an exchange whose ranks own ``shard[r]`` elements each."""
+    from lightning_asyncpred.exchange.p2p_dataplane import HEADER_WORDS
+
+    n = len(shard)
+    if n == 1:  # one owner: its own requests never leave the process
+        return [(0.0, 0.0, 0.0, 0.0)]
     header = HEADER_WORDS * 8
     out = []
     for r in range(n):
@@ -111,6 +120,28 @@ def p2p(sizes: list[int], n: int, sharding: str) -> list[tuple[float, float]]:
     return [(rb + (n - 1) * pb, rm + (n - 1) * pm) for rb, rm, pb, pm in p2p_terms(sizes, n, sharding)]
 
 
+def grouped_terms(sizes: list[int], n: int, k: int) -> list[tuple[float, float, float, float, float]]:
+    """Sync groups of ``k`` (``exchange/grouped.py``, flat pieces): per rank (bytes, messages) per step of the group's
+    all-reduce of the whole gradient (one ring) and all-gather of the members' columns (a ring: ``k - 1`` columns of
+    the largest column's size sent), plus its column's exchange terms (:func:`shard_terms` among the column's ``G``
+    ranks), and the column's bytes per own step in steady state (the traffic between groups)."""
+    from lightning_asyncpred.exchange.grouped import group_layout
+    from lightning_asyncpred.exchange.sharding import flat_partition
+
+    pieces = [sum(p.numel for p in s) for s in flat_partition(sizes, n)]
+    _, columns = group_layout(n, k)
+    total, widest = sum(pieces), max(sum(pieces[m] for m in c) for c in columns)
+    group_bytes = (2 * (k - 1) * math.ceil(total / k) + (k - 1) * widest) * ELEMENT if k > 1 else 0.0
+    group_msgs = 3 * (k - 1)
+    out = []
+    for r in range(n):
+        column = columns[r % k]
+        rb, rm, pb, pm = shard_terms([pieces[m] for m in column])[column.index(r)]
+        g = len(column)
+        out.append((group_bytes, group_msgs, rb, rm, pb, pm, rb + (g - 1) * pb))
+    return out
+
+
 def cost_table(models: list[str]) -> dict:
     rows = {}
     for name in models:
@@ -123,20 +154,28 @@ def cost_table(models: list[str]) -> dict:
                 whole_bytes=max(b for b, _ in whole), whole_msgs=max(m for _, m in whole),
                 flat_bytes=max(b for b, _ in flat), flat_msgs=max(m for _, m in flat),
             )
+            if n % GROUP == 0 and n > GROUP:
+                terms = grouped_terms(sizes, n, GROUP)
+                g = n // GROUP
+                rows[(name, n)].update(
+                    grouped_bytes=max(t[0] + t[2] + (g - 1) * t[4] for t in terms),
+                    grouped_between=max(t[6] for t in terms))
     return rows
 
 
 def print_cost(rows: dict, models: list[str]) -> None:
     print("\nBytes (MB) and messages (headers included) a rank sends per step (busiest rank), fp32; ratio = p2p bytes / "
           "ring all-reduce's\n")
-    print("| model | N | ddp / async_pred_allreduce MB (msgs) | p2p whole MB (msgs) | ratio | p2p flat MB (msgs) | ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| model | N | ddp / async_pred_allreduce MB (msgs) | p2p whole MB (msgs) | ratio | p2p flat MB (msgs) | ratio "
+          f"| groups of {GROUP}: MB (between groups) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in models:
         for n in NS:
             r = rows[(name, n)]
             print(f"| {name} | {n} | {r['ring_bytes'] / 1e6:.1f} ({r['ring_msgs']:.0f}) | {r['whole_bytes'] / 1e6:.1f} "
                   f"({r['whole_msgs']:.0f}) | {r['whole_bytes'] / r['ring_bytes']:.2f} | {r['flat_bytes'] / 1e6:.1f} "
-                  f"({r['flat_msgs']:.0f}) | {r['flat_bytes'] / r['ring_bytes']:.3f} |")
+                  f"({r['flat_msgs']:.0f}) | {r['flat_bytes'] / r['ring_bytes']:.3f} | "
+                  + (f"{r['grouped_bytes'] / 1e6:.1f} ({r['grouped_between'] / 1e6:.1f}) |" if "grouped_bytes" in r else "- |"))
 
 
 # ---------------------------------------------------------------------------------------------- measured runs
@@ -145,6 +184,7 @@ RUNS = {  # name -> strategy settings
     "async_pred_allreduce": dict(transport="allreduce", max_staleness=1),
     "p2p_whole": dict(sharding="whole", shared_pool=False),
     "p2p_flat": dict(sharding="flat", shared_pool=False),
+    "p2p_groups_of_2": dict(sync_group_size=2),
 }
 
 
@@ -206,7 +246,9 @@ def measure(out: Path) -> list[dict]:
     sizes = model_sizes("digits_cnn")
     rows = []
     for n in (2, 4):
-        terms = {"p2p_whole": p2p_terms(sizes, n, "whole"), "p2p_flat": p2p_terms(sizes, n, "flat")}
+        grouped = grouped_terms(sizes, n, 2)
+        terms = {"p2p_whole": p2p_terms(sizes, n, "whole"), "p2p_flat": p2p_terms(sizes, n, "flat"),
+                 "p2p_groups_of_2": [(t[0] + t[2], t[1] + t[3], t[4], t[5]) for t in grouped]}
         for run in RUNS:
             launch_workers(os.path.abspath(__file__), n, ["--case", run, "--world", str(n), "--out", str(out)])
             for r in range(n):
