@@ -12,6 +12,7 @@ from lightning_asyncpred.exchange.buckets import GradientBuckets
 from lightning_asyncpred.exchange.owner import ShardOwner
 from lightning_asyncpred.exchange.sharding import (Piece, flat_partition, merge_pieces, partition, resolve_sharding,
                                                    shard_pieces, slice_state)
+from tests.test_owner_rounds import _masters, _shard
 
 SHAPES = [(5, 3), (7,), (3, 3), (2,), (4, 2)]
 
@@ -110,16 +111,11 @@ def _run(owners, targets, rounds):
         for o in owners:
             for w, t in enumerate(targets):
                 g = [(m - tt) * (1 + m.abs()) for m, tt in zip(whole, t)]
-                o.apply(torch.cat([g[p.index].reshape(-1)[p.start:p.stop] for p in o.pieces]), source=w, staleness=w)
+                o.apply(_shard(o, g), source=w, staleness=w)
 
 
 def _whole(owners):
-    params = owners[0].params
-    out = [torch.empty(p.numel()) for p in params]
-    for o in owners:
-        for piece, m in zip(o.pieces, o.masters):
-            out[piece.index][piece.start:piece.stop] = m.detach().reshape(-1)
-    return [t.view(p.shape) for t, p in zip(out, params)]
+    return _masters(owners, len(owners[0].params))
 
 
 def test_flat_owners_state_merges_into_the_whole_owners_state_and_loads_into_another_layout():
@@ -145,7 +141,7 @@ def test_flat_owners_state_merges_into_the_whole_owners_state_and_loads_into_ano
         w = _whole(group)
         for o in group:  # a round in progress: one arrival more on each owner
             g = [(m - t) * 2 for m, t in zip(w, targets[0])]
-            o.apply(torch.cat([g[p.index].reshape(-1)[p.start:p.stop] for p in o.pieces]), staleness=1)
+            o.apply(_shard(o, g), staleness=1)
 
     def merged(group, what):
         states = {}
@@ -177,7 +173,7 @@ def test_flat_owners_state_merges_into_the_whole_owners_state_and_loads_into_ano
         for o in group:  # complete the round in progress (two more arrivals), then two full rounds
             for w in (1, 2):
                 g = [(m - t) for m, t in zip(at, targets[w])]
-                o.apply(torch.cat([g[p.index].reshape(-1)[p.start:p.stop] for p in o.pieces]), staleness=w)
+                o.apply(_shard(o, g), staleness=w)
         _run(group, targets, 2)
     for a, b in zip(_whole(flat), _whole(resumed)):
         assert torch.allclose(a, b, atol=1e-6)

@@ -197,13 +197,9 @@ def flat_views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
-def _piece_views(flat: Tensor, pieces: Sequence[Piece]) -> list[Tensor]:
+def _piece_views(flat: Tensor, pieces: Sequence[Piece]) -> tuple[Tensor, ...]:
     """Views of the consecutive pieces of ``flat``, one per piece (flat)."""
-    out, offset = [], 0
-    for p in pieces:
-        out.append(flat[offset : offset + p.numel])
-        offset += p.numel
-    return out
+    return flat.split([p.numel for p in pieces])
 
 
 def sum_buckets(results: Sequence[Sequence[Tensor]]) -> list[Tensor]:

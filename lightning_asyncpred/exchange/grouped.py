@@ -77,6 +77,14 @@ class GroupedExchange(Exchange):
         _, columns = group_layout(len(self.piece_numels), self.group_size)
         self.members = columns[self.rank % self.group_size]  # global ranks of this rank's column, ascending
         self.columns = columns
+        # where each piece lies in a member's all-gathered column: (piece, start, stop), columns in member order
+        self._layout: list[list[tuple[int, int, int]]] = []
+        for c in columns:
+            starts = [0]
+            for m in c:
+                starts.append(starts[-1] + self.piece_numels[m])
+            self._layout.append([(m, a, b) for m, a, b in zip(c, starts, starts[1:])])
+        self._width = max(c[-1][2] for c in self._layout)  # the largest column, what each member sends
         self._pending: dict[int, Tensor] = {}
 
     @property
@@ -123,27 +131,18 @@ class GroupedExchange(Exchange):
                                "step it submitted (every member of a sync group submits every step)")
         if self.group_size == 1:
             return {self.members[i]: t for i, t in got.items()}
-        size = max(sum(self.piece_numels[m] for m in c) for c in self.columns)
-        mine = torch.zeros(size, dtype=self.owner.flat.dtype, device=self.owner.flat.device)
+        mine = torch.zeros(self._width, dtype=self.owner.flat.dtype, device=self.owner.flat.device)
         column = torch.cat([got[i].reshape(-1) for i in range(len(self.members))])
         mine[: column.numel()].copy_(column)
         gathered = [torch.empty_like(mine) for _ in range(self.group_size)]
         dist.all_gather(gathered, mine, group=self.group)
-        out: dict[int, Tensor] = {}
-        for j, t in enumerate(gathered):
-            offset = 0
-            for m in self.columns[j]:
-                out[m] = t[offset: offset + self.piece_numels[m]]
-                offset += self.piece_numels[m]
-        return out
+        return {m: t[a:b] for t, layout in zip(gathered, self._layout) for m, a, b in layout}
 
     def _drain(self) -> list[ReadyGradient]:
         """The column finishes (serves until every rank has finished); every rank then gets every owner's final
         master (an all-gather over the default group, every rank owning its piece)."""
-        self.column.finish()
-        out = self.column.ready()
-        self.column._stop_thread()
-        self._pending = {m: flat for m, (_, flat) in enumerate(self.column._gather())}
+        out = self.column.drain()
+        self._pending = {m: flat for m, (_, flat) in enumerate(self.column.final_masters)}
         return out
 
     def finish(self, seconds: Optional[float] = None) -> None:

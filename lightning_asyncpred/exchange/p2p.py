@@ -131,6 +131,7 @@ class P2PExchange(Exchange):
         # coherent (each shard just after this worker's gradient), so its velocity is a steady per-step quantity
         self._step_replies: dict[int, dict[int, tuple[int, Tensor, Any]]] = {}
         self._pending: dict[int, tuple[int, Tensor, Any]] = {}  # shard -> (version, params, ready) not yet taken
+        self.final_masters: list[tuple[int, Tensor]] = []  # after drain(): (version, master) of every owner
         self.refreshes = 0  # take_parameters() calls that returned something (the worker's parameter refreshes)
         self._refresh_at_submit: dict[int, int] = {}
         self._delays: list[int] = []
@@ -385,8 +386,12 @@ class P2PExchange(Exchange):
         return out
 
     def _gather_masters(self) -> None:
-        """Every owner's final master into ``take_parameters()``."""
-        for k, (version, params) in enumerate(self._gather()):
+        """Every owner's final master, in the control group's rank order, into :attr:`final_masters`, and this
+        exchange's shards among them (shard ``k`` is owned by ``members[k]``) into ``take_parameters()``. An exchange
+        among a subset of the processes (a sync group's column) leaves the others to its caller."""
+        self.final_masters = self._gather()
+        for k, owner_rank in enumerate(self.backend.members):
+            version, params = self.final_masters[owner_rank]
             self._pending[k] = (version, params, None)
 
     def _gather(self) -> list[tuple[int, Tensor]]:

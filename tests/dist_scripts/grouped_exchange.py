@@ -25,9 +25,8 @@ torch.set_num_threads(1)
 import torch.distributed as dist  # noqa: E402
 
 from lightning_asyncpred.exchange.buckets import GradientBuckets  # noqa: E402
-from lightning_asyncpred.exchange.grouped import GroupedExchange, group_layout  # noqa: E402
+from lightning_asyncpred.exchange.grouped import group_layout, make_grouped_exchange  # noqa: E402
 from lightning_asyncpred.exchange.owner import ShardOwner  # noqa: E402
-from lightning_asyncpred.exchange.p2p import P2PExchange  # noqa: E402
 from lightning_asyncpred.exchange.sharding import flat_partition  # noqa: E402
 
 SHAPES = [(3, 4), (5,), (2, 3)]
@@ -61,20 +60,21 @@ def main() -> None:
     args = p.parse_args()
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world, k = dist.get_rank(), dist.get_world_size(), args.group_size
-    groups, columns = group_layout(world, k)
-    group_pgs = [dist.new_group(g) for g in groups]  # every rank creates every group, in order
+    groups, _ = group_layout(world, k)
     mine = rank // k
 
     params, optimizer = make()
     pieces = flat_partition([q.numel() for q in params], world)
     buckets = GradientBuckets.from_pieces(params, pieces)
-    owner = ShardOwner(optimizer, params, pieces[rank], world_size=len(groups))
-    column = columns[rank % k]
+    owners = []
+
+    def owner(arrivals_per_round: int) -> ShardOwner:
+        owners.append(ShardOwner(optimizer, params, pieces[rank], world_size=arrivals_per_round))
+        return owners[-1]
+
+    # the transport's own construction (every group's process group, the column's data plane)
+    ex = make_grouped_exchange(owner, buckets.numels, rank, k, timedelta(seconds=60), handshake_timeout=60)
     numels = buckets.numels
-    col = P2PExchange(0, owner, [numels[m] for m in column], column.index(rank), len(column), control_group=None,
-                      timeout=timedelta(seconds=60), handshake_timeout=60, members=column, member_sets=columns,
-                      owner_numels=numels)
-    ex = GroupedExchange(col, group_pgs[mine], rank, k, numels)
 
     grads = gradient(rank, k)
     checksums = []
@@ -103,7 +103,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump({"params": flat(params), "reference": flat(ref), "checksums": checksums, "numels": numels,
-                   "group": mine, "rounds": owner.rounds}, f)
+                   "group": mine, "rounds": owners[0].rounds}, f)
     dist.barrier()
     dist.destroy_process_group()
 
