@@ -96,3 +96,19 @@ def test_sync_groups_refuse_fp16_before_the_data_plane(tmp_path):
         assert res["error_type"] == "ValueError", res
         assert "sync_group_size=2 with precision='16-mixed'" in res["error"] and "bf16-mixed" in res["error"]
         assert res["live_groups"] == 1
+
+
+def test_sync_group_size_refusals_name_the_setting_and_the_alternative():
+    import lightning_asyncpred as la
+
+    with pytest.raises(ValueError, match="sync_group_size=2 groups the p2p transport's ranks .* the 'allreduce' transport"):
+        la.AsyncPredStrategy(sync_group_size=2, transport="allreduce")
+    with pytest.raises(ValueError, match="sync_group_size=2 needs max_staleness=0 .* got max_staleness=1"):
+        la.AsyncPredStrategy(sync_group_size=2, max_staleness=1)
+    with pytest.raises(ValueError, match="sync_group_size=2 with shared_pool=True: .* use shared_pool=False"):
+        la.AsyncPredStrategy(sync_group_size=2, shared_pool=True)
+    with pytest.raises(ValueError, match="sync_group_size must be an integer >= 1, got 0"):
+        la.AsyncPredStrategy(sync_group_size=0)
+    grouped, plain = la.AsyncPredStrategy(sync_group_size=2), la.AsyncPredStrategy()
+    assert (grouped.sync_group_size, grouped.shared_pool) == (2, False)  # static shards by default with groups
+    assert (plain.sync_group_size, plain.shared_pool) == (1, True)

@@ -39,13 +39,50 @@ from lightning_asyncpred.exchange.p2p import P2PExchange
 from lightning_asyncpred.validation import check_int
 
 
-def group_layout(world_size: int, group_size: int) -> tuple[list[list[int]], list[list[int]]]:
-    """``(groups, columns)`` of ``world_size`` ranks in groups of ``group_size`` (see the module docstring)."""
+def check_sync_groups(group_size: Optional[int], transport: str, max_staleness: int,
+                      shared_pool: Optional[bool]) -> tuple[int, Optional[bool]]:
+    """``(k, shared_pool)`` for ``AsyncPredStrategy(sync_group_size=...)``: ``None`` is 1; groups need the p2p
+    transport, ``max_staleness=0`` and static shards (``shared_pool`` ``None`` becomes ``False``: the shared batch
+    pool draws per rank, but the members of a group must take the same steps). A ``ValueError`` names what is wrong."""
+    k = 1 if group_size is None else check_int("sync_group_size", group_size, 1)
+    if k == 1:
+        return k, shared_pool
+    if transport != "p2p":
+        raise ValueError(f"sync_group_size={group_size!r} groups the p2p transport's ranks (transport='p2p'); "
+                         f"the {transport!r} transport is synchronous across all ranks already")
+    if max_staleness != 0:
+        raise ValueError(f"sync_group_size={group_size!r} needs max_staleness=0 (every member of a group "
+                         f"installs the owners' answer to the same step), got max_staleness={max_staleness!r}")
+    if shared_pool:
+        raise ValueError(f"sync_group_size={group_size!r} with shared_pool=True: the shared batch pool does "
+                         "not yet draw per group (the members of a group must take the same steps); use "
+                         "shared_pool=False (static shards, the default with sync groups)")
+    return k, False
+
+
+def check_group_precision(group_size: int, precision: Any) -> None:
+    """Refuse fp16 with sync groups: an overflow skips the step on one member only, whose group then waits for it in
+    the all-reduce."""
+    if group_size > 1 and str(precision).startswith("16"):
+        raise ValueError(
+            f"sync_group_size={group_size} with precision={precision!r}: a gradient overflow "
+            "skips the step on one member of a group while the others all-reduce; use precision='bf16-mixed' "
+            "or '32-true' with sync groups, or sync_group_size=1"
+        )
+
+
+def check_group_size(world_size: int, group_size: int) -> None:
+    """``group_size`` must divide ``world_size``; the error names the sizes allowed."""
     check_int("world_size", world_size, 1)
     check_int("sync_group_size", group_size, 1)
     if world_size % group_size:
         raise ValueError(f"sync_group_size={group_size} must divide the number of ranks, {world_size}; "
                          f"allowed: {', '.join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)}")
+
+
+def group_layout(world_size: int, group_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """``(groups, columns)`` of ``world_size`` ranks in groups of ``group_size`` (see the module docstring)."""
+    check_group_size(world_size, group_size)
     count = world_size // group_size
     groups = [list(range(g * group_size, (g + 1) * group_size)) for g in range(count)]
     columns = [[g * group_size + j for g in range(count)] for j in range(group_size)]

@@ -70,7 +70,7 @@ from lightning_asyncpred.exchange import (
 )
 from lightning_asyncpred.exchange.p2p import DEFAULT_HANDSHAKE_TIMEOUT
 from lightning_asyncpred.exchange.p2p_backends import check_backend
-from lightning_asyncpred.exchange.grouped import group_layout
+from lightning_asyncpred.exchange.grouped import check_group_precision, check_group_size, check_sync_groups
 from lightning_asyncpred.exchange.sharding import check_sharding, resolve_sharding, shard_pieces
 from lightning_asyncpred.exchange.horovod import import_horovod
 from lightning_asyncpred.strategies.base import AsyncUpdateMixin, check_lookahead
@@ -213,19 +213,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         self.heartbeat_interval = check_positive_number("heartbeat_interval", heartbeat_interval, "a number of seconds")
         self.handshake_timeout = check_positive_number("handshake_timeout", handshake_timeout, "a number of seconds")
         self._process_group_backend = process_group_backend
-        self.sync_group_size = 1 if sync_group_size is None else check_int("sync_group_size", sync_group_size, 1)
-        if self.sync_group_size > 1:
-            if transport != "p2p":
-                raise ValueError(f"sync_group_size={sync_group_size!r} groups the p2p transport's ranks (transport='p2p'); "
-                                 f"the {transport!r} transport is synchronous across all ranks already")
-            if self.max_staleness != 0:
-                raise ValueError(f"sync_group_size={sync_group_size!r} needs max_staleness=0 (every member of a group "
-                                 f"installs the owners' answer to the same step), got max_staleness={max_staleness!r}")
-            if shared_pool:
-                raise ValueError(f"sync_group_size={sync_group_size!r} with shared_pool=True: the shared batch pool does "
-                                 "not yet draw per group (the members of a group must take the same steps); use "
-                                 "shared_pool=False (static shards, the default with sync groups)")
-            shared_pool = False
+        self.sync_group_size, shared_pool = check_sync_groups(sync_group_size, transport, self.max_staleness, shared_pool)
         self.shared_pool = self._check_shared_pool(shared_pool, transport)
         if (max_samples is not None or max_updates is not None) and not self.shared_pool:
             raise ValueError(
@@ -500,8 +488,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
                 "world of 1; use devices >= 2, strategy='async_pred_sim' to simulate asynchrony on one device, or "
                 "AsyncPredStrategy(transport='allreduce')"
             )
-        if world % self.sync_group_size:
-            group_layout(world, self.sync_group_size)  # raises, naming the allowed sizes
+        check_group_size(world, self.sync_group_size)
         sharding = resolve_sharding(self.sharding, self._optimizer)
         if sharding == "whole" and self.sharding == "auto":
             rank_zero_info(f"async_pred: whole-tensor shards for {type(self._optimizer).__name__} (flat shards, which "
@@ -512,13 +499,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
     def _check_trainer(self, trainer: "pl.Trainer") -> None:
         if self._work_sharing is not None:
             self._work_sharing.check_trainer(trainer)
-        if self.sync_group_size > 1 and str(trainer.precision).startswith("16"):
-            # an overflow skips the step on one member only, whose group then waits for it in the all-reduce
-            raise ValueError(
-                f"sync_group_size={self.sync_group_size} with precision={trainer.precision!r}: a gradient overflow "
-                "skips the step on one member of a group while the others all-reduce; use precision='bf16-mixed' "
-                "or '32-true' with sync groups, or sync_group_size=1"
-            )
+        check_group_precision(self.sync_group_size, trainer.precision)
 
     def _check_buckets(self) -> None:
         assert self._buckets is not None
