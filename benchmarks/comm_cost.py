@@ -184,7 +184,7 @@ RUNS = {  # name -> strategy settings
     "async_pred_allreduce": dict(transport="allreduce", max_staleness=1),
     "p2p_whole": dict(sharding="whole", shared_pool=False),
     "p2p_flat": dict(sharding="flat", shared_pool=False),
-    "p2p_groups_of_2": dict(sync_group_size=2),
+    "p2p_groups_of_2": dict(sync_group_size=2, shared_pool=False),
 }
 
 

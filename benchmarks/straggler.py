@@ -4,7 +4,8 @@ One run, on the same machine, of Lightning's ``ddp``, ``async_pred_allreduce`` (
 shards, ``LinearPrediction``), ``async_pred`` as it ships (p2p, the shared batch pool, ``max_staleness=0``: a worker
 waits for the answer to its last gradient; the owners look ahead) and, for comparison, p2p as it shipped before
 (``max_staleness=2`` with ``LinearPrediction``: two steps in flight), and sync groups of 2
-(``sync_group_size=2``, static shards: at 2 ranks one group, ddp's update through the owners; at 4 ranks two groups,
+(``sync_group_size=2``, the shared batch pool drawing per group: at 2 ranks one group, ddp's update through the
+owners; at 4 ranks two groups,
 the straggler's group slow), each training the digits CNN for the same
 number of epochs (the same data per epoch, the same constant lr), under three perturbations:
 
@@ -51,7 +52,7 @@ from _launch import launch_workers
 
 HERE = Path(__file__).resolve().parent
 STRATEGIES = ("ddp", "async_pred_allreduce s=2", "async_pred (p2p+pool) s=2 + LinearPrediction",
-              "async_pred sync groups of 2 (static shards)", "async_pred (p2p+pool)")
+              "async_pred sync groups of 2 (pool per group)", "async_pred (p2p+pool)")
 GROUPS = 3  # sync_group_size=2: at 2 ranks one group (ddp's update), at 4 two groups, the last one slow
 P2P = len(STRATEGIES) - 1  # async_pred as it ships: the row the printed figures are about
 PERTURBATIONS = ("none", "jitter", "straggler")

@@ -46,6 +46,27 @@ def _aborted_at_exit(proc: subprocess.CompletedProcess, out: Path, nproc: int) -
     return finished and "terminate called without an active exception" in log and "-6" in log
 
 
+def run_nodes(out: Path, *args: str, nodes: int = 2, per_node: int = 2, timeout: float = 240,
+              script: Path = SCRIPT) -> None:
+    """A multi-node launch on this machine: one torchrun agent per node (``--nnodes``, ``--node_rank``, a static
+    rendezvous on localhost), ``Trainer(devices=per_node, num_nodes=nodes)``."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc_per_node={per_node}",
+           "--master_addr=127.0.0.1", f"--master_port={port}"]
+    tail = [str(script), "--out", str(out), "--devices", str(per_node), "--num-nodes", str(nodes), *args]
+    procs = [subprocess.Popen(cmd + [f"--node_rank={n}"] + tail, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=ENV, cwd=out.parent) for n in range(nodes)]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout))
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (stdout, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

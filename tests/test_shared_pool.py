@@ -113,6 +113,80 @@ def test_resume_continues_the_pool_with_what_no_rank_trained_on(resumed_ranks):
     assert len(list(resumed[0].draws())) == resumed[0].batches_per_epoch
 
 
+def _grouped_pools(n_ranks, k, n, batch, store=None):
+    pools = _pools(n_ranks, n, batch, store=store)
+    for r, p in enumerate(pools):
+        p.set_group(r // k, r % k, k)
+    return pools
+
+
+@pytest.mark.parametrize("n_ranks, k, n", [(4, 2, 203), (6, 3, 203), (6, 3, 24 * 8), (4, 4, 203)])
+def test_sync_groups_draw_together_and_lose_at_most_k_minus_1_batches_per_epoch(n_ranks, k, n):
+    """The members of a group take the same number of batches every epoch (they step together), each batch at most
+    once over all ranks, and what no rank trained is fewer than k batches: the tail that cannot fill a group draw."""
+    pools = _grouped_pools(n_ranks, k, n, 8)
+    rng = random.Random(k)
+    for epoch in range(3):
+        for p in pools:
+            p.set_epoch(epoch)
+        taken = _draw_interleaved(pools, rng)
+        for g in range(n_ranks // k):
+            assert len({len(taken[r]) for r in range(g * k, g * k + k)}) == 1, taken
+        batches = sorted(j for t in taken for j in t)
+        assert len(batches) == len(set(batches))
+        missed = set(range(pools[0].batches_per_epoch)) - set(batches)
+        assert len(missed) == pools[0].batches_per_epoch % k
+        assert len(missed) < k
+        # member i of a group's s-th draw holds ordinal base + i: its members' batches are consecutive
+        for g in range(n_ranks // k):
+            for s in range(len(taken[g * k])):
+                row = [taken[r][s] for r in range(g * k, g * k + k)]
+                assert row == list(range(row[0], row[0] + k)), row
+
+
+def test_sync_groups_resume_a_position_with_other_groups_or_none():
+    """A position taken under groups of 2 (members prefetched unequally) resumes under groups of 3 and with no groups:
+    every batch trained at most once over the two runs, and fewer than k missed per run's tail."""
+    n, batch = 203, 8
+    pools = _grouped_pools(4, 2, n, batch)
+    for p in pools:
+        p.set_epoch(0)
+    _draw_interleaved(pools, random.Random(3), stop_after=10)
+    trained = []
+    for r, p in enumerate(pools):  # each group trained as many steps as its slower-drawing member has drawn, less one
+        mate = pools[r ^ 1]
+        p.consumed = max(0, min(len(p.drawn), len(mate.drawn)) - 1)
+        trained += p.drawn[: p.consumed]
+    state = pools[0].position([j for p in pools for j in p.outstanding])
+    assert sorted(trained + state["redo"]) == sorted(set(trained + state["redo"]))
+    for k, ranks in ((3, 6), (1, 3)):
+        resumed = _grouped_pools(ranks, k, n, batch)
+        for p in resumed:
+            p.set_epoch(0)
+            p.load_position(state)
+        rest = [j for t in _draw_interleaved(resumed, random.Random(4)) for j in t]
+        both = trained + rest
+        assert len(both) == len(set(both))
+        assert pools[0].batches_per_epoch - len(both) < k
+
+
+def test_a_member_waits_for_its_groups_draw_and_a_lost_leader_times_out():
+    """The second member of a group reads the draw the first published; with no member to publish it, the read is
+    bounded by the store's timeout and ends with an error naming the group's ranks."""
+    store = dist.HashStore()
+    store.set_timeout(timedelta(seconds=1))
+    a, b = _grouped_pools(2, 2, 80, 8, store=store)
+    draws_b = b.draws()
+    first_a = next(a.draws())
+    assert next(draws_b) == first_a + 1
+    store.add("run/epoch0/group0/draw1/asked", 1)  # a member asked for the next draw and died before publishing it
+    with pytest.raises(RuntimeError, match=r"sync group 0 \(ranks 0..1\): the member that took the group's draw 1 of "
+                       r"epoch 0 never published it; that rank is lost or stopped \(DistStoreError: .*timeout"):
+        next(draws_b)
+    with pytest.raises(ValueError, match=r"member 2 of a sync group of 2 ranks; allowed: 0..1"):
+        a.set_group(0, 2, 2)
+
+
 def test_a_position_taken_after_a_resume_keeps_the_undrawn_redo_batches():
     pools = _pools(1, 100, 10)
     pools[0].load_position({"epoch": 0, "next": 6, "redo": [1, 4]})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lightning_asyncpred.exchange.grouped import group_layout
 from tests.dist_helpers import SCRIPT, assert_balanced, assert_identical_replicas, results, run
@@ -105,10 +106,108 @@ def test_sync_group_size_refusals_name_the_setting_and_the_alternative():
         la.AsyncPredStrategy(sync_group_size=2, transport="allreduce")
     with pytest.raises(ValueError, match="sync_group_size=2 needs max_staleness=0 .* got max_staleness=1"):
         la.AsyncPredStrategy(sync_group_size=2, max_staleness=1)
-    with pytest.raises(ValueError, match="sync_group_size=2 with shared_pool=True: .* use shared_pool=False"):
-        la.AsyncPredStrategy(sync_group_size=2, shared_pool=True)
     with pytest.raises(ValueError, match="sync_group_size must be an integer >= 1, got 0"):
         la.AsyncPredStrategy(sync_group_size=0)
     grouped, plain = la.AsyncPredStrategy(sync_group_size=2), la.AsyncPredStrategy()
-    assert (grouped.sync_group_size, grouped.shared_pool) == (2, False)  # static shards by default with groups
+    assert (grouped.sync_group_size, grouped.shared_pool) == (2, True)  # the pool draws per group
     assert (plain.sync_group_size, plain.shared_pool) == (1, True)
+
+
+def test_a_multi_node_launch_groups_the_ranks_of_each_node_by_default(tmp_path):
+    """Two torchrun agents of 2 ranks each (--nnodes=2, Trainer(num_nodes=2, devices=2)), AsyncPredStrategy with no
+    sync_group_size: every rank runs in a sync group of its node's 2 ranks, drawing from the shared pool, and the
+    members of each group end with the same parameters."""
+    from tests.dist_helpers import run_nodes
+
+    out = tmp_path / "nodes"
+    run_nodes(out, "--transport", "p2p", "--max-staleness", "0", "--max-updates", "40")
+    res = results(out, 4)
+    assert [x["sync_group_size"] for x in res] == [2, 2, 2, 2]
+    assert all(x["sampler"] == "SharedPoolSampler" and x["world_size"] == 4 for x in res)
+    assert res[0]["global_step"] == res[1]["global_step"] and res[2]["global_step"] == res[3]["global_step"]
+    assert sum(x["global_step"] for x in res) == 40
+    for a, b in ((0, 1), (2, 3)):
+        pa, pb = torch.load(out / f"rank{a}.pt"), torch.load(out / f"rank{b}.pt")
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_the_default_group_is_the_ranks_of_a_node_under_a_multi_node_launch():
+    from lightning_asyncpred.exchange.grouped import default_group_size
+
+    assert default_group_size(4, 8, "p2p", 0, "32-true") == (8, "4 nodes of 8 ranks: a sync group per node")
+    assert default_group_size(1, 8, "p2p", 0, "32-true") == (1, "one node")
+    assert default_group_size(4, 1, "p2p", 0, "32-true") == (1, "one rank per node")
+    assert default_group_size(4, 8, "p2p", 2, "bf16-mixed") == (1, "max_staleness=2 (sync groups need 0)")
+    assert default_group_size(4, 8, "p2p", 0, "16-mixed")[0] == 1
+    assert default_group_size(4, 8, "allreduce", 0, "32-true")[0] == 1
+
+
+POOL = SCRIPT.parent / "pool_run.py"
+
+
+def _pool_records(out, nproc):
+    recs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    for x in recs:
+        assert "error" not in x, x["error"]
+    return recs
+
+
+def _samples(rec, epoch, after_save=None):
+    pairs = zip(rec["seen"].get(str(epoch), []), rec["after_save"].get(str(epoch), []))
+    return [i for b, late in pairs if after_save is None or late == after_save for i in b]
+
+
+def test_the_shared_batch_pool_draws_per_sync_group(tmp_path):
+    """4 Gloo ranks in two groups of 2, rank 3 slow (so group 1 is): the members of a group train the same number of
+    batches every epoch (they step together), no sample twice, the fast group takes more, and an epoch of 25
+    batches leaves out at most 1 (k - 1: the tail that cannot fill a group step)."""
+    out = tmp_path / "pooled"
+    run(out, "--samples", "195", "--batch", "8", "--epochs", "2", "--slow-rank", "3", "--slow-ms", "30",
+        "--max-staleness", "0", "--sync-group-size", "2", nproc=4, script=POOL, timeout=240)
+    recs = _pool_records(out, 4)
+    assert all(x["sync_group_size"] == 2 and x["sampler"] == "SharedPoolSampler" for x in recs)
+    for epoch in (0, 1):
+        counts = [len(x["seen"][str(epoch)]) for x in recs]
+        assert counts[0] == counts[1] and counts[2] == counts[3], counts
+        samples = [i for x in recs for i in _samples(x, epoch)]
+        assert len(samples) == len(set(samples))
+        assert 195 - 8 <= len(samples) <= 195  # 24 or 25 of the 25 batches (the last one holds 3 samples)
+    assert sum(len(recs[0]["seen"][e]) for e in "01") > sum(len(recs[3]["seen"][e]) for e in "01")
+
+
+def test_one_sync_group_drawing_from_the_pool_is_ddp(tmp_path):
+    """Differential: 2 ranks, 10 steps of the digits CNN (SGD, momentum, cosine lr) under ddp, and under async_pred in
+    one sync group of 2 drawing from the shared batch pool (max_updates=20, summed over the ranks). The pool's order is
+    DistributedSampler's permutation (same seed), and group draw s holds batches 2s and 2s + 1, the samples ddp's two
+    ranks take at step s: so each step's mean gradient is ddp's, and the final parameters are ddp's."""
+    from tests.dist_helpers import params
+
+    ddp, grouped = tmp_path / "ddp", tmp_path / "grouped"
+    run(ddp, "--strategy", "ddp", "--max-steps", "10", timeout=240)
+    run(grouped, "--transport", "p2p", "--max-staleness", "0", "--sync-group-size", "2", "--max-updates", "20",
+        timeout=240)
+    res = results(grouped, 2)
+    assert all(x["sampler"] == "SharedPoolSampler" and x["global_step"] == 10 for x in res), res
+    a, b = params(ddp, 0), params(grouped, 0)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    assert_identical_replicas(grouped, 2)
+
+
+def test_a_mid_epoch_checkpoint_of_pooled_sync_groups_resumes_without_groups(tmp_path):
+    """Every rank of two groups of 2 saves after its own 3rd step of epoch 0 (the same step for both members); 2
+    ranks without groups resume: across the two runs every sample of epoch 0 is trained exactly once (the batches
+    the groups had drawn ahead are redone), and epoch 1 is one pass."""
+    saving = tmp_path / "saving"
+    run(saving, "--samples", "195", "--batch", "8", "--epochs", "1", "--slow-rank", "3", "--slow-ms", "30",
+        "--max-staleness", "0", "--sync-group-size", "2", "--save-at-step", "3", nproc=4, script=POOL, timeout=240)
+    before = [i for x in _pool_records(saving, 4) for i in _samples(x, 0, after_save=False)]
+    assert len(before) == 4 * 3 * 8
+    resumed = tmp_path / "resumed"
+    run(resumed, "--samples", "195", "--batch", "8", "--epochs", "2", "--resume", str(saving / "mid.ckpt"),
+        nproc=2, script=POOL, timeout=240)
+    recs = _pool_records(resumed, 2)
+    assert all(x["sync_group_size"] == 1 for x in recs)
+    assert sorted(before + [i for x in recs for i in _samples(x, 0)]) == list(range(195))
+    assert sorted(i for x in recs for i in _samples(x, 1)) == list(range(195))

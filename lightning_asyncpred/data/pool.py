@@ -20,6 +20,16 @@ Resuming in the middle of an epoch: a checkpoint stores ``(epoch, next, redo)``,
 drawn and ``redo`` the batches drawn but not yet trained on by any rank (gathered from all ranks when the
 checkpoint is taken). The resumed epoch draws ``redo`` first, then ``next, next + 1, ...``:
 ``slot(k) = redo[k]`` for ``k < len(redo)``, else ``next + k - len(redo)``.
+
+Sync groups (:meth:`BatchPool.set_group`, ``k`` ranks that take every step together, ``exchange/grouped.py``): the
+group draws ``k`` ordinals at a time and member ``i`` trains ``slot(base + i)``. The ``s``-th draw of group ``g`` in
+an epoch is agreed in the store: the first member to ask takes ``base = add(key_e, k) - k`` and publishes it under
+``(e, g, s)``, the others read it (a blocking ``get``, bounded by the store's timeout). A draw is used only if all
+``k`` slots are in the pool; the group stops at the first that is not, so all members end the epoch at the same
+step, and at most ``k - 1`` batches of the epoch (the tail that cannot fill a group step, on one group) are not
+trained in that epoch (as ``DistributedSampler(drop_last=True)`` drops its remainder; the order changes every
+epoch, so which ones changes too). Outstanding batches and ``redo`` work as above: a resumed run may have other
+groups, or none.
 """
 
 from __future__ import annotations
@@ -37,6 +47,12 @@ class CounterStore(Protocol):
     """What the pool needs of a ``torch.distributed.Store``: an atomic ``add`` that returns the new value."""
 
     def add(self, key: str, amount: int) -> int: ...
+
+    def set(self, key: str, value: str) -> None: ...  # sync groups only (:meth:`BatchPool.set_group`)
+
+    def get(self, key: str) -> bytes: ...  # blocks until the key is set, at most the store's timeout
+
+    def delete_key(self, key: str) -> bool: ...
 
 
 class BatchPool:
@@ -87,17 +103,29 @@ class BatchPool:
         self._perm: Optional[tuple[int, list[int]]] = None
         self._started: Optional[int] = None  # the epoch this rank began drawing from
         self._agreed = False  # _resume is the position agreed in the checkpoint (it wins over a loader's)
+        self.group: tuple[int, int, int] = (0, 0, 1)  # (group, member, k): one rank per group without sync groups
+        self._group_draws = 0  # group draws made in the current epoch (sync groups)
+        self._rows: dict[int, list[int]] = {}  # sync groups: a batch this rank drew -> every slot of that group draw
 
     # ------------------------------------------------------------- configuration
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.drawn, self.consumed = [], 0
+            self.drawn, self.consumed, self._rows = [], 0, {}
         self.epoch = int(epoch)
+
+    def set_group(self, group: int, member: int, size: int) -> None:
+        """This rank is member ``member`` of sync group ``group`` of ``size`` ranks: the group draws ``size``
+        batches at a time, one per member, and stops when the pool cannot fill a draw (see the module docstring)."""
+        size = check_int("sync group size", size, 1)
+        if not 0 <= member < size:
+            raise ValueError(f"member {member!r} of a sync group of {size} ranks; allowed: 0..{size - 1}")
+        self.group = (check_int("sync group", group, 0), member, size)
 
     def continue_from(self, other: "BatchPool") -> None:
         """Take over ``other``'s position (a reloaded loader's new pool continues the old one's epoch)."""
         self.epoch, self._resume, self._base, self._started = other.epoch, other._resume, other._base, other._started
-        self._agreed = other._agreed
+        self._agreed, self.group, self._group_draws = other._agreed, other.group, other._group_draws
+        self._rows = dict(other._rows)
         self.drawn, self.consumed, self.saved = list(other.drawn), other.consumed, other.saved
 
     def set_limit(self, batches: Optional[int]) -> None:
@@ -158,30 +186,62 @@ class BatchPool:
         replay: list[int] = []
         if resume is not None and resume["epoch"] == epoch:
             self._base = resume
-            self.drawn, self.consumed = [], 0
+            self.drawn, self.consumed, self._group_draws, self._rows = [], 0, 0, {}
         elif self._base["epoch"] == epoch and self._started == epoch:
             replay = self.drawn[self.consumed :]
             self.drawn = self.drawn[: self.consumed]
         else:
             self._base = {"epoch": epoch, "next": 0, "redo": []}
-            self.drawn, self.consumed = [], 0
+            self.drawn, self.consumed, self._group_draws, self._rows = [], 0, 0, {}
         self._started = epoch
         for j in replay:
             self.drawn.append(j)
             yield j
         size = self.size(epoch)
+        _, member, k = self.group
         while True:
-            j = self._slot(self.store.add(self._counter(epoch), 1) - 1)
-            if j >= size:
+            base = self._group_base(epoch) if k > 1 else self.store.add(self._counter(epoch), 1) - 1
+            # slot() grows with the ordinal past redo, and redo's batches are all in the pool: the last slot decides
+            if self._slot(base + k - 1) >= size:
                 return
+            j = self._slot(base + member)
+            if k > 1:
+                self._rows[j] = [self._slot(base + i) for i in range(k)]
             self.drawn.append(j)
             yield j
+
+    def _group_base(self, epoch: int) -> int:
+        """The first ordinal of this group's next draw of ``k``, agreed by its members through the store."""
+        g, _, k = self.group
+        s = self._group_draws
+        key = f"{self._counter(epoch)}/group{g}/draw{s}"
+        self._group_draws += 1
+        if self.store.add(f"{key}/asked", 1) == 1:
+            base = self.store.add(self._counter(epoch), k) - k
+            self.store.set(key, str(base))
+        else:
+            try:
+                base = int(self.store.get(key))
+            except Exception as exc:  # the store's timeout (DistStoreError) or its host gone
+                raise RuntimeError(
+                    f"sync group {g} (ranks {g * k}..{g * k + k - 1}): the member that took the group's draw {s} of "
+                    f"epoch {epoch} never published it; that rank is lost or stopped ({type(exc).__name__}: {exc})"
+                ) from exc
+        if self.store.add(f"{key}/read", 1) == k:  # every member has it: the keys are not needed any more
+            for suffix in ("", "/asked", "/read"):
+                self.store.delete_key(key + suffix)
+        return base
 
     # --------------------------------------------------------------- resumption
     @property
     def outstanding(self) -> list[int]:
-        """Batches this rank drew but has not trained on yet."""
-        return self.drawn[self.consumed :]
+        """Batches this rank drew but has not trained on yet; with sync groups every batch of those group draws (a
+        member that has not read the draw yet holds its batch nowhere else: the members train each draw together,
+        so none of them trained any of these)."""
+        mine = self.drawn[self.consumed :]
+        if self.group[2] == 1:
+            return mine
+        return sorted({i for j in mine for i in self._rows.get(j, [j])})
 
     def position(self, outstanding: list[int]) -> dict[str, Any]:
         """The pool's state while no rank draws: ``outstanding`` is every rank's :attr:`outstanding`, joined."""

@@ -39,25 +39,33 @@ from lightning_asyncpred.exchange.p2p import P2PExchange
 from lightning_asyncpred.validation import check_int
 
 
-def check_sync_groups(group_size: Optional[int], transport: str, max_staleness: int,
-                      shared_pool: Optional[bool]) -> tuple[int, Optional[bool]]:
-    """``(k, shared_pool)`` for ``AsyncPredStrategy(sync_group_size=...)``: ``None`` is 1; groups need the p2p
-    transport, ``max_staleness=0`` and static shards (``shared_pool`` ``None`` becomes ``False``: the shared batch
-    pool draws per rank, but the members of a group must take the same steps). A ``ValueError`` names what is wrong."""
+def check_sync_groups(group_size: Optional[int], transport: str, max_staleness: int) -> int:
+    """``k`` for ``AsyncPredStrategy(sync_group_size=...)``, ``None`` is 1 until :func:`default_group_size` resolves
+    it at launch; groups need the p2p transport and ``max_staleness=0``. A ``ValueError`` names what is wrong."""
     k = 1 if group_size is None else check_int("sync_group_size", group_size, 1)
     if k == 1:
-        return k, shared_pool
+        return k
     if transport != "p2p":
         raise ValueError(f"sync_group_size={group_size!r} groups the p2p transport's ranks (transport='p2p'); "
                          f"the {transport!r} transport is synchronous across all ranks already")
     if max_staleness != 0:
         raise ValueError(f"sync_group_size={group_size!r} needs max_staleness=0 (every member of a group "
                          f"installs the owners' answer to the same step), got max_staleness={max_staleness!r}")
-    if shared_pool:
-        raise ValueError(f"sync_group_size={group_size!r} with shared_pool=True: the shared batch pool does "
-                         "not yet draw per group (the members of a group must take the same steps); use "
-                         "shared_pool=False (static shards, the default with sync groups)")
-    return k, False
+    return k
+
+
+def default_group_size(num_nodes: int, ranks_per_node: int, transport: str, max_staleness: int,
+                       precision: Any) -> tuple[int, str]:
+    """``(k, why)`` for ``sync_group_size=None``: under a multi-node launch of the p2p transport the ranks of one
+    node (NVLink inside a node makes its all-reduce nearly free, and nodes, not GPUs, then run asynchronously), else
+    1; also 1 where groups cannot run (``max_staleness > 0``, fp16), with the reason."""
+    if transport != "p2p" or num_nodes < 2 or ranks_per_node < 2:
+        return 1, "one node" if num_nodes < 2 else "one rank per node"
+    if max_staleness != 0:
+        return 1, f"max_staleness={max_staleness} (sync groups need 0)"
+    if str(precision).startswith("16"):
+        return 1, f"precision={precision!r} (sync groups need bf16-mixed or 32-true)"
+    return ranks_per_node, f"{num_nodes} nodes of {ranks_per_node} ranks: a sync group per node"
 
 
 def check_group_precision(group_size: int, precision: Any) -> None:

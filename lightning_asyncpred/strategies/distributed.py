@@ -70,7 +70,12 @@ from lightning_asyncpred.exchange import (
 )
 from lightning_asyncpred.exchange.p2p import DEFAULT_HANDSHAKE_TIMEOUT
 from lightning_asyncpred.exchange.p2p_backends import check_backend
-from lightning_asyncpred.exchange.grouped import check_group_precision, check_group_size, check_sync_groups
+from lightning_asyncpred.exchange.grouped import (
+    check_group_precision,
+    check_group_size,
+    check_sync_groups,
+    default_group_size,
+)
 from lightning_asyncpred.exchange.sharding import check_sharding, resolve_sharding, shard_pieces
 from lightning_asyncpred.exchange.horovod import import_horovod
 from lightning_asyncpred.strategies.base import AsyncUpdateMixin, check_lookahead
@@ -137,9 +142,10 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         sync_group_size: ``"p2p"`` only: ``k`` ranks per sync group (``exchange/grouped.py``): inside a group the
             gradient is all-reduced synchronously, groups exchange with the owners asynchronously, so staleness grows
             with the number of groups, not of ranks; ``k`` must divide the number of ranks (consecutive ranks form a
-            group: with torchrun or SLURM, the ranks of a node when ``k`` is the GPUs per node). ``1`` (default, also
-            ``None``) is plain p2p, the number of ranks is ``ddp``'s update. Needs ``max_staleness=0`` and, for now,
-            static shards (``shared_pool=False``, the default when ``k > 1``).
+            group: with torchrun or SLURM, the ranks of a node when ``k`` is the GPUs per node). ``1`` is plain p2p,
+            the number of ranks is ``ddp``'s update. ``None`` (default): the ranks of a node under a multi-node launch
+            (``num_nodes > 1``), else 1 (also 1 where groups cannot run: ``max_staleness > 0``, fp16). Needs
+            ``max_staleness=0``; the shared batch pool draws ``k`` batches at a time per group (``data/pool.py``).
     """
 
     strategy_name = "async_pred_allreduce"
@@ -213,7 +219,8 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         self.heartbeat_interval = check_positive_number("heartbeat_interval", heartbeat_interval, "a number of seconds")
         self.handshake_timeout = check_positive_number("handshake_timeout", handshake_timeout, "a number of seconds")
         self._process_group_backend = process_group_backend
-        self.sync_group_size, shared_pool = check_sync_groups(sync_group_size, transport, self.max_staleness, shared_pool)
+        self.sync_group_size = check_sync_groups(sync_group_size, transport, self.max_staleness)
+        self._group_size_auto = sync_group_size is None
         self.shared_pool = self._check_shared_pool(shared_pool, transport)
         if (max_samples is not None or max_updates is not None) and not self.shared_pool:
             raise ValueError(
@@ -295,6 +302,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         super().setup_environment()
         reset_seed()
         self.set_world_ranks()
+        self._resolve_group_size()
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         self._process_group_backend = backend
         if self.transport == "p2p":
@@ -317,7 +325,19 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             # pool's counters and the signal keys of one fit are never seen by another
             self._fit_key = self.broadcast(f"asyncpred/{uuid.uuid4().hex}")
             if self._work_sharing is not None:
-                self._work_sharing.connect(self._monitor.store, f"{self._fit_key}/pool")
+                k = self.sync_group_size
+                self._work_sharing.connect(self._monitor.store, f"{self._fit_key}/pool",
+                                           group=(self.global_rank // k, self.global_rank % k, k))
+
+    def _resolve_group_size(self) -> None:
+        """``sync_group_size=None``: the ranks of a node under a multi-node launch (:func:`default_group_size`)."""
+        if not self._group_size_auto:
+            return
+        precision = getattr(self.precision_plugin, "precision", None)
+        self.sync_group_size, why = default_group_size(self.num_nodes, self.num_processes, self.transport,
+                                                       self.max_staleness, precision)
+        if self.transport == "p2p" and self.num_nodes > 1:
+            rank_zero_info(f"async_pred: sync_group_size={self.sync_group_size} ({why}); pass sync_group_size= to choose")
 
     def _start_horovod(self) -> None:
         """``hvd.init()`` (here, never in ``__init__``), check the Trainer against Horovod's launch, and agree on the

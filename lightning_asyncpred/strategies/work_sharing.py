@@ -66,15 +66,18 @@ class WorkSharing:
         self.max_updates = None if max_updates is None else check_int("max_updates", max_updates, 1)
         self.store: Optional[CounterStore] = None
         self.key = ""
+        self.group = (0, 0, 1)
         self.pool: Optional[BatchPool] = None
         self._limit: Optional[Any] = None  # the user's limit_train_batches (the trainer's reads 1.0 during a fit)
         self._trainer: Optional["pl.Trainer"] = None
         self._generation: Optional[tuple] = None  # when the last loader was installed
         self.resume_position: Optional[dict[str, Any]] = None  # the agreed position of the checkpoint resumed from
 
-    def connect(self, store: CounterStore, key: str) -> None:
-        """The store and a key unique to this fit (the same on every rank)."""
+    def connect(self, store: CounterStore, key: str, group: tuple[int, int, int] = (0, 0, 1)) -> None:
+        """The store and a key unique to this fit (the same on every rank); ``group``: this rank's ``(sync group,
+        member, k)`` (the members of a group draw together, :meth:`BatchPool.set_group`)."""
         self.store, self.key, self.pool, self._limit, self._generation = store, key, None, None, None
+        self.group = group
         self.resume_position = None
 
     # ----------------------------------------------------------------- checks
@@ -185,6 +188,7 @@ class WorkSharing:
         if self.store is None:
             raise RuntimeError("WorkSharing.make_pool() before connect(): the strategy has no store yet")
         pool = BatchPool(self.store, self.key, num_samples, batch_size, drop_last=drop_last, shuffle=shuffle, seed=seed)
+        pool.set_group(*self.group)
         if self._limit is None:  # a reloaded loader (reload_dataloaders_every_n_epochs) keeps the user's limit
             self._limit = trainer.limit_train_batches
         pool.set_limit(int(_parse_num_batches(RunningStage.TRAINING, pool.batches_per_epoch, self._limit)))

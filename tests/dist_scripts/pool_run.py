@@ -69,16 +69,17 @@ class Model(pl.LightningModule):
 
 
 class SaveOnce(pl.Callback):
-    """Every rank saves once, at its first batch end after the pool handed out ``draws`` batches of epoch ``epoch``."""
+    """Every rank saves once, at its first batch end after the pool handed out ``draws`` batches of epoch ``epoch``
+    (``steps``: after its own ``steps``-th step of the epoch instead, the same step on every member of a sync group)."""
 
-    def __init__(self, path: str, epoch: int, draws: int) -> None:
-        self.path, self.epoch, self.draws = path, epoch, draws
+    def __init__(self, path: str, epoch: int, draws: int, steps: bool = False) -> None:
+        self.path, self.epoch, self.draws, self.steps = path, epoch, draws, steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         ws = trainer.strategy._work_sharing
         if pl_module.saved or trainer.current_epoch != self.epoch:
             return
-        if ws.store.add(ws.pool._counter(self.epoch), 0) >= self.draws:
+        if (batch_idx + 1 >= self.draws) if self.steps else ws.store.add(ws.pool._counter(self.epoch), 0) >= self.draws:
             trainer.save_checkpoint(self.path)
             pl_module.saved = True
 
@@ -101,6 +102,9 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--plain-loader", action="store_true", help="torch's DataLoader(shuffle=True) instead of resumable")
     p.add_argument("--save-at-draws", type=int, default=None)
+    p.add_argument("--save-at-step", type=int, default=None, help="each rank saves after its own step N of epoch 0")
+    p.add_argument("--max-staleness", type=int, default=2)
+    p.add_argument("--sync-group-size", type=int, default=None)
     p.add_argument("--resume", default=None)
     p.add_argument("--val-check-interval", default=None)
     p.add_argument("--sync-log", action="store_true")
@@ -116,14 +120,17 @@ def main() -> None:
     callbacks = []
     if args.save_at_draws is not None:
         callbacks.append(SaveOnce(os.path.join(args.out, "mid.ckpt"), 0, args.save_at_draws))
+    if args.save_at_step is not None:
+        callbacks.append(SaveOnce(os.path.join(args.out, "mid.ckpt"), 0, args.save_at_step, steps=True))
     if args.ckpt_every:
         from pytorch_lightning.callbacks import ModelCheckpoint
 
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=args.ckpt_every))
     limit = 1.0 if args.limit is None else (float(args.limit) if "." in args.limit else int(args.limit))
     vci = 1.0 if args.val_check_interval is None else float(args.val_check_interval)
-    strategy = la.AsyncPredStrategy(max_staleness=2, timeout=60, heartbeat_interval=0.5, max_samples=args.max_samples,
-                                    max_updates=args.max_updates)
+    strategy = la.AsyncPredStrategy(max_staleness=args.max_staleness, timeout=60, heartbeat_interval=0.5,
+                                    max_samples=args.max_samples, max_updates=args.max_updates,
+                                    sync_group_size=args.sync_group_size)
     trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=args.epochs,
                          limit_train_batches=limit, val_check_interval=vci, accumulate_grad_batches=args.accumulate,
                          callbacks=callbacks, logger=False, enable_checkpointing=bool(args.ckpt_every),
@@ -154,6 +161,7 @@ def main() -> None:
         "max_epochs": trainer.fit_loop.max_epochs,
         "estimated_stepping_batches": trainer.estimated_stepping_batches,
         "global_step": trainer.global_step,
+        "sync_group_size": trainer.strategy.sync_group_size,
         "pool_size": ws.pool.size(0) if ws.pool is not None else None,
         "sampler": type(getattr(trainer.train_dataloader.batch_sampler, "sampler", None)).__name__,
         "loader": type(trainer.train_dataloader).__name__,

@@ -144,6 +144,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--num-nodes", type=int, default=1, help="Trainer(num_nodes=...) (torchrun --nnodes, one agent each)")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--strategy", default="async_pred")
     p.add_argument("--max-staleness", type=int, default=2)
@@ -243,6 +244,7 @@ def main() -> None:
         plugins=plugins,
         accelerator=args.accelerator,
         devices=args.devices,
+        num_nodes=args.num_nodes,
         strategy=strategy,
         max_steps=-1 if args.max_updates else args.max_steps,
         max_epochs=args.max_epochs,
@@ -289,6 +291,7 @@ def main() -> None:
         rank=trainer.global_rank,
         world_size=trainer.world_size,
         strategy=type(s).__name__,
+        sync_group_size=getattr(s, "sync_group_size", None),
         global_step=trainer.global_step,
         elapsed=time.time() - t0,
         observed_staleness=recorder.observed_staleness,
