@@ -5,9 +5,8 @@ shards, ``LinearPrediction``), ``async_pred`` as it ships (p2p, the shared batch
 waits for the answer to its last gradient; the owners look ahead) and, for comparison, p2p as it shipped before
 (``max_staleness=2`` with ``LinearPrediction``: two steps in flight), and sync groups of 2
 (``sync_group_size=2``, the shared batch pool drawing per group: at 2 ranks one group, ddp's update through the
-owners; at 4 ranks two groups,
-the straggler's group slow), each training the digits CNN for the same
-number of epochs (the same data per epoch, the same constant lr), under three perturbations:
+owners; at 4 ranks two groups, the straggler's group slow), each training the digits CNN for the same number of
+epochs (the same data per epoch, the same constant lr), under three perturbations:
 
 - ``none``: every step of every rank sleeps ``base`` (``--base-delay``, default 20 ms);
 - ``jitter``: ``base + Exp(mean = base + c)`` per step and rank (seeded, the same sequence for every strategy);

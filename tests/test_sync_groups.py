@@ -211,3 +211,20 @@ def test_a_mid_epoch_checkpoint_of_pooled_sync_groups_resumes_without_groups(tmp
     assert all(x["sync_group_size"] == 1 for x in recs)
     assert sorted(before + [i for x in recs for i in _samples(x, 0)]) == list(range(195))
     assert sorted(i for x in recs for i in _samples(x, 1)) == list(range(195))
+
+
+def test_prediction_and_remedies_run_per_sync_group(tmp_path):
+    """4 ranks in two groups of 2 drawing from the pool, with LinearPrediction and StalenessRemedies (DC-ASGD,
+    staleness-aware lr, momentum correction): every owner applies the delay compensation to each arrival, one per
+    group step (the two groups' steps summed), the members of a group take the same steps, and the workers' prediction
+    measured its error ratio."""
+    out = tmp_path / "remedies"
+    run(out, "--transport", "p2p", "--max-staleness", "0", "--sync-group-size", "2", "--max-updates", "80",
+        "--prediction", "--remedies", nproc=4, timeout=240)
+    res = results(out, 4)
+    steps = [x["global_step"] for x in res]
+    assert steps[0] == steps[1] and steps[2] == steps[3] and sum(steps) == 80, steps
+    for x in res:
+        applied, skipped, staleness_lr = x["owner_dc"]
+        assert applied == steps[0] + steps[2] and skipped == 0 and staleness_lr
+        assert x["error_ratios"], x

@@ -19,6 +19,9 @@ kept), with a :class:`~lightning_asyncpred.data.pool.SharedPoolSampler`. What th
   rank is refused: validation inside the epoch (``val_check_interval`` other than ``1.0``), step- or time-
   triggered ``ModelCheckpoint`` and ``self.log(..., sync_dist=True)`` in ``training_step`` (each is a collective
   that the other ranks would reach at another step, or never). Epoch-end validation and checkpoints work.
+* Sync groups (``sync_group_size=k``): the members of a group draw ``k`` consecutive batches at a time, one each
+  (:meth:`~lightning_asyncpred.data.pool.BatchPool.set_group`), so they take the same steps; at most ``k - 1``
+  batches of an epoch's tail are left out of that epoch.
 * A checkpoint stores the pool's position agreed by all ranks (:meth:`WorkSharing.agree_position`, called by
   the strategy inside every checkpoint, where the ranks meet anyway), in ``checkpoint["async_pred"]["pool"]`` and
   in the loader's state; resuming continues the pool from the agreed one (a ``StatefulDataLoader`` with worker
