@@ -174,7 +174,9 @@ class ImageClassifier(pl.LightningModule):
                     f"lr_schedule={self.hparams.lr_schedule!r} (or warm-up) needs a finite run: set max_epochs or the "
                     "strategy's max_samples / max_updates"
                 )
-            return per_epoch * max(1, trainer.max_epochs), per_epoch
+            total = per_epoch * max(1, trainer.max_epochs)
+            # Trainer(max_steps=S): S steps per rank under ddp, S rounds of the owners here (work_sharing.py)
+            return (total if trainer.max_steps == -1 else min(total, int(trainer.max_steps))), per_epoch
         estimated = trainer.estimated_stepping_batches
         total = int(estimated)
         batches = trainer.num_training_batches

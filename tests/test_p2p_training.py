@@ -206,10 +206,10 @@ def test_p2p_checkpoint_keeps_the_round_in_progress_and_resume_is_exact(tmp_path
 
 
 def test_p2p_refuses_before_it_builds_the_data_plane(tmp_path):
-    """A setting the strategy refuses (max_steps under the shared batch pool) is refused before the data plane's
-    groups exist, so the run ends with its error (exit 1), not an abort at exit."""
+    """A setting the strategy refuses (Trainer(max_steps) beside the strategy's own budget under the shared batch
+    pool) is refused before the data plane's groups exist, so the run ends with its error (exit 1), not an abort."""
     out = tmp_path / "refused"
-    proc = run(out, *P2P, "--max-steps", "40", "--max-epochs", "2", "--natural-exit", check=False)
+    proc = run(out, *P2P, "--max-steps", "40", "--max-updates", "80", "--max-epochs", "2", "--natural-exit", check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "terminate called" not in proc.stderr
     for r in range(2):

@@ -1,8 +1,9 @@
 """The ImageNet recipes through the CLI (`asyncpred fit --config recipes/<x>.yaml`) on a generated folder.
 
 Only what a CPU needs is overridden: accelerator/devices/precision, the data root, a tiny image size
-(64: NiN needs >= 55), 3 classes, 2 steps, no logger or checkpoints. The recipes' own strategy
-(``lightning_asyncpred.AsyncPredStrategy``, max_staleness 1) and ``LinearPrediction`` run as written.
+(64: NiN needs >= 55), 3 classes, 2 steps, no logger. The recipes' strategy is ``async_pred`` with its defaults (the
+p2p transport, the shared batch pool): on one process the tests select ``transport allreduce`` (p2p needs 2 ranks);
+the 2-rank test runs the recipe's strategy as written. The launch scripts are checked with ``--print_config``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def folder(tmp_path_factory):
     return make_imagenet_folder(tmp_path_factory.mktemp("imagenet"), num_classes=3, n_train=6, n_val=2)
 
 
-def cpu_args(recipe, root, run_dir, *extra):
+def cpu_args(recipe, root, run_dir, *extra, one_process=True):
     return [
         "fit",
         "--config", os.path.join(REPO, "recipes", recipe),
@@ -43,10 +44,10 @@ def cpu_args(recipe, root, run_dir, *extra):
         "--trainer.precision", "32-true",
         "--trainer.max_steps", "2",
         "--trainer.logger", "false",
-        "--trainer.enable_checkpointing", "false",
         "--trainer.enable_model_summary", "false",
         "--trainer.enable_progress_bar", "false",
         "--trainer.default_root_dir", str(run_dir),
+        *(["--trainer.strategy.init_args.transport", "allreduce"] if one_process else []),
         *extra,
     ]
 
@@ -79,8 +80,10 @@ def test_recipe_contents(name):
     trainer, model, data = cfg["trainer"], cfg["model"], cfg["data"]
     assert trainer["strategy"]["class_path"] == "lightning_asyncpred.AsyncPredStrategy"
     assert trainer["precision"] == "bf16-mixed" and trainer["accelerator"] == "gpu"
+    assert trainer["strategy"]["init_args"] == {}  # async_pred's defaults: p2p, the pool, the owners' look-ahead
     callbacks = {cb["class_path"]: cb.get("init_args", {}) for cb in trainer["callbacks"]}
-    assert callbacks["lightning_asyncpred.LinearPrediction"]["horizon"] == "auto"
+    assert "lightning_asyncpred.StalenessMonitor" in callbacks
+    assert callbacks["pytorch_lightning.callbacks.ModelCheckpoint"] == {"every_n_train_steps": 500, "save_last": True}
     assert model["arch"] == name and model["num_classes"] == 1000
     assert model["lr_base_batch"] > 0  # lr scaled to the global batch
     assert data["class_path"] == "lightning_asyncpred.data.ImageNetDataModule"
@@ -132,11 +135,11 @@ def test_torchrun_script_counts_the_gpus_torch_sees(tmp_path):
 @needs_dali
 @pytest.mark.slow
 def test_nin_recipe_two_ranks_shards_dali(folder, tmp_path):
-    """2 CPU ranks (Gloo) with the recipe's AsyncPredStrategy: DALI shards by global rank, so one epoch of the
-    18 training images is ceil(9 / 4) = 3 steps on each rank (5 without sharding), and no rank hangs."""
+    """2 CPU ranks (Gloo) with the recipe's AsyncPredStrategy as written (p2p, the shared batch pool feeding DALI):
+    one epoch of the 18 training images is 5 batches of 4 over both ranks, split by speed, and no rank hangs."""
     import sys
 
-    args = cpu_args("nin.yaml", folder, tmp_path, "--test_after_fit", "true")
+    args = cpu_args("nin.yaml", folder, tmp_path, "--test_after_fit", "true", one_process=False)
     args[args.index("--trainer.devices") + 1] = "2"
     args[args.index("--trainer.max_steps") + 1] = "-1"
     # the recipe's channels_last stays on: the replica checksum must hash 1x1-conv weights in that layout
@@ -149,5 +152,42 @@ def test_nin_recipe_two_ranks_shards_dali(folder, tmp_path):
         [sys.executable, "-m", "lightning_asyncpred.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "strategy: AsyncPredStrategy, world size 2, steps 3" in proc.stdout
+    assert "strategy: AsyncPredStrategy, world size 2, steps " in proc.stdout
     assert "test: test/acc1" in proc.stdout
+
+
+_FAKE = {  # a launcher that runs the command it would launch, once, with --print_config
+    "torchrun": 'while [ "$1" != "-m" ]; do shift; done; shift; m="$1"; shift; exec python -m "$m" "$@" --print_config',
+    "horovodrun": 'while [ "$1" != "python" ]; do shift; done; shift; exec python "$@" --print_config',
+    "srun": 'while [ "${1#--}" != "$1" ]; do shift; done; exec "$@" --print_config',
+}
+
+
+@pytest.mark.parametrize("script, transport", [("torchrun.sh", "p2p"), ("slurm.sbatch", "p2p"),
+                                               ("horovodrun.sh", "horovod")])
+def test_launch_scripts_resolve_the_recipe_with_print_config(tmp_path, script, transport):
+    """Each launch script, its launcher replaced by one that runs the command with --print_config: the configuration
+    parses, with the transport the script means (torchrun and SLURM: the recipe's p2p; horovodrun: horovod), the
+    step checkpoints on the global clock, and the devices and nodes the script sets."""
+    import sys
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in _FAKE.items():
+        (fake / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (fake / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "DATA": str(tmp_path),
+           "GPUS_PER_NODE": "2", "NNODES": "3", "HOSTS": "a:2,b:2,c:2", "SLURM_CPUS_PER_TASK": "4",
+           "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "3", "SLURM_SUBMIT_DIR": REPO}
+    proc = subprocess.run(["bash", os.path.join(REPO, "recipes", "launch", script), "nin"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = yaml.safe_load(proc.stdout)
+    trainer = cfg["trainer"]
+    assert str(trainer["devices"]) == "2" and trainer["num_nodes"] == 3
+    strategy = trainer["strategy"]
+    assert strategy["class_path"] == "lightning_asyncpred.AsyncPredStrategy"
+    assert strategy["init_args"]["transport"] == transport
+    callbacks = {cb["class_path"]: cb.get("init_args", {}) for cb in trainer["callbacks"]}
+    assert callbacks["pytorch_lightning.callbacks.ModelCheckpoint"]["every_n_train_steps"] == 500
+    assert cfg["data"]["init_args"]["root"] == str(tmp_path)

@@ -232,22 +232,29 @@ def _trainer(**kw):
     return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, **kw)
 
 
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"val_check_interval": 0.5}, r"val_check_interval=0.5: .* validation can only run at the epoch end"),
-        ({"val_check_interval": 10}, r"val_check_interval=10: "),
-        ({"max_steps": 50}, r"max_steps=50: it counts each rank's own steps.*max_updates=50 \* world_size"),
-        ({"max_time": "00:00:10:00"}, r"max_time / the Timer callback"),
-        ({"callbacks": [ModelCheckpoint(every_n_train_steps=5)]}, r"ModelCheckpoint\(every_n_train_steps=5\): "),
-        ({"callbacks": [ModelCheckpoint(train_time_interval=timedelta(minutes=5))]}, r"ModelCheckpoint\(train_time_interval="),
-    ],
-)
-def test_settings_that_need_every_rank_at_the_same_step_are_refused(kwargs, message):
-    with pytest.raises(ValueError, match=message + r".*shared_pool=False"):
-        WorkSharing().check_trainer(_trainer(**kwargs))
-    WorkSharing().check_trainer(_trainer(max_epochs=3, callbacks=[ModelCheckpoint(every_n_epochs=1)]))  # fine
-    WorkSharing().check_trainer(_trainer(max_steps=50, use_distributed_sampler=False))  # the pool is off there
+def test_max_steps_becomes_the_global_budget_and_still_reads_max_steps():
+    """Trainer(max_steps=50) means 50 * N optimizer steps over all ranks: a rank's own global_step never stops it
+    (Lightning's test ``global_step >= max_steps`` is false), while trainer.max_steps (and what schedulers read)
+    is still 50; the user's value comes back after the fit. With the strategy's own budget too: refused."""
+    from pytorch_lightning.loops.utilities import _is_max_limit_reached
+
+    trainer = _trainer(max_steps=50)
+    ws = WorkSharing()
+    ws.check_trainer(trainer)
+    assert trainer.max_steps == 50 and not _is_max_limit_reached(10_000, trainer.fit_loop.max_steps)
+    assert trainer.fit_loop.max_steps + 0 == 50 and trainer.fit_loop.max_steps > 0
+    ws._trainer = trainer
+    ws.restore()
+    assert type(trainer.max_steps) is int and _is_max_limit_reached(50, trainer.max_steps)
+    with pytest.raises(ValueError, match=r"Trainer\(max_steps=50\) and AsyncPredStrategy\(max_updates=10\) are two "
+                                         r"budgets; set one \(max_steps=50 means max_updates=50 \* world_size here\)"):
+        WorkSharing(max_updates=10).check_trainer(_trainer(max_steps=50))
+    for kwargs in ({"val_check_interval": 0.5}, {"max_time": "00:00:10:00"},
+                   {"callbacks": [ModelCheckpoint(every_n_train_steps=5)]}):
+        WorkSharing().check_trainer(_trainer(**kwargs))  # the global clock's (global_clock.py), no longer refused
+    plain = _trainer(max_steps=50, use_distributed_sampler=False)
+    WorkSharing().check_trainer(plain)  # the pool is off there: nothing changes
+    assert type(plain.max_steps) is int
 
 
 def _fake_trainer():

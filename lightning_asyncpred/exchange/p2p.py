@@ -142,7 +142,6 @@ class P2PExchange(Exchange):
         self._step_seconds: dict[int, float] = {}  # peer -> mean seconds between its requests
         self._processed = 0  # main-thread requests handled by the communication thread
         self._posted = 0
-        self._quiesced_at = -1
         self._bye_sent = False
         self.wait_seconds = 0.0
         self._thread = threading.Thread(target=self._run, name=f"asyncpred-p2p-{self.rank}", daemon=True)
@@ -414,14 +413,13 @@ class P2PExchange(Exchange):
     def quiesce(self) -> None:
         """For a consistent snapshot: wait until every gradient this worker submitted has been applied by its
         owner, then until every rank has done so (a barrier on the control group). Nothing is in flight anywhere
-        afterwards as long as no rank submits: every rank is inside the same checkpoint."""
-        if self._quiesced_at == self._posted:  # nothing submitted since the last quiesce (same checkpoint)
-            return
+        afterwards as long as no rank submits: every rank is inside the same checkpoint. Every call is a barrier on
+        every rank, also one with nothing submitted since the last (a rank that checkpoints twice at one step
+        boundary, while another trains between the two, must meet that one in both)."""
         self._wait_for(lambda: self._processed >= self._posted and self.engine.in_flight == 0, "a checkpoint")
         if len(self.owner_numels) > 1:
             dist.barrier(group=self.control_group)
         self.backend.synchronize()
-        self._quiesced_at = self._posted
 
     # the writing rank of a checkpoint (Lightning's global rank 0) is the only one that needs the owners' state
     WRITER = 0

@@ -50,6 +50,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from lightning_asyncpred.exchange import Exchange, GradientBuckets, ReadyGradient, sum_buckets
 from lightning_asyncpred.exchange.owner import LOOKAHEADS
 from lightning_asyncpred.staleness import StalenessStats
+from lightning_asyncpred.strategies.global_clock import GlobalClock
 from lightning_asyncpred.strategies.signals import SafePointSignals
 from lightning_asyncpred.strategies.work_sharing import WorkSharing
 from lightning_asyncpred.validation import check_positive_number
@@ -68,6 +69,9 @@ class AsyncUpdateMixin:
     exchange: Optional[Exchange]
     _submit_nonfinite: bool = False
     _work_sharing: Optional[WorkSharing] = None  # the shared batch pool (strategies/work_sharing.py), where used
+    _clock: Optional[GlobalClock] = None  # the pool's step- and time-triggered settings (strategies/global_clock.py)
+    _clock_saved: Optional[dict[str, int]] = None  # the clock inside the checkpoint being written
+    _clock_resumed: Optional[dict[str, int]] = None  # the clock of the checkpoint resumed from
 
     def _init_async(self, bucket_cap_mb: float, drain_on_save: bool = False) -> None:
         self.bucket_cap_mb = check_positive_number("bucket_cap_mb", bucket_cap_mb)
@@ -376,12 +380,17 @@ class AsyncUpdateMixin:
             state["exchange"] = self.exchange.state_dict()
         if self._work_sharing is not None and self._work_sharing.agreed_position is not None:
             state["pool"] = self._work_sharing.agreed_position
+        if self._clock_saved is not None:
+            state["clock"] = dict(self._clock_saved)
         return state
 
     def load_async_state_dict(self, state: dict[str, Any]) -> None:
         self._resumed_world_size = state.get("world_size")
         if self._work_sharing is not None:
             self._work_sharing.resume_position = state.get("pool")
+        self._clock_resumed = state.get("clock")
+        if self._clock is not None and self._clock_resumed is not None:
+            self._clock.offset = dict(self._clock_resumed)
         self.applied_updates = int(state.get("applied_updates", 0))
         self.applied_steps = int(state.get("applied_steps", 0))
         self.local_steps = int(state.get("local_steps", 0))
@@ -402,6 +411,7 @@ class AsyncUpdateMixin:
         checkpoint["async_pred"] = self.async_state_dict()
         if self._work_sharing is not None and self._work_sharing.pool is not None:
             self._work_sharing.pool.saved = None  # agreed for this checkpoint only
+        self._clock_saved = None
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
 
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
@@ -462,6 +472,8 @@ class AsyncUpdateMixin:
         self.exchange.quiesce()
         if self._work_sharing is not None:  # every rank is here and none draws: agree on the pool's position
             self._work_sharing.agree_position(self._gather_objects)
+        if self._clock is not None:  # every rank is inside the checkpoint, none training: the clock stands still
+            self._clock_saved = self._clock.snapshot()
         ready = self.exchange.ready()  # accounting only: the replies are installed at the next step as usual
         self.applied_updates += len(ready)
         masters = self.exchange.gather_masters()

@@ -80,6 +80,7 @@ from lightning_asyncpred.exchange.sharding import check_sharding, resolve_shardi
 from lightning_asyncpred.exchange.horovod import import_horovod
 from lightning_asyncpred.strategies.base import AsyncUpdateMixin, check_lookahead
 from lightning_asyncpred.strategies.horovod_env import LAUNCH_HINT, HorovodEnvironment, rendezvous_address
+from lightning_asyncpred.strategies.global_clock import GlobalClock
 from lightning_asyncpred.strategies.work_sharing import WorkSharing
 from lightning_asyncpred.validation import check_int, check_positive_number
 
@@ -362,17 +363,9 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         env.set_main(*rendezvous_address(hvd))
 
     def _check_p2p_environment(self) -> None:
-        from lightning_fabric.plugins.environments import SLURMEnvironment
-
+        # SLURM auto-requeue works: the requeue signal is agreed through the store and every rank saves the hpc
+        # checkpoint at a step boundary of its own (signals.py), with the pool's position (work_sharing.py)
         check_backend(self.root_device, self._process_group_backend)
-        env = self.cluster_environment
-        if isinstance(env, SLURMEnvironment) and env.auto_requeue:
-            raise ValueError(
-                "the p2p transport does not support SLURM auto-requeue: its ranks run different numbers of steps "
-                "apart, so a requeue checkpoint cannot be taken at one agreed step boundary. Use "
-                "strategy=AsyncPredStrategy(transport='allreduce') (requeue supported), or disable it with "
-                "plugins=[SLURMEnvironment(auto_requeue=False)]"
-            )
 
     def _process_group_kwargs(self, backend: Optional[str] = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"timeout": self._timeout}
@@ -457,6 +450,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             # exchange (the p2p data plane)
             self._setup_exchange(trainer)
             self._install_signals(trainer)
+            self._install_clock(trainer)
 
     # ------------------------------------------------------------- signals
     def _signal_lead(self) -> int:
@@ -477,6 +471,27 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
 
     def _signal_store(self) -> Optional[Any]:
         return self._monitor.store if self._monitor is not None else None
+
+    def _install_clock(self, trainer: "pl.Trainer") -> None:
+        """Under the shared batch pool: step- and time-triggered settings on the global clock (``global_clock.py``)."""
+        self._uninstall_clock()
+        ws = self._work_sharing
+        if ws is None or self._monitor is None or not trainer._accelerator_connector.use_distributed_sampler:
+            return
+        k = self.sync_group_size
+        clock = GlobalClock(self._monitor.store, f"{self._fit_key}/clock", self.global_rank, self.world_size,
+                            group=(self.global_rank // k, self.global_rank % k, k), lead=self._signal_lead(),
+                            on_store_failure=self._signal_store_failure)
+        if self._clock_resumed is not None:
+            clock.offset = dict(self._clock_resumed)
+        if clock.configure(trainer, lambda: ws.batches_per_epoch or 1):
+            clock.install(trainer)
+            self._clock = clock
+
+    def _uninstall_clock(self) -> None:
+        if self._clock is not None:
+            self._clock.uninstall()
+            self._clock = None
 
     def _signal_store_failure(self, exc: BaseException) -> BaseException:
         return describe_peer_failure(exc, self._monitor, self.global_rank, "the signal check in the c10d store", self._timeout)
@@ -674,6 +689,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         """Idempotent; safe after a failed setup. In-flight gradients are abandoned, never waited on."""
         self._close_exchange()
         self._restore_schedules()
+        self._uninstall_clock()
         if self._work_sharing is not None:
             self._work_sharing.restore()
         self._uninstall_signals()

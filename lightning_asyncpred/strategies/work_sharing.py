@@ -12,13 +12,16 @@ kept), with a :class:`~lightning_asyncpred.data.pool.SharedPoolSampler`. What th
   ``trainer.estimated_stepping_batches`` is ``inf`` unless ``max_steps`` is set; :attr:`WorkSharing.batches_per_epoch`
   (``strategy.pool_batches_per_epoch``) is the pool's size, of which a rank takes about ``1/N``
   (:class:`~lightning_asyncpred.ImageClassifier` sizes its schedules with it).
-* ``max_epochs`` ends every rank at the same epoch end. ``max_steps`` (each rank's own steps) and ``max_time``
-  are refused: use the strategy's global budget (``max_samples`` / ``max_updates``, summed over ranks) instead;
-  the budget cuts the pool of its last epoch and sets ``max_epochs`` to that epoch.
-* Ranks take different numbers of steps per epoch, so everything that must happen at the same step on every
-  rank is refused: validation inside the epoch (``val_check_interval`` other than ``1.0``), step- or time-
-  triggered ``ModelCheckpoint`` and ``self.log(..., sync_dist=True)`` in ``training_step`` (each is a collective
-  that the other ranks would reach at another step, or never). Epoch-end validation and checkpoints work.
+* ``max_epochs`` ends every rank at the same epoch end. ``max_steps=S`` (each rank's steps under ``ddp``) becomes
+  the global budget of ``S N`` optimizer steps summed over all ranks (the same training as ``ddp``'s): the budget cuts
+  the pool of its last epoch and sets ``max_epochs`` to that epoch; ``trainer.max_steps`` and
+  ``estimated_stepping_batches`` still read ``S`` (:class:`GlobalSteps`). The strategy's ``max_samples`` /
+  ``max_updates`` set the budget directly.
+* Ranks take different numbers of steps per epoch, so the settings that must happen at the same point on every rank
+  run on a global clock (``global_clock.py``): ``ModelCheckpoint(every_n_train_steps=, train_time_interval=)``,
+  ``val_check_interval`` (batches, fraction or time) and ``max_time``; every rank enters each of those checkpoints,
+  validations and stops at a batch boundary of its own. ``self.log(..., sync_dist=True)`` in ``training_step`` is
+  refused (a collective the other ranks would reach at another step, or never).
 * Sync groups (``sync_group_size=k``): the members of a group draw ``k`` consecutive batches at a time, one each
   (:meth:`~lightning_asyncpred.data.pool.BatchPool.set_group`), so they take the same steps; at most ``k - 1``
   batches of an epoch's tail are left out of that epoch.
@@ -38,7 +41,6 @@ from torchdata.stateful_dataloader.sampler import BatchSampler as StatefulBatchS
 
 import pytorch_lightning as pl
 from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.connectors.data_connector import _parse_num_batches
 from pytorch_lightning.trainer.states import RunningStage
 from pytorch_lightning.utilities.data import _update_dataloader
@@ -51,6 +53,18 @@ _OFF = "pass shared_pool=False to the strategy to keep Lightning's static Distri
 
 def _plain_batch_sampler(batch_sampler: Any) -> bool:
     return type(batch_sampler) in (BatchSampler, StatefulBatchSampler)
+
+
+class GlobalSteps(int):
+    """``Trainer(max_steps=S)`` under the shared batch pool: the run ends on the pool's budget of ``S N`` optimizer
+    steps over all ranks (a fast rank takes more than ``S``, a slow one fewer), so a rank's own ``global_step`` must
+    never end it. The value is still ``S`` wherever Lightning reports it (``trainer.max_steps``,
+    ``estimated_stepping_batches`` for a scheduler's length: the owners step a schedule once per round of ``N``
+    arrivals, ``S`` times in all, as ``ddp`` does), but ``global_step >= max_steps`` (Lightning's stop test) is false:
+    Python asks the right operand's ``__le__`` first when its type subclasses the left's."""
+
+    def __le__(self, other: object) -> bool:
+        return False
 
 
 class WorkSharing:
@@ -74,6 +88,7 @@ class WorkSharing:
         self._limit: Optional[Any] = None  # the user's limit_train_batches (the trainer's reads 1.0 during a fit)
         self._trainer: Optional["pl.Trainer"] = None
         self._generation: Optional[tuple] = None  # when the last loader was installed
+        self._max_steps: Optional[int] = None  # the user's Trainer(max_steps), a budget of max_steps * N here
         self.resume_position: Optional[dict[str, Any]] = None  # the agreed position of the checkpoint resumed from
 
     def connect(self, store: CounterStore, key: str, group: tuple[int, int, int] = (0, 0, 1)) -> None:
@@ -85,46 +100,22 @@ class WorkSharing:
 
     # ----------------------------------------------------------------- checks
     def check_trainer(self, trainer: "pl.Trainer") -> None:
-        """Refuse the Lightning settings that need every rank at the same step (see the module docstring)."""
-        if not trainer._accelerator_connector.use_distributed_sampler:
+        """Translate ``max_steps`` into the pool's global budget (see the module docstring); the step- and
+        time-triggered settings are the global clock's (``global_clock.py``)."""
+        self._max_steps = None
+        if not trainer._accelerator_connector.use_distributed_sampler or trainer.max_steps == -1:
             return
-        if trainer.max_steps != -1:
-            raise ValueError(
-                f"max_steps={trainer.max_steps}: it counts each rank's own steps, and under the shared batch pool the "
-                "ranks take different numbers of steps, so each would stop at another point of the epoch while the "
-                "others wait for it at the epoch end. Use the strategy's global budget, e.g. "
-                f"AsyncPredStrategy(max_updates={trainer.max_steps} * world_size) (summed over all ranks), or "
-                f"max_epochs; or {_OFF}"
-            )
-        from pytorch_lightning.callbacks import Timer
+        self._check_one_budget(int(trainer.max_steps))
+        self._max_steps = int(trainer.max_steps)
+        trainer.fit_loop.epoch_loop.max_steps = GlobalSteps(self._max_steps)
 
-        if any(isinstance(cb, Timer) for cb in trainer.callbacks):
+    def _check_one_budget(self, max_steps: int) -> None:
+        if self.max_samples is not None or self.max_updates is not None:
+            budget = f"max_samples={self.max_samples}" if self.max_samples is not None else f"max_updates={self.max_updates}"
             raise ValueError(
-                "max_time / the Timer callback checks the clock at every step with a collective, which the other ranks "
-                "reach at another step under the shared batch pool; use max_epochs or the strategy's max_samples / "
-                f"max_updates; or {_OFF}"
+                f"Trainer(max_steps={max_steps}) and AsyncPredStrategy({budget}) are two budgets; set one "
+                f"(max_steps={max_steps} means max_updates={max_steps} * world_size here)"
             )
-        interval = trainer.val_check_interval
-        if getattr(trainer, "_val_check_time_interval", None) is not None or not (
-            isinstance(interval, float) and interval == 1.0
-        ):
-            raise ValueError(
-                f"val_check_interval={interval!r}: under the shared batch pool the ranks take different numbers of "
-                "batches per epoch, so validation can only run at the epoch end (val_check_interval=1.0, "
-                f"check_val_every_n_epoch=k); or {_OFF}"
-            )
-        for cb in trainer.checkpoint_callbacks:
-            if isinstance(cb, ModelCheckpoint) and (cb._every_n_train_steps or cb._train_time_interval is not None):
-                trigger = (
-                    f"every_n_train_steps={cb._every_n_train_steps}"
-                    if cb._every_n_train_steps
-                    else f"train_time_interval={cb._train_time_interval}"
-                )
-                raise ValueError(
-                    f"ModelCheckpoint({trigger}): under the shared batch pool the ranks take different numbers of "
-                    "steps, and a checkpoint needs all of them; checkpoint at epoch ends (every_n_epochs=k, the "
-                    f"default), or {_OFF}"
-                )
 
     @staticmethod
     def check_reduce(in_training_step: bool) -> None:
@@ -211,13 +202,20 @@ class WorkSharing:
         same Trainer must see the user's setting, not the ``1.0`` the pool needs during a fit)."""
         if self._trainer is not None and self._limit is not None:
             self._trainer.limit_train_batches = self._limit
+        if self._trainer is not None and self._max_steps is not None:
+            self._trainer.fit_loop.epoch_loop.max_steps = self._max_steps
         self._trainer = None
 
     def _apply_budget(self, trainer: "pl.Trainer", pool: BatchPool) -> None:
-        if self.max_samples is None and self.max_updates is None:
+        # the user's max_steps (read here: the pool may be made, for a schedule's length, before check_trainer runs)
+        steps = None if trainer.max_steps == -1 else int(trainer.max_steps)
+        if steps is not None:
+            self._check_one_budget(steps)
+        updates = self.max_updates if steps is None else steps * trainer.world_size
+        if self.max_samples is None and updates is None:
             return
-        if self.max_updates is not None:
-            batches = self.max_updates * trainer.accumulate_grad_batches
+        if updates is not None:
+            batches = updates * trainer.accumulate_grad_batches
         else:
             assert self.max_samples is not None
             size = pool.size()

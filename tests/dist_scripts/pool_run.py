@@ -39,6 +39,26 @@ class Model(pl.LightningModule):
         self.seen: dict[int, list[list[int]]] = {}
         self.after_save: dict[int, list[bool]] = {}
         self.saved = False
+        self.saves = 0  # checkpoints this rank took part in
+        self.saves_before: dict[int, list[int]] = {}  # per epoch, per batch: checkpoints taken before it trained
+        self.validations: dict[int, int] = {}  # per epoch: validation runs
+        self.batches = 0
+
+    def on_save_checkpoint(self, checkpoint):
+        self.saves += 1
+
+    def validation_step(self, batch, batch_idx):
+        x, _ = batch
+        loss = self.net(x).pow(2).mean()
+        self.log("val_loss", loss, sync_dist=True)
+        return loss
+
+    def on_validation_start(self):
+        if not self.trainer.sanity_checking:
+            self.validations[self.current_epoch] = self.validations.get(self.current_epoch, 0) + 1
+
+    def val_dataloader(self):
+        return DataLoader(Indices(16), batch_size=8)
 
     def training_step(self, batch, batch_idx):
         if isinstance(batch, dict):
@@ -46,6 +66,10 @@ class Model(pl.LightningModule):
         x, idx = batch
         self.seen.setdefault(self.current_epoch, []).append(idx.tolist())
         self.after_save.setdefault(self.current_epoch, []).append(self.saved)
+        self.saves_before.setdefault(self.current_epoch, []).append(self.saves)
+        self.batches += 1
+        if self.args.marker_batches and self.batches == self.args.marker_batches:
+            open(os.path.join(self.args.out, f"running.rank{self.global_rank}"), "w").close()
         delay = self.args.base_ms + (self.args.slow_ms if self.global_rank == self.args.slow_rank else 0.0)
         if delay:
             time.sleep(delay / 1000.0)
@@ -68,6 +92,19 @@ class Model(pl.LightningModule):
                                       num_workers=self.args.num_workers)
 
 
+class Record(pl.Callback):
+    """What the global clock did on this rank (read before the strategy's teardown removes it)."""
+
+    clock = None
+
+    def on_train_end(self, trainer, pl_module):
+        clock = getattr(trainer.strategy, "_clock", None)
+        if clock is not None:
+            Record.clock = {"performed": [list(p) for p in clock.performed], "acted_at": list(clock.acted_at)}
+        Record.estimated = trainer.estimated_stepping_batches
+        Record.max_steps = int(trainer.max_steps)
+
+
 class SaveOnce(pl.Callback):
     """Every rank saves once, at its first batch end after the pool handed out ``draws`` batches of epoch ``epoch``
     (``steps``: after its own ``steps``-th step of the epoch instead, the same step on every member of a sync group)."""
@@ -76,7 +113,7 @@ class SaveOnce(pl.Callback):
         self.path, self.epoch, self.draws, self.steps = path, epoch, draws, steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        ws = trainer.strategy._work_sharing
+        ws = getattr(trainer.strategy, "_work_sharing", None)
         if pl_module.saved or trainer.current_epoch != self.epoch:
             return
         if (batch_idx + 1 >= self.draws) if self.steps else ws.store.add(ws.pool._counter(self.epoch), 0) >= self.draws:
@@ -104,6 +141,12 @@ def main() -> None:
     p.add_argument("--save-at-draws", type=int, default=None)
     p.add_argument("--save-at-step", type=int, default=None, help="each rank saves after its own step N of epoch 0")
     p.add_argument("--max-staleness", type=int, default=2)
+    p.add_argument("--ddp", action="store_true", help="Lightning's ddp instead of async_pred")
+    p.add_argument("--val", action="store_true", help="a validation loader (16 samples)")
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--max-time", type=float, default=None, help="Trainer(max_time=) in seconds")
+    p.add_argument("--ckpt-seconds", type=float, default=None, help="ModelCheckpoint(train_time_interval=)")
+    p.add_argument("--marker-batches", type=int, default=0, help="write <out>/running.rank<k> after this many batches")
     p.add_argument("--sync-group-size", type=int, default=None)
     p.add_argument("--resume", default=None)
     p.add_argument("--val-check-interval", default=None)
@@ -125,15 +168,27 @@ def main() -> None:
     if args.ckpt_every:
         from pytorch_lightning.callbacks import ModelCheckpoint
 
-        callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=args.ckpt_every))
+        callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=args.ckpt_every,
+                                         save_top_k=-1))
+    if args.ckpt_seconds:
+        from datetime import timedelta
+
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), save_top_k=-1,
+                                         train_time_interval=timedelta(seconds=args.ckpt_seconds)))
+    callbacks.append(Record())
     limit = 1.0 if args.limit is None else (float(args.limit) if "." in args.limit else int(args.limit))
-    vci = 1.0 if args.val_check_interval is None else float(args.val_check_interval)
-    strategy = la.AsyncPredStrategy(max_staleness=args.max_staleness, timeout=60, heartbeat_interval=0.5,
+    vci = 1.0 if args.val_check_interval is None else (
+        float(args.val_check_interval) if "." in args.val_check_interval else int(args.val_check_interval))
+    strategy = "ddp" if args.ddp else la.AsyncPredStrategy(max_staleness=args.max_staleness, timeout=float(os.environ.get("POOL_TIMEOUT", 60)), heartbeat_interval=0.5,
                                     max_samples=args.max_samples, max_updates=args.max_updates,
                                     sync_group_size=args.sync_group_size)
     trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=args.epochs,
                          limit_train_batches=limit, val_check_interval=vci, accumulate_grad_batches=args.accumulate,
-                         callbacks=callbacks, logger=False, enable_checkpointing=bool(args.ckpt_every),
+                         callbacks=callbacks, logger=False, enable_checkpointing=bool(args.ckpt_every or args.ckpt_seconds),
+                         max_steps=args.max_steps, num_sanity_val_steps=0, limit_val_batches=1.0 if args.val else 0,
+                         max_time=None if args.max_time is None else {"seconds": args.max_time},
                          enable_progress_bar=False, enable_model_summary=False,
                          reload_dataloaders_every_n_epochs=1 if args.reload else 0)
     rank = int(os.environ.get("RANK", 0))
@@ -149,7 +204,7 @@ def main() -> None:
         with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
             json.dump({"rank": rank, "error": f"{type(exc).__name__}: {exc}"}, f)
         raise
-    ws = trainer.strategy._work_sharing
+    ws = getattr(trainer.strategy, "_work_sharing", None)
     record = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
@@ -161,8 +216,15 @@ def main() -> None:
         "max_epochs": trainer.fit_loop.max_epochs,
         "estimated_stepping_batches": trainer.estimated_stepping_batches,
         "global_step": trainer.global_step,
-        "sync_group_size": trainer.strategy.sync_group_size,
-        "pool_size": ws.pool.size(0) if ws.pool is not None else None,
+        "sync_group_size": getattr(trainer.strategy, "sync_group_size", None),
+        "clock": Record.clock,
+        "estimated_in_fit": getattr(Record, "estimated", None),
+        "max_steps_in_fit": getattr(Record, "max_steps", None),
+        "max_steps": trainer.max_steps,
+        "saves_before": {str(e): v for e, v in model.saves_before.items()},
+        "validations": {str(e): v for e, v in model.validations.items()},
+        "current_epoch": trainer.current_epoch,
+        "pool_size": ws.pool.size(0) if ws is not None and ws.pool is not None else None,
         "sampler": type(getattr(trainer.train_dataloader.batch_sampler, "sampler", None)).__name__,
         "loader": type(trainer.train_dataloader).__name__,
     }

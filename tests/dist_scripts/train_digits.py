@@ -151,7 +151,7 @@ def main() -> None:
     p.add_argument("--mode", default="fixed")
     p.add_argument("--transport", default="allreduce")
     p.add_argument("--bucket-cap-mb", type=float, default=0.25)
-    p.add_argument("--max-steps", type=int, default=40)
+    p.add_argument("--max-steps", type=int, default=None, help="default 40; -1 with --max-updates")
     p.add_argument("--max-epochs", type=int, default=-1)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--kill-rank", type=int, default=None)
@@ -246,7 +246,7 @@ def main() -> None:
         devices=args.devices,
         num_nodes=args.num_nodes,
         strategy=strategy,
-        max_steps=-1 if args.max_updates else args.max_steps,
+        max_steps=args.max_steps if args.max_steps is not None else (-1 if args.max_updates else 40),
         max_epochs=args.max_epochs,
         precision=None if plugins else args.precision,
         accumulate_grad_batches=args.accumulate,
