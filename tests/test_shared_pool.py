@@ -259,6 +259,7 @@ def test_max_steps_becomes_the_global_budget_and_still_reads_max_steps():
 
 def _fake_trainer():
     return SimpleNamespace(_accelerator_connector=SimpleNamespace(use_distributed_sampler=True), limit_train_batches=1.0,
+                           max_steps=-1, world_size=2,
                            accumulate_grad_batches=1, current_epoch=0,
                            fit_loop=SimpleNamespace(max_epochs=5, _combined_loader=None,
                                                     epoch_loop=SimpleNamespace(total_batch_idx=0)))
