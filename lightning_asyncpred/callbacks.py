@@ -10,11 +10,13 @@ from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
+from lightning_asyncpred._namespace import check_trainer_namespace
 from lightning_asyncpred.prediction import LagEstimator, LinearPredictor, check_velocity_mode
 from lightning_asyncpred.remedies import DelayCompensation, GapAware, correct_gradients_, corrected_momentum
 from lightning_asyncpred.validation import check_int
 
 log = logging.getLogger(__name__)
+LIGHTNING = "pytorch_lightning"  # this module's Lightning namespace ("lightning.pytorch" in lightning_asyncpred.L)
 
 HorizonSpec = Union[str, int, float]
 HORIZONS = ("auto", "staleness")
@@ -104,6 +106,7 @@ class LinearPrediction(Callback):
 
     # -------------------------------------------------------------- hooks
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        check_trainer_namespace(self, LIGHTNING, trainer)
         if stage != "fit":
             return
         if getattr(trainer.strategy, "workers", 1) > 1:
@@ -246,6 +249,7 @@ class StalenessMonitor(Callback):
         self.written_plot: Optional[str] = None
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        check_trainer_namespace(self, LIGHTNING, trainer)
         if stage == "fit" and not hasattr(trainer.strategy, "staleness_stats"):
             raise ValueError(
                 f"StalenessMonitor needs an async_pred strategy (async_pred, async_pred_allreduce, "
@@ -352,6 +356,9 @@ class StalenessRemedies(Callback):
     def _params(self, trainer: "pl.Trainer") -> list[Any]:
         opt = trainer.optimizers[0]
         return [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        check_trainer_namespace(self, LIGHTNING, trainer)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         strategy = trainer.strategy

@@ -50,6 +50,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from lightning_asyncpred.exchange import Exchange, GradientBuckets, ReadyGradient, sum_buckets
 from lightning_asyncpred.exchange.owner import LOOKAHEADS
 from lightning_asyncpred.staleness import StalenessStats
+from lightning_asyncpred._namespace import check_trainer_namespace
 from lightning_asyncpred.strategies.global_clock import GlobalClock
 from lightning_asyncpred.strategies.signals import SafePointSignals
 from lightning_asyncpred.strategies.work_sharing import WorkSharing
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 _NEVER = sys.maxsize  # a scheduler frequency Lightning's per-batch stepping never reaches
 
 
+LIGHTNING = "pytorch_lightning"  # this module's Lightning namespace ("lightning.pytorch" in lightning_asyncpred.L)
+
+
 class AsyncUpdateMixin:
     """Mixin for a Lightning ``Strategy``: routes every optimizer step through an :class:`Exchange`.
 
@@ -68,6 +72,12 @@ class AsyncUpdateMixin:
 
     exchange: Optional[Exchange]
     _submit_nonfinite: bool = False
+    def _configure_launcher(self) -> None:
+        # the first call a Trainer makes into its strategy after handing it its accelerator: a Trainer of the other
+        # Lightning namespace is refused here, by name (lightning_asyncpred/_namespace.py)
+        check_trainer_namespace(self, LIGHTNING, self.accelerator)
+        super()._configure_launcher()  # type: ignore[misc]
+
     _work_sharing: Optional[WorkSharing] = None  # the shared batch pool (strategies/work_sharing.py), where used
     _clock: Optional[GlobalClock] = None  # the pool's step- and time-triggered settings (strategies/global_clock.py)
     _clock_saved: Optional[dict[str, int]] = None  # the clock inside the checkpoint being written

@@ -23,7 +23,7 @@ export OMP_NUM_THREADS=1
 THREADS="${THREADS:-$(( $(nproc) / PER_NODE > 1 ? $(nproc) / PER_NODE : 1 ))}"
 
 exec horovodrun -np "${NP}" -H "${HOSTS}" \
-  python -m lightning_asyncpred.cli fit \
+  python -m lightning_asyncpred fit \
   --config "${HERE}/../${RECIPE}.yaml" \
   --trainer.strategy lightning_asyncpred.AsyncPredStrategy \
   --trainer.strategy.transport horovod \

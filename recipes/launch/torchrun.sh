@@ -34,7 +34,7 @@ exec torchrun \
   --nproc-per-node "${GPUS_PER_NODE}" \
   --master-addr "${MASTER_ADDR}" \
   --master-port "${MASTER_PORT}" \
-  -m lightning_asyncpred.cli fit \
+  -m lightning_asyncpred fit \
   --config "${HERE}/../${RECIPE}.yaml" \
   --data.root "${DATA}" \
   --data.num_threads "${THREADS}" \

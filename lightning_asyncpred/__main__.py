@@ -1,0 +1,67 @@
+"""``asyncpred`` (and ``python -m lightning_asyncpred``): the CLI in the Lightning namespace you use.
+
+``--lightning pytorch_lightning|lightning|auto`` (or the environment variable ``ASYNCPRED_LIGHTNING``; default ``auto``:
+``pytorch_lightning`` if installed, else ``lightning``) picks :mod:`lightning_asyncpred.cli` or its
+``lightning.pytorch`` twin ``lightning_asyncpred.L.cli``. Class paths in the arguments and in every ``--config`` file
+are translated to that namespace (``pytorch_lightning.callbacks.X`` <-> ``lightning.pytorch.callbacks.X``,
+``lightning_asyncpred.X`` <-> ``lightning_asyncpred.L.X``), so the same recipes run under either.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import tempfile
+from typing import Optional
+
+from lightning_asyncpred import _namespace
+
+CHOICES = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch", "auto": None}
+
+
+def _pop_namespace(args: list[str]) -> str:
+    value = os.environ.get("ASYNCPRED_LIGHTNING", "auto")
+    for i, arg in enumerate(args):
+        if arg == "--lightning" and i + 1 < len(args):
+            value = args[i + 1]
+            del args[i : i + 2]
+            break
+        if arg.startswith("--lightning="):
+            value = arg.split("=", 1)[1]
+            del args[i]
+            break
+    if value not in CHOICES:
+        raise SystemExit(f"asyncpred: --lightning {value!r}: choose one of {', '.join(CHOICES)}")
+    return CHOICES[value] or _namespace.default_namespace()
+
+
+def _translated(args: list[str], namespace: str, workdir: str) -> list[str]:
+    """``args`` with class paths (and the contents of every ``--config`` file) in ``namespace``."""
+    out = []
+    config_next = False
+    for arg in args:
+        if config_next and os.path.isfile(arg):
+            with open(arg, encoding="utf-8") as f:
+                text = _namespace.translate(f.read(), namespace)
+            path = os.path.join(workdir, f"{len(out)}-{os.path.basename(arg)}")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            out.append(path)
+        else:
+            out.append(_namespace.translate(arg, namespace))
+        config_next = arg in ("--config", "-c")
+    return out
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    args = list(sys.argv[1:] if args is None else args)
+    namespace = _pop_namespace(args)
+    _namespace.install()
+    cli = importlib.import_module("lightning_asyncpred.cli" if namespace == "pytorch_lightning" else f"{_namespace.MIRROR}.cli")
+    with tempfile.TemporaryDirectory(prefix="asyncpred-config-") as workdir:
+        cli.main(_translated(args, namespace, workdir))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
