@@ -106,7 +106,8 @@ def test_max_time_stops_every_rank_and_a_time_checkpoint_has_every_rank(tmp_path
     events = recs[0]["clock"]["performed"]
     assert events == recs[1]["clock"]["performed"]
     kinds = [e for _, _, e in events]
-    assert kinds[-1] == "stop" and kinds.count("stop") == 1 and 1 <= kinds.count("ckpt0") <= 5, kinds
+    # one stop; a checkpoint logged before the stop closed the epoch is still taken, by every rank
+    assert kinds.count("stop") == 1 and 1 <= kinds.count("ckpt0") <= 5, kinds
     assert len(list((out / "ckpt").iterdir())) == kinds.count("ckpt0")
     assert all(x["current_epoch"] < 49 for x in recs)
 
