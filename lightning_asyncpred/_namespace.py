@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # modules (and packages) that import Lightning; the rest of the package is Lightning-free and shared
 BOUND = ("_api", "cli", "module", "callbacks", "registry", "strategies", "data.digits", "data.imagenet")
-NAMESPACES = {"pytorch_lightning": "pl", "lightning.pytorch": "L"}
+NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
 
 _BOUND_RE = re.compile(r"\b" + re.escape(PACKAGE) + r"\.(" + "|".join(re.escape(b) for b in BOUND) + r")\b")
 
@@ -166,10 +166,13 @@ _active: set[str] = set()  # namespaces whose variant is imported and registered
 _loading: set[str] = set()
 
 
+def _variant_name(namespace: str) -> str:
+    return f"{PACKAGE}._api" if namespace == "pytorch_lightning" else MIRROR
+
+
 def variant(namespace: str) -> Any:
     """This package's public classes for ``namespace`` (``lightning_asyncpred.pl`` or ``lightning_asyncpred.L``)."""
-    return importlib.import_module(f"{PACKAGE}._api" if namespace == "pytorch_lightning" else MIRROR)
-
+    return importlib.import_module(_variant_name(namespace))
 
 
 def activate(namespace: str) -> None:
@@ -179,8 +182,7 @@ def activate(namespace: str) -> None:
     finder wraps the Lightning import), so a namespace nobody imports costs nothing."""
     if namespace in _active or namespace in _loading:
         return
-    name = f"{PACKAGE}._api" if namespace == "pytorch_lightning" else MIRROR
-    spec = getattr(sys.modules.get(name), "__spec__", None)
+    spec = getattr(sys.modules.get(_variant_name(namespace)), "__spec__", None)
     if getattr(spec, "_initializing", False):
         return  # the variant itself is importing this Lightning: it activates at its end (_api.py's last line)
     _loading.add(namespace)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from typing import Optional
@@ -93,6 +95,73 @@ def run_external(out: Path, *args: str, timeout: float = 120) -> list[int]:
 
 def results(out: Path, nproc: int = 2) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def finished_results(out: Path, nproc: int = 2) -> list[dict]:
+    """:func:`results`, each rank's run without an error."""
+    recs = results(out, nproc)
+    for x in recs:
+        assert "error" not in x, x["error"]
+    return recs
+
+
+def pool_samples(recs: list[dict], epoch: int, after_save=None, before_saves=None) -> list[int]:
+    """The samples ``dist_scripts/pool_run.py``'s ranks trained in ``epoch``; ``after_save``: only those trained
+    after (True) or before (False) the rank's mid-epoch save; ``before_saves=k``: only those trained before the rank's
+    (k+1)-th checkpoint."""
+    out = []
+    for x in recs:
+        rows = zip(x["seen"].get(str(epoch), []), x["after_save"].get(str(epoch), []),
+                   x["saves_before"].get(str(epoch), []))
+        for batch, late, saves in rows:
+            if (after_save is None or late == after_save) and (before_saves is None or saves <= before_saves):
+                out.extend(batch)
+    return out
+
+
+# ----------------------------------------------------------------- processes signalled by a test (real signals)
+def popen(out: Path, cmd: list[str], env: dict) -> subprocess.Popen:
+    """``cmd`` in its own session, output appended to ``out/stdout.txt``, working directory ``out.parent``."""
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "stdout.txt", "a")
+    return subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_markers(out: Path, procs: list[subprocess.Popen]) -> list[int]:
+    """The pids the two ranks wrote to ``out/running.rank<k>`` once both reached their marker."""
+    deadline = time.time() + 120
+    files = [out / f"running.rank{r}" for r in range(2)]
+    while not all(f.exists() and f.read_text() for f in files):
+        assert time.time() < deadline, "the ranks never reached the marker step"
+        assert all(p.poll() is None for p in procs), (out / "stdout.txt").read_text()[-3000:]
+        time.sleep(0.05)
+    return [int(f.read_text()) for f in files]
+
+
+def finish(out: Path, procs: list[subprocess.Popen], timeout: float = 90) -> list[int]:
+    """Let the ranks go on (``out/go``) and wait for their exit codes; kill what is left after ``timeout``."""
+    (out / "go").write_text("")
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def slurm_ranks(out: Path, *args: str, script: Path = SCRIPT) -> list[subprocess.Popen]:
+    """Both ranks of ``script`` as SLURM tasks of one job (auto-requeue on SIGUSR1 is Lightning's default under
+    SLURM)."""
+    env = {**ENV, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "asyncpred-test", "SLURM_NODELIST": "localhost",
+           "MASTER_PORT": str(free_port())}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        env.pop(key, None)
+    return [
+        popen(out, [sys.executable, str(script), "--out", str(out), "--devices", "2", *args],
+              {**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
+        for r in range(2)
+    ]
 
 
 def params(out: Path, rank: int) -> dict[str, torch.Tensor]:

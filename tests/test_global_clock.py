@@ -4,36 +4,17 @@ equivalence. Every launch has a timeout, so a rank left waiting in a checkpoint 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from tests.dist_helpers import ENV, free_port, run
+from tests.dist_helpers import finish, finished_results, pool_samples, run, slurm_ranks, wait_for_markers
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "pool_run.py"
 COMMON = ("--samples", "203", "--batch", "8", "--slow-rank", "1", "--slow-ms", "20")
-
-
-def _records(out: Path, nproc: int) -> list[dict]:
-    recs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
-    for x in recs:
-        assert "error" not in x, x["error"]
-    return recs
-
-
-def _samples(recs: list[dict], epoch: int, before_saves=None) -> list[int]:
-    """Samples trained in ``epoch``; ``before_saves=k``: only those trained before the rank's (k+1)-th checkpoint."""
-    out = []
-    for x in recs:
-        for b, saves in zip(x["seen"].get(str(epoch), []), x["saves_before"].get(str(epoch), [])):
-            if before_saves is None or saves <= before_saves:
-                out.extend(b)
-    return out
 
 
 def test_step_checkpoints_and_validations_happen_as_often_as_under_ddp_on_every_rank(tmp_path):
@@ -46,7 +27,7 @@ def test_step_checkpoints_and_validations_happen_as_often_as_under_ddp_on_every_
     args = (*COMMON, "--epochs", "2", "--ckpt-every", "3", "--val", "--val-check-interval", "0.25")
     run(ddp, *args, "--ddp", script=SCRIPT, timeout=240)
     run(pooled, *args, script=SCRIPT, timeout=240)
-    ref, recs = _records(ddp, 2), _records(pooled, 2)
+    ref, recs = finished_results(ddp, 2), finished_results(pooled, 2)
     assert len(list((ddp / "ckpt").iterdir())) == len(list((pooled / "ckpt").iterdir())) == 8
     assert ref[0]["validations"] == recs[0]["validations"] == recs[1]["validations"] == {"0": 4, "1": 4}
     events = recs[0]["clock"]["performed"]
@@ -54,7 +35,7 @@ def test_step_checkpoints_and_validations_happen_as_often_as_under_ddp_on_every_
     assert [e for _, _, e in events].count("ckpt0") == 8 and [e for _, _, e in events].count("val") == 8
     assert recs[0]["global_step"] != recs[1]["global_step"]  # really at different steps of their own
     for epoch in (0, 1):
-        assert sorted(_samples(recs, epoch)) == list(range(203))
+        assert sorted(pool_samples(recs, epoch)) == list(range(203))
 
 
 def test_a_step_checkpoint_resumes_on_another_number_of_ranks_with_every_sample_once(tmp_path):
@@ -69,14 +50,14 @@ def test_a_step_checkpoint_resumes_on_another_number_of_ranks_with_every_sample_
     state = torch.load(second, weights_only=False)
     clock = state["async_pred"]["clock"]
     assert 12 <= clock["batches"] <= 14 and clock["epoch"] == 0 and clock["epoch_batches"] == clock["batches"]
-    before = _samples(_records(saving, 2), 0, before_saves=1)
+    before = pool_samples(finished_results(saving, 2), 0, before_saves=1)
     assert len(before) == clock["batches"] * 8
     resumed = tmp_path / "resumed"
     run(resumed, "--samples", "203", "--batch", "8", "--epochs", "2", "--ckpt-every", "3", "--resume", str(second),
         "--devices", "3", nproc=3, script=SCRIPT, timeout=240)
-    recs = _records(resumed, 3)
-    assert sorted(before + _samples(recs, 0)) == list(range(203))
-    assert sorted(_samples(recs, 1)) == list(range(203))
+    recs = finished_results(resumed, 3)
+    assert sorted(before + pool_samples(recs, 0)) == list(range(203))
+    assert sorted(pool_samples(recs, 1)) == list(range(203))
     events = [e for e in recs[0]["clock"]["performed"] if e[2] == "ckpt0"]
     assert len(events) == 4 and all(r["clock"]["performed"] == recs[0]["clock"]["performed"] for r in recs)
 
@@ -88,8 +69,8 @@ def test_max_steps_trains_what_ddp_trains(tmp_path):
     ddp, pooled = tmp_path / "ddp", tmp_path / "pooled"
     run(ddp, *COMMON, "--epochs", "-1", "--max-steps", "10", "--ddp", script=SCRIPT, timeout=240)
     run(pooled, *COMMON, "--epochs", "-1", "--max-steps", "10", script=SCRIPT, timeout=240)
-    ref, recs = _records(ddp, 2), _records(pooled, 2)
-    assert sorted(_samples(ref, 0)) == sorted(_samples(recs, 0)) and len(_samples(recs, 0)) == 160
+    ref, recs = finished_results(ddp, 2), finished_results(pooled, 2)
+    assert sorted(pool_samples(ref, 0)) == sorted(pool_samples(recs, 0)) and len(pool_samples(recs, 0)) == 160
     assert sum(x["global_step"] for x in recs) == 20 and recs[0]["global_step"] > recs[1]["global_step"]
     for x in ref + recs:
         assert x["estimated_in_fit"] == 10 and x["max_steps_in_fit"] == 10 and x["max_steps"] == 10
@@ -102,7 +83,7 @@ def test_max_time_stops_every_rank_and_a_time_checkpoint_has_every_rank(tmp_path
     t0 = time.monotonic()
     run(out, *COMMON, "--epochs", "50", "--max-time", "3", "--ckpt-seconds", "1", script=SCRIPT, timeout=240)
     assert time.monotonic() - t0 < 120
-    recs = _records(out, 2)
+    recs = finished_results(out, 2)
     events = recs[0]["clock"]["performed"]
     assert events == recs[1]["clock"]["performed"]
     kinds = [e for _, _, e in events]
@@ -119,7 +100,7 @@ def test_sync_group_members_act_on_the_clock_at_the_same_batch(tmp_path):
     run(out, *COMMON[:4], "--slow-rank", "3", "--slow-ms", "20", "--epochs", "2", "--ckpt-every", "2", "--val",
         "--val-check-interval", "0.5", "--max-staleness", "0", "--sync-group-size", "2", nproc=4, script=SCRIPT,
         timeout=240)
-    recs = _records(out, 4)
+    recs = finished_results(out, 4)
     assert all(x["clock"]["performed"] == recs[0]["clock"]["performed"] for x in recs)
     assert recs[0]["clock"]["acted_at"] == recs[1]["clock"]["acted_at"]
     assert recs[2]["clock"]["acted_at"] == recs[3]["clock"]["acted_at"]
@@ -133,34 +114,18 @@ def test_slurm_requeue_under_p2p_saves_at_every_ranks_boundary_and_resumes_the_r
     here, so the requeue itself fails and training goes on); the requeued run resumes from it and trains exactly the
     rest of the epoch: every sample once across the two runs."""
     out = tmp_path / "signalled"
-    out.mkdir()
-    env = {**ENV, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "asyncpred-test", "SLURM_NODELIST": "localhost",
-           "MASTER_PORT": str(free_port())}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
-        env.pop(key, None)
-    import subprocess
-
-    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", *COMMON, "--epochs", "1",
-           "--base-ms", "15", "--marker-batches", "4"]
-    log = open(out / "stdout.txt", "w")
-    procs = [subprocess.Popen(cmd, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, stdout=log,
-                              stderr=subprocess.STDOUT, cwd=tmp_path) for r in range(2)]
-    deadline = time.monotonic() + 120
-    while not all((out / f"running.rank{r}").exists() for r in range(2)):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), (out / "stdout.txt").read_text()[-3000:]
-        time.sleep(0.05)
-    for p in procs:
-        os.kill(p.pid, signal.SIGUSR1)
-    codes = [p.wait(timeout=180) for p in procs]
+    procs = slurm_ranks(out, *COMMON, "--epochs", "1", "--base-ms", "15", "--marker-batches", "4", script=SCRIPT)
+    for pid in wait_for_markers(out, procs):
+        os.kill(pid, signal.SIGUSR1)
+    codes = finish(out, procs, timeout=180)
     text = (out / "stdout.txt").read_text()
     assert codes == [0, 0], text[-3000:]
     assert "Handling auto-requeue signal" in text
     ckpt = tmp_path / "hpc_ckpt_1.ckpt"  # the default root dir: the working directory
     assert ckpt.exists(), text[-3000:]
-    before = _samples(_records(out, 2), 0, before_saves=0)
+    before = pool_samples(finished_results(out, 2), 0, before_saves=0)
     assert 0 < len(before) < 203
     resumed = tmp_path / "resumed"
     run(resumed, "--samples", "203", "--batch", "8", "--epochs", "1", "--resume", str(ckpt), script=SCRIPT,
         timeout=240)
-    assert sorted(before + _samples(_records(resumed, 2), 0)) == list(range(203))
+    assert sorted(before + pool_samples(finished_results(resumed, 2), 0)) == list(range(203))

@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from lightning_asyncpred import AsyncPredStrategy
 from lightning_asyncpred.data.pool import BatchPool, SharedPoolSampler
 from lightning_asyncpred.strategies.work_sharing import WorkSharing
-from tests.dist_helpers import run
+from tests.dist_helpers import finished_results, pool_samples, run
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "pool_run.py"
 
@@ -357,30 +357,14 @@ def test_a_budget_of_samples_sets_max_epochs_and_cuts_the_last_epoch():
 
 
 # ------------------------------------------------------------------------------------- real Gloo ranks
-def _records(out, nproc):
-    recs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
-    for x in recs:
-        assert "error" not in x, x["error"]
-    return recs
-
-
-def _epoch_samples(recs, epoch, after_save=None):
-    out = []
-    for x in recs:
-        for b, late in zip(x["seen"].get(str(epoch), []), x["after_save"].get(str(epoch), [])):
-            if after_save is None or late == after_save:
-                out.extend(b)
-    return out
-
-
 @pytest.mark.parametrize("nproc, extra", [(2, []), (3, ["--plain-loader"])])
 def test_ranks_of_unequal_speed_cover_every_epoch_once_and_the_fast_ones_take_more(tmp_path, nproc, extra):
     out = tmp_path / "run"
     run(out, "--samples", "203", "--batch", "8", "--epochs", "2", "--slow-rank", "1", "--slow-ms", "40", *extra,
         nproc=nproc, script=SCRIPT, timeout=180)
-    recs = _records(out, nproc)
+    recs = finished_results(out, nproc)
     for epoch in (0, 1):
-        samples = _epoch_samples(recs, epoch)
+        samples = pool_samples(recs, epoch)
         assert sorted(samples) == list(range(203))  # one pass: every sample once, the last batch partial
     counts = [sum(len(x["seen"].get(e, [])) for e in ("0", "1")) for x in recs]
     assert all(counts[1] < c for r, c in enumerate(counts) if r != 1), counts  # the sleeping rank took the fewest
@@ -391,26 +375,26 @@ def test_a_global_budget_and_limit_train_batches_on_real_ranks(tmp_path):
     out = tmp_path / "budget"
     run(out, "--samples", "203", "--batch", "8", "--epochs", "10", "--limit", "20", "--max-samples", "300", "--slow-rank", "0",
         "--slow-ms", "20", script=SCRIPT, timeout=180)
-    recs = _records(out, 2)
+    recs = finished_results(out, 2)
     assert all(x["max_epochs"] == 2 for x in recs)
-    sizes = [len(_epoch_samples(recs, e)) for e in (0, 1)]
+    sizes = [len(pool_samples(recs, e)) for e in (0, 1)]
     assert sizes == [160, 144]  # 20 batches, then the 18 that reach 300 samples
     for e in (0, 1):
-        assert len(set(_epoch_samples(recs, e))) == sizes[e]
+        assert len(set(pool_samples(recs, e))) == sizes[e]
 
 
 def test_a_mid_epoch_checkpoint_resumes_the_pool_on_another_number_of_ranks(tmp_path):
     saving = tmp_path / "saving"
     run(saving, "--samples", "203", "--batch", "8", "--epochs", "2", "--slow-rank", "1", "--slow-ms", "20",
         "--save-at-draws", "9", script=SCRIPT, timeout=180)
-    before = _epoch_samples(_records(saving, 2), 0, after_save=False)
+    before = pool_samples(finished_results(saving, 2), 0, after_save=False)
     assert 0 < len(before) < 203
     resumed = tmp_path / "resumed"
     run(resumed, "--samples", "203", "--batch", "8", "--epochs", "2", "--resume", str(saving / "mid.ckpt"), nproc=3,
         script=SCRIPT, timeout=180)
-    recs = _records(resumed, 3)
-    assert sorted(before + _epoch_samples(recs, 0)) == list(range(203))  # the rest of epoch 0, nothing twice
-    assert sorted(_epoch_samples(recs, 1)) == list(range(203))
+    recs = finished_results(resumed, 3)
+    assert sorted(before + pool_samples(recs, 0)) == list(range(203))  # the rest of epoch 0, nothing twice
+    assert sorted(pool_samples(recs, 1)) == list(range(203))
 
 
 def test_reloaded_loaders_and_a_second_fit_train_every_batch_once_with_the_users_limit(tmp_path):
@@ -418,12 +402,12 @@ def test_reloaded_loaders_and_a_second_fit_train_every_batch_once_with_the_users
     same Trainer keeps limit_train_batches=8 (it trained 62 batches) and the Trainer reads the user's value after."""
     out = tmp_path / "reload"
     run(out, "--samples", "512", "--batch", "8", "--epochs", "3", "--reload", script=SCRIPT, timeout=180)
-    recs = _records(out, 2)
+    recs = finished_results(out, 2)
     for epoch in ("0", "1", "2"):
         assert sorted(i for x in recs for b in x["fits"][0][epoch] for i in b) == list(range(512))
     out = tmp_path / "fits"
     run(out, "--samples", "512", "--batch", "8", "--epochs", "1", "--fits", "2", "--limit", "8", script=SCRIPT, timeout=180)
-    recs = _records(out, 2)
+    recs = finished_results(out, 2)
     for f, epoch in ((0, "0"), (1, "1")):
         samples = [i for x in recs for b in x["fits"][f][epoch] for i in b]
         assert len(samples) == len(set(samples)) == 64  # 8 batches over both ranks, in each fit
@@ -444,14 +428,14 @@ def test_a_mid_epoch_resume_with_loader_worker_processes_trains_every_sample_onc
     saving = tmp_path / "saving"
     run(saving, "--samples", "203", "--batch", "8", "--epochs", "2", "--slow-rank", "1", "--slow-ms", "20",
         "--save-at-draws", "9", "--num-workers", "2", script=SCRIPT, timeout=240)
-    before = _epoch_samples(_records(saving, 2), 0, after_save=False)
+    before = pool_samples(finished_results(saving, 2), 0, after_save=False)
     assert 0 < len(before) < 203
     resumed = tmp_path / "resumed"
     run(resumed, "--samples", "203", "--batch", "8", "--epochs", "2", "--resume", str(saving / "mid.ckpt"),
         "--num-workers", "2", script=SCRIPT, timeout=240)
-    recs = _records(resumed, 2)
-    assert sorted(before + _epoch_samples(recs, 0)) == list(range(203))  # the rest of epoch 0, nothing twice
-    assert sorted(_epoch_samples(recs, 1)) == list(range(203))
+    recs = finished_results(resumed, 2)
+    assert sorted(before + pool_samples(recs, 0)) == list(range(203))  # the rest of epoch 0, nothing twice
+    assert sorted(pool_samples(recs, 1)) == list(range(203))
 
 
 def test_a_collective_in_training_step_is_a_clear_error(tmp_path):

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from lightning_asyncpred.exchange.grouped import group_layout
-from tests.dist_helpers import SCRIPT, assert_balanced, assert_identical_replicas, results, run
+from tests.dist_helpers import (
+    SCRIPT,
+    assert_balanced,
+    assert_identical_replicas,
+    finished_results,
+    pool_samples,
+    results,
+    run,
+)
 
 GROUPED = SCRIPT.parent / "grouped_exchange.py"
 
@@ -145,18 +153,6 @@ def test_the_default_group_is_the_ranks_of_a_node_under_a_multi_node_launch():
 POOL = SCRIPT.parent / "pool_run.py"
 
 
-def _pool_records(out, nproc):
-    recs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
-    for x in recs:
-        assert "error" not in x, x["error"]
-    return recs
-
-
-def _samples(rec, epoch, after_save=None):
-    pairs = zip(rec["seen"].get(str(epoch), []), rec["after_save"].get(str(epoch), []))
-    return [i for b, late in pairs if after_save is None or late == after_save for i in b]
-
-
 def test_the_shared_batch_pool_draws_per_sync_group(tmp_path):
     """4 Gloo ranks in two groups of 2, rank 3 slow (so group 1 is): the members of a group train the same number of
     batches every epoch (they step together), no sample twice, the fast group takes more, and an epoch of 25
@@ -164,12 +160,12 @@ def test_the_shared_batch_pool_draws_per_sync_group(tmp_path):
     out = tmp_path / "pooled"
     run(out, "--samples", "195", "--batch", "8", "--epochs", "2", "--slow-rank", "3", "--slow-ms", "30",
         "--max-staleness", "0", "--sync-group-size", "2", nproc=4, script=POOL, timeout=240)
-    recs = _pool_records(out, 4)
+    recs = finished_results(out, 4)
     assert all(x["sync_group_size"] == 2 and x["sampler"] == "SharedPoolSampler" for x in recs)
     for epoch in (0, 1):
         counts = [len(x["seen"][str(epoch)]) for x in recs]
         assert counts[0] == counts[1] and counts[2] == counts[3], counts
-        samples = [i for x in recs for i in _samples(x, epoch)]
+        samples = pool_samples(recs, epoch)
         assert len(samples) == len(set(samples))
         assert 195 - 8 <= len(samples) <= 195  # 24 or 25 of the 25 batches (the last one holds 3 samples)
     assert sum(len(recs[0]["seen"][e]) for e in "01") > sum(len(recs[3]["seen"][e]) for e in "01")
@@ -202,15 +198,15 @@ def test_a_mid_epoch_checkpoint_of_pooled_sync_groups_resumes_without_groups(tmp
     saving = tmp_path / "saving"
     run(saving, "--samples", "195", "--batch", "8", "--epochs", "1", "--slow-rank", "3", "--slow-ms", "30",
         "--max-staleness", "0", "--sync-group-size", "2", "--save-at-step", "3", nproc=4, script=POOL, timeout=240)
-    before = [i for x in _pool_records(saving, 4) for i in _samples(x, 0, after_save=False)]
+    before = pool_samples(finished_results(saving, 4), 0, after_save=False)
     assert len(before) == 4 * 3 * 8
     resumed = tmp_path / "resumed"
     run(resumed, "--samples", "195", "--batch", "8", "--epochs", "2", "--resume", str(saving / "mid.ckpt"),
         nproc=2, script=POOL, timeout=240)
-    recs = _pool_records(resumed, 2)
+    recs = finished_results(resumed, 2)
     assert all(x["sync_group_size"] == 1 for x in recs)
-    assert sorted(before + [i for x in recs for i in _samples(x, 0)]) == list(range(195))
-    assert sorted(i for x in recs for i in _samples(x, 1)) == list(range(195))
+    assert sorted(before + pool_samples(recs, 0)) == list(range(195))
+    assert sorted(pool_samples(recs, 1)) == list(range(195))
 
 
 def test_prediction_and_remedies_run_per_sync_group(tmp_path):

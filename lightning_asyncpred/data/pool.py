@@ -110,8 +110,12 @@ class BatchPool:
     # ------------------------------------------------------------- configuration
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.drawn, self.consumed, self._rows = [], 0, {}
+            self._forget_draws()
         self.epoch = int(epoch)
+
+    def _forget_draws(self) -> None:
+        """A new epoch's draws (or a resumed one's): nothing drawn, trained or group-drawn yet."""
+        self.drawn, self.consumed, self._group_draws, self._rows = [], 0, 0, {}
 
     def set_group(self, group: int, member: int, size: int) -> None:
         """This rank is member ``member`` of sync group ``group`` of ``size`` ranks: the group draws ``size``
@@ -186,13 +190,13 @@ class BatchPool:
         replay: list[int] = []
         if resume is not None and resume["epoch"] == epoch:
             self._base = resume
-            self.drawn, self.consumed, self._group_draws, self._rows = [], 0, 0, {}
+            self._forget_draws()
         elif self._base["epoch"] == epoch and self._started == epoch:
             replay = self.drawn[self.consumed :]
             self.drawn = self.drawn[: self.consumed]
         else:
             self._base = {"epoch": epoch, "next": 0, "redo": []}
-            self.drawn, self.consumed, self._group_draws, self._rows = [], 0, 0, {}
+            self._forget_draws()
         self._started = epoch
         for j in replay:
             self.drawn.append(j)

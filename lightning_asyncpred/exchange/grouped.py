@@ -121,7 +121,6 @@ class GroupedExchange(Exchange):
         self.piece_numels = [int(n) for n in piece_numels]
         _, columns = group_layout(len(self.piece_numels), self.group_size)
         self.members = columns[self.rank % self.group_size]  # global ranks of this rank's column, ascending
-        self.columns = columns
         # where each piece lies in a member's all-gathered column: (piece, start, stop), columns in member order
         self._layout: list[list[tuple[int, int, int]]] = []
         for c in columns:

@@ -78,8 +78,7 @@ from lightning_asyncpred.exchange.grouped import (
 )
 from lightning_asyncpred.exchange.sharding import check_sharding, resolve_sharding, shard_pieces
 from lightning_asyncpred.exchange.horovod import import_horovod
-from lightning_asyncpred._namespace import check_trainer_namespace
-from lightning_asyncpred.strategies.base import LIGHTNING, AsyncUpdateMixin, check_lookahead
+from lightning_asyncpred.strategies.base import AsyncUpdateMixin, check_lookahead
 from lightning_asyncpred.strategies.horovod_env import LAUNCH_HINT, HorovodEnvironment, rendezvous_address
 from lightning_asyncpred.strategies.global_clock import GlobalClock
 from lightning_asyncpred.strategies.work_sharing import WorkSharing
@@ -294,7 +293,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         return float(getattr(self.exchange, "wait_seconds", 0.0))
 
     def _configure_launcher(self) -> None:
-        check_trainer_namespace(self, LIGHTNING, self.accelerator)
+        super()._configure_launcher()  # AsyncUpdateMixin: refuses a Trainer of the other Lightning namespace
         assert self.cluster_environment is not None
         self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 

@@ -75,6 +75,10 @@ class Trigger:
     period_fn: Optional[Callable[[], int]] = None
     last_time: float = 0.0
 
+    def batches(self) -> int:
+        """The period in batches of the clock (0: a time trigger)."""
+        return self.period_fn() if self.period_fn is not None else self.period
+
     @property
     def name(self) -> str:
         return f"{self.kind}{self.target}" if self.kind == "ckpt" else self.kind
@@ -170,8 +174,7 @@ class GlobalClock(Callback):
                 continue
             if not t.per_epoch:
                 return False
-            period = t.period_fn() if t.period_fn is not None else t.period
-            return math.ceil(self._pool_size() / self.world_size) % (period // self.world_size) == 0
+            return math.ceil(self._pool_size() / self.world_size) % (t.batches() // self.world_size) == 0
         return True
 
     def _swap(self, obj: Any, name: str, value: Any) -> None:
@@ -293,7 +296,7 @@ class GlobalClock(Callback):
         if self._epoch == self.offset["epoch"]:
             in_epoch += self.offset["epoch_batches"]
         for t in self.triggers:
-            period = t.period_fn() if t.period_fn is not None else t.period
+            period = t.batches()
             if not period or (in_epoch if t.per_epoch else total) % period:
                 continue
             if t.kind == "val" and t.per_epoch and in_epoch >= self._pool_size():

@@ -69,7 +69,8 @@ class Model(pl.LightningModule):
         self.saves_before.setdefault(self.current_epoch, []).append(self.saves)
         self.batches += 1
         if self.args.marker_batches and self.batches == self.args.marker_batches:
-            open(os.path.join(self.args.out, f"running.rank{self.global_rank}"), "w").close()
+            with open(os.path.join(self.args.out, f"running.rank{self.global_rank}"), "w") as f:
+                f.write(str(os.getpid()))  # what the test signals (tests/dist_helpers.py: wait_for_markers)
         delay = self.args.base_ms + (self.args.slow_ms if self.global_rank == self.args.slow_rank else 0.0)
         if delay:
             time.sleep(delay / 1000.0)
@@ -146,7 +147,8 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=-1)
     p.add_argument("--max-time", type=float, default=None, help="Trainer(max_time=) in seconds")
     p.add_argument("--ckpt-seconds", type=float, default=None, help="ModelCheckpoint(train_time_interval=)")
-    p.add_argument("--marker-batches", type=int, default=0, help="write <out>/running.rank<k> after this many batches")
+    p.add_argument("--marker-batches", type=int, default=0,
+                   help="write this process's pid to <out>/running.rank<k> after this many batches")
     p.add_argument("--sync-group-size", type=int, default=None)
     p.add_argument("--resume", default=None)
     p.add_argument("--val-check-interval", default=None)
