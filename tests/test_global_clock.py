@@ -29,6 +29,10 @@ def test_step_checkpoints_and_validations_happen_as_often_as_under_ddp_on_every_
     run(pooled, *args, script=SCRIPT, timeout=240)
     ref, recs = finished_results(ddp, 2), finished_results(pooled, 2)
     assert len(list((ddp / "ckpt").iterdir())) == len(list((pooled / "ckpt").iterdir())) == 8
+    # ddp's names: the clock's checkpoint j fired at 6 j batches over both ranks, ddp's step 3 j (its epoch may be
+    # the next one, for a checkpoint that fired after the epoch closed)
+    steps = [sorted(int(f.stem.split("step=")[1]) for f in (d / "ckpt").iterdir()) for d in (ddp, pooled)]
+    assert steps == [[3, 6, 9, 12, 15, 18, 21, 24]] * 2
     assert ref[0]["validations"] == recs[0]["validations"] == recs[1]["validations"] == {"0": 4, "1": 4}
     events = recs[0]["clock"]["performed"]
     assert events == recs[1]["clock"]["performed"]

@@ -80,6 +80,7 @@ from lightning_asyncpred.exchange.sharding import check_sharding, resolve_shardi
 from lightning_asyncpred.exchange.horovod import import_horovod
 from lightning_asyncpred.strategies.base import AsyncUpdateMixin, check_lookahead
 from lightning_asyncpred.strategies.horovod_env import LAUNCH_HINT, HorovodEnvironment, rendezvous_address
+from lightning_asyncpred.strategies.checkpoint_agreement import CheckpointAgreement
 from lightning_asyncpred.strategies.global_clock import GlobalClock
 from lightning_asyncpred.strategies.work_sharing import WorkSharing
 from lightning_asyncpred.validation import check_int, check_positive_number
@@ -151,6 +152,7 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
 
     strategy_name = "async_pred_allreduce"
     _submit_nonfinite = True
+    _agreement: Optional[CheckpointAgreement] = None  # the pool's ModelCheckpoint decisions (checkpoint_agreement.py)
 
     def __init__(
         self,
@@ -474,15 +476,20 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         return self._monitor.store if self._monitor is not None else None
 
     def _install_clock(self, trainer: "pl.Trainer") -> None:
-        """Under the shared batch pool: step- and time-triggered settings on the global clock (``global_clock.py``)."""
+        """Under the shared batch pool: ``ModelCheckpoint``'s decisions agreed over the ranks
+        (``checkpoint_agreement.py``) and step- and time-triggered settings on the global clock
+        (``global_clock.py``)."""
         self._uninstall_clock()
         ws = self._work_sharing
         if ws is None or self._monitor is None or not trainer._accelerator_connector.use_distributed_sampler:
             return
+        agreement = CheckpointAgreement(self.world_size, lambda t: self.reduce(t, reduce_op="sum"))
+        agreement.install(trainer)  # before the clock's install: the clock's epoch-end drain saves first
+        self._agreement = agreement
         k = self.sync_group_size
         clock = GlobalClock(self._monitor.store, f"{self._fit_key}/clock", self.global_rank, self.world_size,
                             group=(self.global_rank // k, self.global_rank % k, k), lead=self._signal_lead(),
-                            on_store_failure=self._signal_store_failure)
+                            on_store_failure=self._signal_store_failure, before_save=agreement.agree)
         if self._clock_resumed is not None:
             clock.offset = dict(self._clock_resumed)
         if clock.configure(trainer, lambda: ws.batches_per_epoch or 1):
@@ -490,6 +497,9 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
             self._clock = clock
 
     def _uninstall_clock(self) -> None:
+        if self._agreement is not None:
+            self._agreement.uninstall()
+            self._agreement = None
         if self._clock is not None:
             self._clock.uninstall()
             self._clock = None

@@ -95,12 +95,18 @@ class GlobalClock(Callback):
         lead: batches between learning an event and acting on it in a sync group (members are at most one step
             apart: 3, as for signals).
         on_store_failure: turns a store exception into the error to raise (one naming a lost rank).
+        before_save: ``before_save(trainer, step)`` is called on every rank before a checkpoint's
+            ``ModelCheckpoint`` decides its name (the ranks' agreement, ``checkpoint_agreement.py``); ``step``: the
+            ``ddp`` step of a count trigger's checkpoint, ``C / (N a)`` at the ``C`` that fired it (``S j`` for
+            ``every_n_train_steps=S``: ddp's names), else ``None``.
     """
 
     def __init__(self, store: Any, key: str, rank: int, world_size: int, group: tuple[int, int, int] = (0, 0, 1),
-                 lead: int = 3, on_store_failure: Optional[Callable[[BaseException], BaseException]] = None) -> None:
+                 lead: int = 3, on_store_failure: Optional[Callable[[BaseException], BaseException]] = None,
+                 before_save: Optional[Callable[["pl.Trainer", Optional[int]], None]] = None) -> None:
         self.store, self.key, self.rank, self.world_size = store, key.rstrip("/"), rank, world_size
         self.group, self.lead, self.on_store_failure = group, lead, on_store_failure
+        self.before_save = before_save
         self.triggers: list[Trigger] = []
         self.performed: list[tuple[int, int, str]] = []  # (epoch, slot, event), in order
         self.acted_at: list[int] = []  # this rank's batch count at each performed event
@@ -110,8 +116,9 @@ class GlobalClock(Callback):
         self._epoch = -1
         self._cursor = 0  # the next slot of this epoch's log to read
         self._closed = False
-        self._pending: list[tuple[int, str, Optional[int]]] = []  # (slot, event, batch to act at)
-        self._deferred: list[str] = []  # proposed after the epoch closed: proposed again in the next epoch
+        # (slot, event, batch to act at, the clock C that fired it: count triggers only)
+        self._pending: list[tuple[int, str, Optional[int], Optional[int]]] = []
+        self._deferred: list[tuple[str, Optional[int]]] = []  # proposed after the epoch closed: again in the next
         self._batches = 0  # batches this rank trained in this fit (the sync group's agreed points count them)
         self._pool_size: Callable[[], int] = lambda: 0
         self._val_per_epoch = False
@@ -207,9 +214,10 @@ class GlobalClock(Callback):
         except Exception as exc:
             raise (self.on_store_failure(exc) if self.on_store_failure is not None else exc) from exc
 
-    def _append(self, epoch: int, event: str) -> Optional[int]:
-        """Claim the first free slot of ``epoch``'s log for ``event``; ``None`` if the epoch is closed."""
-        value = f"{event}|{self.rank}|{time.monotonic_ns()}"
+    def _append(self, epoch: int, event: str, clock: Optional[int] = None) -> Optional[int]:
+        """Claim the first free slot of ``epoch``'s log for ``event`` (fired at ``clock``); ``None`` if the epoch is
+        closed."""
+        value = f"{event}|{self.rank}|{time.monotonic_ns()}|{'' if clock is None else clock}"
         s = self._cursor
         while True:
             got = self._store(self.store.compare_set, self._slot(epoch, s), "", value).decode()
@@ -223,11 +231,11 @@ class GlobalClock(Callback):
         """Read the slots of this epoch's log not read yet: each event becomes pending (to act on), ``closed`` ends
         the epoch's log."""
         while not self._closed and self._store(self.store.check, [self._slot(self._epoch, self._cursor)]):
-            event = self._store(self.store.get, self._slot(self._epoch, self._cursor)).decode().split("|")[0]
+            event, _, _, clock = self._store(self.store.get, self._slot(self._epoch, self._cursor)).decode().split("|")
             if event == CLOSED:
                 self._closed = True
                 break
-            self._pending.append((self._cursor, event, self._act_at(trainer, self._cursor)))
+            self._pending.append((self._cursor, event, self._act_at(trainer, self._cursor), int(clock) if clock else None))
             self._cursor += 1
 
     def _act_at(self, trainer: "pl.Trainer", s: int) -> Optional[int]:
@@ -256,8 +264,8 @@ class GlobalClock(Callback):
                            batch_idx: int) -> None:
         self._batches += 1
         deferred, self._deferred = self._deferred, []
-        for event in deferred:
-            self._propose(event)
+        for event, clock in deferred:
+            self._propose(event, clock)
         self._tick()
         if self.rank == 0:
             now = time.monotonic()
@@ -272,20 +280,20 @@ class GlobalClock(Callback):
         # strictly in log order (an event agreed for an earlier batch than the one before it waits for that one:
         # every rank then performs them in the same order); a stop closes the epoch, and then every event is due
         while self._pending:
-            slot, event, at = self._pending[0]
+            slot, event, at, clock = self._pending[0]
             if not (self._closed and (last or trainer.should_stop)) and at is not None and at > self._batches:
                 break
             self._pending.pop(0)
-            self._perform(trainer, slot, event)
+            self._perform(trainer, slot, event, clock)
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # a rank whose last batch did not say so (or that trained none this epoch) drains here, before the
         # checkpoints of the epoch end (this callback runs first)
         if not self._closed:
             self._close(trainer)
-        for slot, event, _ in list(self._pending):
-            self._pending.remove((slot, event, _))
-            self._perform(trainer, slot, event)
+        pending, self._pending = self._pending, []
+        for slot, event, _, clock in pending:
+            self._perform(trainer, slot, event, clock)
 
     def _tick(self) -> None:
         """One more batch on the clock; propose the events whose multiples this batch reached."""
@@ -301,13 +309,13 @@ class GlobalClock(Callback):
                 continue
             if t.kind == "val" and t.per_epoch and in_epoch >= self._pool_size():
                 continue  # the epoch's end validates anyway (ddp's last val_check_batch is its last batch)
-            self._propose(t.name)
+            self._propose(t.name, total)
 
-    def _propose(self, event: str) -> None:
+    def _propose(self, event: str, clock: Optional[int] = None) -> None:
         # an event after the epoch closed is proposed again at this rank's next batch (of the next epoch), but a
         # validation within the epoch (the epoch's end validates where ddp would)
-        if self._append(self._epoch, event) is None and not (event == "val" and self._val_per_epoch):
-            self._deferred.append(event)
+        if self._append(self._epoch, event, clock) is None and not (event == "val" and self._val_per_epoch):
+            self._deferred.append((event, clock))
 
     def _close(self, trainer: "pl.Trainer") -> None:
         """This rank's last batch of the epoch (or its stop): no event after ``closed`` counts in this epoch; act on
@@ -324,11 +332,14 @@ class GlobalClock(Callback):
             self._propose("stop")
 
     # ---------------------------------------------------------------------------------------------- actions
-    def _perform(self, trainer: "pl.Trainer", slot: int, event: str) -> None:
+    def _perform(self, trainer: "pl.Trainer", slot: int, event: str, clock: Optional[int] = None) -> None:
         self.performed.append((self._epoch, slot, event))
         self.acted_at.append(self._batches)
         if event.startswith("ckpt"):
             cb = self._checkpoints[int(event[4:])]
+            if self.before_save is not None:  # a count trigger's checkpoint is ddp's step C / (N a)
+                step = None if clock is None else clock // (self.world_size * trainer.accumulate_grad_batches)
+                self.before_save(trainer, step)
             candidates = cb._monitor_candidates(trainer)
             cb._save_topk_checkpoint(trainer, candidates)
             cb._save_last_checkpoint(trainer, candidates)

@@ -154,6 +154,8 @@ def main() -> None:
     p.add_argument("--val-check-interval", default=None)
     p.add_argument("--sync-log", action="store_true")
     p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--ckpt-epochs", action="store_true",
+                   help="also a ModelCheckpoint() with Lightning's defaults (one file per epoch end) in <out>/epochs")
     p.add_argument("--reload", action="store_true", help="reload_dataloaders_every_n_epochs=1")
     p.add_argument("--fits", type=int, default=1, help="fit this many times on the same Trainer (max_epochs grows)")
     p.add_argument("--two-loaders", action="store_true", help="train_dataloader returns a dict of two loaders")
@@ -179,6 +181,10 @@ def main() -> None:
 
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), save_top_k=-1,
                                          train_time_interval=timedelta(seconds=args.ckpt_seconds)))
+    if args.ckpt_epochs:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "epochs"), save_last=True))
     callbacks.append(Record())
     limit = 1.0 if args.limit is None else (float(args.limit) if "." in args.limit else int(args.limit))
     vci = 1.0 if args.val_check_interval is None else (
@@ -188,7 +194,7 @@ def main() -> None:
                                     sync_group_size=args.sync_group_size)
     trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=args.epochs,
                          limit_train_batches=limit, val_check_interval=vci, accumulate_grad_batches=args.accumulate,
-                         callbacks=callbacks, logger=False, enable_checkpointing=bool(args.ckpt_every or args.ckpt_seconds),
+                         callbacks=callbacks, logger=False, enable_checkpointing=bool(args.ckpt_every or args.ckpt_seconds or args.ckpt_epochs),
                          max_steps=args.max_steps, num_sanity_val_steps=0, limit_val_batches=1.0 if args.val else 0,
                          max_time=None if args.max_time is None else {"seconds": args.max_time},
                          enable_progress_bar=False, enable_model_summary=False,
@@ -218,6 +224,7 @@ def main() -> None:
         "max_epochs": trainer.fit_loop.max_epochs,
         "estimated_stepping_batches": trainer.estimated_stepping_batches,
         "global_step": trainer.global_step,
+        "checkpoint_paths": [[cb.best_model_path, cb.last_model_path] for cb in trainer.checkpoint_callbacks],
         "sync_group_size": getattr(trainer.strategy, "sync_group_size", None),
         "clock": Record.clock,
         "estimated_in_fit": getattr(Record, "estimated", None),
