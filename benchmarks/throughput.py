@@ -63,29 +63,34 @@ def configs(horovod: bool) -> tuple:
     return CONFIGS + (HOROVOD_CONFIGS if horovod else ())
 
 
-# ------------------------------------------------------------------ ideal schedules (pure python)
+# ------------------------------------------------------------------ ideal schedules (the planner's model)
+def _replay(work: list[list[float]], config) -> float:
+    """The makespan of ``config`` on the measured step times, with a free link: ``asyncpred plan``'s model
+    (``lightning_asyncpred/planner/model.py``), the transports' own rules."""
+    from lightning_asyncpred.planner.model import Replay, run
+
+    return run(Replay(work), len(work), len(work[0]), config)[0]
+
+
 def ideal_sync_time(work: list[list[float]]) -> float:
     """``sum_t max_r w[r][t]``: every step waits for the slowest rank."""
-    return sum(max(col) for col in zip(*work))
+    from lightning_asyncpred.planner.model import Config
+
+    return _replay(work, Config("ddp"))
 
 
 def ideal_bounded_time(work: list[list[float]], s: int) -> float:
     """Finish time of the bounded-staleness schedule (see the module docstring)."""
-    ranks, steps = len(work), len(work[0])
-    done = [[0.0] * steps for _ in range(ranks)]  # C[r][t]
-    finish = [0.0] * ranks  # F[r][t-1]
-    for t in range(steps):
-        for r in range(ranks):
-            done[r][t] = finish[r] + work[r][t]
-        gate = max(done[q][t - s] for q in range(ranks)) if t - s >= 0 else 0.0
-        for r in range(ranks):
-            finish[r] = max(done[r][t], gate)
-    return max(finish)
+    from lightning_asyncpred.planner.model import Config
+
+    return _replay(work, Config("allreduce", s))
 
 
 def ideal_async_time(work: list[list[float]]) -> float:
-    """``max_r sum_t w[r][t]``: nobody waits; the run ends with the slowest rank's last step."""
-    return max(sum(row) for row in work)
+    """``max_r sum_t w[r][t]``: nobody waits (p2p, no bound reached on a free link, static shards)."""
+    from lightning_asyncpred.planner.model import Config
+
+    return _replay(work, Config("p2p", len(work[0]), pool=False))
 
 
 def limit_speedup(work: list[list[float]], s: int) -> float:

@@ -56,6 +56,11 @@ def _translated(args: list[str], namespace: str, workdir: str) -> list[str]:
 
 def main(args: Optional[list[str]] = None) -> None:
     args = list(sys.argv[1:] if args is None else args)
+    if args[:1] == ["plan"]:  # the planner imports no Lightning
+        from lightning_asyncpred.planner.cli import main as plan
+
+        plan(args[1:])
+        return
     namespace = _pop_namespace(args)
     _namespace.install()
     cli = importlib.import_module("lightning_asyncpred.cli" if namespace == "pytorch_lightning" else f"{_namespace.MIRROR}.cli")

@@ -200,6 +200,13 @@ class BoundedStalenessQueue(Generic[T]):
             self._release_head()
         return self._take()
 
+    def release_while(self, predicate: Callable[[T], bool]) -> list[Released[T]]:
+        """Release the head early while ``predicate(item)`` holds (an eager exchange: its reduction completed),
+        oldest first; with :meth:`ready` the head still leaves at the latest when due."""
+        while self._pending and predicate(self._pending[0][2]):
+            self._release_head()
+        return self._take()
+
     def drain(self) -> list[Released[T]]:
         """Release everything pending, oldest first."""
         while self._pending:

@@ -198,15 +198,6 @@ def describe_peer_failure(
     )
 
 
-class _PollingQueue(BoundedStalenessQueue):
-    """:class:`BoundedStalenessQueue` that can also release its head early once a predicate holds."""
-
-    def release_while(self, predicate: Callable[[Any], bool]) -> list[Released]:
-        while self._pending and predicate(self._pending[0][2]):
-            self._release_head()
-        return self._take()
-
-
 _Item = tuple[int, list[Tensor], list[Any]]  # (step, reduced buckets, works)
 
 
@@ -235,7 +226,7 @@ class AllReduceExchange(Exchange):
         self.timeout = to_timedelta(timeout)
         self.monitor = monitor
         self._connect(group, mode)
-        self.queue: _PollingQueue = _PollingQueue(self.max_staleness)
+        self.queue: BoundedStalenessQueue = BoundedStalenessQueue(self.max_staleness)
         self.abandoned = 0
         self.wait_seconds = 0.0  # CPU time spent blocked on peers (NCCL: ~0, the stream waits instead)
 

@@ -38,7 +38,7 @@ from lightning_asyncpred.exchange.p2p_gather import gather_flat, gather_states
 from lightning_asyncpred.exchange.sharding import merge_pieces
 from lightning_asyncpred.exchange.p2p_backends import Backend, make_backend
 from lightning_asyncpred.exchange.p2p_dataplane import Action, DataPlane
-from lightning_asyncpred.exchange.p2p_protocol import REQUEST, Engine, Message
+from lightning_asyncpred.exchange.p2p_protocol import REQUEST, Engine, Message, within_bound
 from lightning_asyncpred.validation import check_positive_number
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ class P2PExchange(Exchange):
         self.backend.launch(copy)  # on the training stream, after the backward that produced the buckets
         self._refresh_at_submit[step] = self.refreshes
         seq = self._post("submit", step, grads, list(self.versions), self.backend.produced())
-        self._wait_for(lambda: self._processed >= seq and self.engine.in_flight <= self.max_staleness,
+        self._wait_for(lambda: self._processed >= seq and within_bound(self.engine.in_flight, self.max_staleness),
                        f"step {step} ({self.max_staleness} steps in flight)")
 
     def _completed(self) -> list[ReadyGradient]:

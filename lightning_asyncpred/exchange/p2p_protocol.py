@@ -75,6 +75,19 @@ class _Step:
     staleness: list[int] = field(default_factory=list)
 
 
+def within_bound(in_flight: int, max_staleness: int) -> bool:
+    """The worker's bound: after submitting a step it computes the next one only while at most ``max_staleness``
+    of its steps are unanswered (``P2PExchange`` waits for this; the planner's model, ``planner/simulate.py``,
+    applies the same rule)."""
+    return in_flight <= max_staleness
+
+
+def arrival_staleness(owner_version: int, read_version: int) -> int:
+    """An arrival's staleness at its owner: the owner's updates between the version the worker read and the one
+    the gradient is applied to (``version - v_read``)."""
+    return owner_version - read_version
+
+
 def _eager(fn: Callable[[], Any]) -> None:
     fn()
 
@@ -149,7 +162,7 @@ class Engine:
             self.requests_sent[k] += 1
             self.replies_owed[k] += 1
             out.append(Message(k, REQUEST, step, int(versions[k]), 0, grads[k] if grads[k].numel() else None))
-        staleness = self.version - int(versions[self.rank])
+        staleness = arrival_staleness(self.version, int(versions[self.rank]))
         snap = self._update(grads[self.rank], self.rank, step, staleness)
         self.requests_received[self.rank] += 1
         self._answered(Reply(self.rank, step, self.version, staleness, snap))
@@ -196,7 +209,7 @@ class Engine:
             numel = self.shard_numels[self.rank]
             if msg.numel != numel:
                 raise RuntimeError(f"rank {self.rank}: request of {msg.numel} elements from rank {peer}, shard has {numel}")
-            staleness = self.version - msg.version
+            staleness = arrival_staleness(self.version, msg.version)
             snap = self._update(msg.payload if numel else self.master[:0], peer, msg.step, staleness)
             self.requests_received[peer] += 1
             return [Message(peer, REPLY, msg.step, self.version, staleness, snap if numel else None)]
