@@ -17,6 +17,7 @@ from typing import Optional
 
 from lightning_asyncpred import _namespace
 
+PACKAGE = "lightning_asyncpred"
 CHOICES = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch", "auto": None}
 
 
@@ -54,6 +55,25 @@ def _translated(args: list[str], namespace: str, workdir: str) -> list[str]:
     return out
 
 
+def profile_args(args: list[str]) -> list[str]:
+    """``asyncpred profile --config X [--out run.json] [fit arguments]``: ``fit`` for one epoch (unless the arguments
+    set ``max_epochs`` or ``max_steps``) with a ``ProfileRecorder`` writing the planner's profile to ``--out``."""
+    out = "asyncpred_profile.json"
+    rest = []
+    it = iter(args)
+    for arg in it:
+        if arg == "--out":
+            out = next(it, out)
+        elif arg.startswith("--out="):
+            out = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    length = [] if any(a.startswith(("--trainer.max_epochs", "--trainer.max_steps")) for a in rest) else [
+        "--trainer.max_epochs=1"]
+    return ["fit", *rest, *length, "--test_after_fit=false", f"--trainer.callbacks+={PACKAGE}.ProfileRecorder",
+            f"--trainer.callbacks.path={out}"]
+
+
 def main(args: Optional[list[str]] = None) -> None:
     args = list(sys.argv[1:] if args is None else args)
     if args[:1] == ["plan"]:  # the planner imports no Lightning
@@ -61,6 +81,8 @@ def main(args: Optional[list[str]] = None) -> None:
 
         plan(args[1:])
         return
+    if args[:1] == ["profile"]:
+        args = profile_args(args[1:])
     namespace = _pop_namespace(args)
     _namespace.install()
     cli = importlib.import_module("lightning_asyncpred.cli" if namespace == "pytorch_lightning" else f"{_namespace.MIRROR}.cli")

@@ -10,6 +10,7 @@ from lightning_asyncpred.data.imagenet import ImageNetDataModule
 from lightning_asyncpred.exchange import AllReduceExchange, ExchangeThreadError, PeerLostError
 from lightning_asyncpred.module import ImageClassifier
 from lightning_asyncpred.prediction import LinearPredictor
+from lightning_asyncpred.profiling import ProfileRecorder
 from lightning_asyncpred.registry import register_strategies
 from lightning_asyncpred.staleness import BoundedStalenessQueue, StalenessStats, parse_staleness
 from lightning_asyncpred.strategies import AsyncPredStrategy, ModelMismatchError, SimulatedAsyncStrategy
@@ -31,6 +32,7 @@ __all__ = [
     "ModelMismatchError",
     "ExchangeThreadError",
     "PeerLostError",
+    "ProfileRecorder",
     "SimulatedAsyncStrategy",
     "StalenessMonitor",
     "StalenessRemedies",

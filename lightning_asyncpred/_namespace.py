@@ -38,7 +38,7 @@ MIRROR = f"{PACKAGE}.L"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # modules (and packages) that import Lightning; the rest of the package is Lightning-free and shared
-BOUND = ("_api", "cli", "module", "callbacks", "registry", "strategies", "data.digits", "data.imagenet")
+BOUND = ("_api", "cli", "module", "callbacks", "profiling", "registry", "strategies", "data.digits", "data.imagenet")
 NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
 
 _BOUND_RE = re.compile(r"\b" + re.escape(PACKAGE) + r"\.(" + "|".join(re.escape(b) for b in BOUND) + r")\b")

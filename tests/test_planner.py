@@ -110,7 +110,7 @@ def test_one_sync_group_of_all_ranks_is_ddp_and_groups_cut_the_staleness():
 
 def test_256_ranks_every_candidate():
     prof = Profile(compute=[[0.05, 0.06, 0.055]] * 2, batch_size=32, gradient_bytes=100e6, link=Link(2e-5, 1e10),
-                   owner_seconds=1e-4)
+                   owner_ns_per_element=1.0)
     preds = [simulate(prof, c, 256, Perturbation("jitter:0.2")) for c in candidates(256)]
     assert {p.config.name for p in preds} >= {"ddp", "p2p s=1", "p2p s=0 groups of 8", "allreduce s=4 eager"}
     assert all(0 < p.efficiency <= 1.001 for p in preds)

@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--base-delay", type=float, default=0.0, help="seconds added to every step")
     p.add_argument("--backend", choices=("nccl", "gloo"), default="nccl",
                    help="nccl adds allreduce's eager mode (completion can be polled only there)")
+    p.add_argument("--owner-ns-per-element", type=float, default=None,
+                   help="a p2p owner's update cost per element of a shard (overrides the profile's)")
     p.add_argument("--ranks-per-node", type=int, default=None, help="largest sync group tried (default 8)")
     p.add_argument("--max-staleness-rounds", type=float, default=2.0,
                    help="the most mean staleness (in ddp steps' worth of updates) a recommendation may have")
@@ -117,6 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         profile = Profile.load(args.profile)
         perturbation = Perturbation(args.speeds, args.delay, args.base_delay)
+        if args.owner_ns_per_element is not None:
+            profile.owner_ns_per_element = args.owner_ns_per_element
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"asyncpred plan: {exc}") from None
     results = plan(profile, args.ranks, perturbation, args.backend, args.ranks_per_node, args.max_staleness_rounds,

@@ -1,9 +1,11 @@
 """A discrete-event model of the transports as implemented, driven by a profile's step times (pure Python).
 
 Every rank runs steps whose times are drawn from the profile (:meth:`Profile.step_samples`: one measured
-``compute + data`` pair, uniformly), times the speed model's factor (``exchange/virtual.py``'s
-:func:`~lightning_asyncpred.exchange.virtual.parse_speeds`: ``equal``, ``jitter:S``, ``straggler:K``), plus an
-optional exponential sleep of mean ``delay`` and a fixed ``base_delay`` (the benchmarks' perturbations). The link
+``compute + data`` pair, uniformly) plus a fixed ``base_delay``, times the speed model's factor
+(``exchange/virtual.py``'s :func:`~lightning_asyncpred.exchange.virtual.parse_speeds`: ``equal``, ``jitter:S``,
+``straggler:K``: the whole step of the last rank ``K`` times as long), plus an optional exponential sleep of mean
+``delay`` (the benchmarks' perturbations: ``benchmarks/straggler.py``'s ``none`` is ``base_delay``, its ``jitter``
+adds ``delay``, its ``straggler`` is ``straggler:2``; ``benchmarks/throughput.py``'s jitter is ``delay``). The link
 costs ``latency + bytes / bandwidth`` per message (``profile.Link``); a gradient is ``B = gradient_bytes``.
 
 Transports (each rule is the transport's own, called here, not restated):
@@ -19,7 +21,7 @@ Transports (each rule is the transport's own, called here, not restated):
 * ``p2p`` (``s``): a worker sends its ``N - 1`` request shards (``B / N`` each) through its link after computing
   (they arrive ``latency`` after the last leaves); every owner sees the same arrivals in the same order (a
   symmetric network), so one owner stands for all: it answers each arrival in arrival order after
-  ``owner_seconds`` and its reply's transfer, and the step is answered once the worker's link received the ``N -
+  ``owner_ns_per_element`` per element of its shard and its reply's transfer, and the step is answered once the worker's link received the ``N -
   1`` replies. The worker installs, before each step, the newest answered step's version; an arrival's staleness
   is :func:`~lightning_asyncpred.exchange.p2p_protocol.arrival_staleness` (owner updates) and a worker goes on
   after a submission only while :func:`~lightning_asyncpred.exchange.p2p_protocol.within_bound` holds, the
@@ -146,10 +148,11 @@ class StepTimes:
 
     def __call__(self, rank: int) -> float:
         row = self.samples[self.random.randrange(len(self.samples))]
-        t = row[self.random.randrange(len(row))] * self.speeds.sample(rank, self.ranks, self.generator)
+        t = row[self.random.randrange(len(row))] + self.perturbation.base_delay
+        t *= self.speeds.sample(rank, self.ranks, self.generator)
         if self.perturbation.delay > 0:
             t += self.random.expovariate(1.0 / self.perturbation.delay)
-        return t + self.perturbation.base_delay
+        return t
 
     def mean(self, rank: int, draws: int = 400) -> float:
         """``E[step_rank]``, estimated from ``draws`` draws of a separate seed."""
@@ -170,7 +173,7 @@ def simulate(profile: Profile, config: Config, ranks: int, perturbation: Perturb
     limit = sum(profile.batch_size / times.mean(r) for r in range(ranks))
     pred = Prediction(config, ranks, 0.0, limit, samples_per_epoch=profile.samples_per_epoch)
     makespan, pred.steps, pred.arrivals_per_round = run(times, ranks, steps, config, profile.link,
-                                                        profile.gradient_bytes, profile.owner_seconds, pred.staleness)
+                                                        profile.gradient_bytes, profile.owner_ns_per_element, pred.staleness)
     pred.samples_per_s = pred.steps * profile.batch_size / makespan if makespan > 0 else math.inf
     return pred
 
@@ -189,7 +192,7 @@ class Replay:
 
 
 def run(step_time: Callable[[int], float], ranks: int, steps: int, config: Config, link: Optional[Link] = None,
-        nbytes: float = 0.0, owner_seconds: float = 0.0,
+        nbytes: float = 0.0, owner_ns_per_element: float = 0.0,
         staleness: Optional[StalenessStats] = None) -> tuple[float, int, int]:
     """The model of ``config`` (see the module docstring) on step times ``step_time(rank)``: returns the makespan
     (the last rank's end), the steps taken over all ranks and the arrivals per round of the staleness unit;
@@ -209,6 +212,8 @@ def run(step_time: Callable[[int], float], ranks: int, steps: int, config: Confi
         def step(g: int) -> float:
             return max(step_time(r) for r in groups[g]) + sync
 
+    # an owner's update of one arrival: its shard of the member's piece, 4 bytes per element
+    owner_seconds = owner_ns_per_element * 1e-9 * nbytes / 4 / ranks
     makespan, done = _p2p(step, len(groups), steps, config, link, owner_seconds, nbytes / k, stats)
     return makespan, done * k, len(groups)
 

@@ -1,0 +1,204 @@
+"""How well ``asyncpred plan``'s model predicts what ``benchmarks/straggler.py`` and ``benchmarks/throughput.py``
+measure, at 2 and 4 Gloo ranks, under their perturbations (none / jitter / straggler).
+
+1. **Profile** (what a user would have): per rank count and batch size, a short fit of ``async_pred`` as it ships
+   (p2p, the shared batch pool, ``max_staleness=0``), no perturbation, with ``ProfileRecorder``: every step's
+   compute and data time, and the link measured with two all-reduces. On 2 cores, 4 ranks share the CPU with their
+   communication threads: a profile measured at the rank count it predicts carries that (the model has no notion of
+   shared cores).
+2. **Measure**: ``straggler.py --seeds 1`` and ``throughput.py --quick`` at the same rank counts, each into its own
+   folder under ``--out`` (``--report-only``: read them).
+3. **Predict** every fit of those runs from the profile plus the run's perturbation in the model's terms
+   (straggler.py: ``base_delay = b``; jitter adds an exponential sleep of mean ``b + c``; straggler: the last rank
+   ``straggler:2``; throughput.py: jitter of mean ``c``, ``c`` the run's calibrated compute), for the number of steps
+   the run took, and compare samples/s (all ranks' samples / the slowest rank's training time) and the mean
+   staleness of an applied gradient (the strategy's ``staleness_stats``, weighted by each rank's steps; p2p in owner
+   updates, allreduce in steps).
+
+Prints a table, writes ``benchmarks/out/planner_validation.png`` and ends with ``planner_throughput_error_max=`` and
+``planner_staleness_error_max=`` (relative errors; staleness over the rows with a measured mean of at least 0.5).
+
+    python benchmarks/planner_validation.py             # profiles and both benchmarks at 2 and 4 ranks (~25 min)
+    python benchmarks/planner_validation.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from _launch import launch_workers
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from lightning_asyncpred.planner import Config, Perturbation, Profile, simulate  # noqa: E402
+
+# straggler.py's rows (STRATEGIES there, in order) and throughput.py's (CONFIGS there, static shards)
+STRAGGLER_ROWS = (Config("ddp"), Config("allreduce", 2), Config("p2p", 2), Config("p2p", 0, group_size=2),
+                  Config("p2p", 0))
+THROUGHPUT_ROWS = {"ddp": Config("ddp"), "async0": Config("allreduce", 1), "async1": Config("allreduce", 2),
+                   "async2": Config("allreduce", 4), "async3": Config("p2p", 1, pool=False),
+                   "async4": Config("p2p", 2, pool=False)}
+
+
+def worker(args: argparse.Namespace) -> None:
+    import pytorch_lightning as pl
+    import torch
+
+    import lightning_asyncpred as la
+
+    torch.set_num_threads(1)
+    for batch in args.batch_sizes:
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(accelerator="cpu", devices=args.nproc, strategy=la.AsyncPredStrategy(timeout=120),
+                             max_steps=args.steps, max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False,
+                             callbacks=[la.ProfileRecorder(str(Path(args.out) / f"profile{args.nproc}_b{batch}.json"),
+                                                           warmup_steps=10)])
+        model = la.ImageClassifier(arch="digits_cnn", lr=0.02, momentum=0.9)
+        trainer.fit(model, datamodule=la.DigitsDataModule(batch_size=batch))
+
+
+def _measured(recs: list[dict], steps_key, staleness) -> tuple[float, float]:
+    steps = [steps_key(r) for r in recs]
+    stale = sum(staleness(r) * n for r, n in zip(recs, steps)) / max(1, sum(steps))
+    return sum(steps), stale
+
+
+def straggler_rows(out: Path, world: int, profile: Profile) -> list[dict]:
+    root = out / "straggler" / f"straggler{world}"
+    meta = json.loads((root / "straggler_meta.json").read_text())
+    b, c = meta["base"], meta["compute"]
+    perts = {"none": Perturbation(base_delay=b), "jitter": Perturbation(delay=b + c, base_delay=b),
+             "straggler": Perturbation("straggler:2", base_delay=b)}
+    rows = []
+    for pert, perturbation in perts.items():
+        for k, config in enumerate(STRAGGLER_ROWS):
+            recs = [json.loads((root / f"{pert}.s0.{k}.rank{r}.json").read_text()) for r in range(world)]
+            steps, stale = _measured(recs, lambda r: len(r["work"]), lambda r: r.get("staleness", 0.0))
+            sps = sum(r["samples"] for r in recs) / max(r["train_time"] for r in recs)
+            batch = recs[0]["samples"] / max(1, len(recs[0]["work"]))
+            rows.append(_compare("straggler.py", world, pert, recs[0]["name"], config, profile, perturbation,
+                                 steps, sps, stale, batch))
+    return rows
+
+
+def throughput_rows(out: Path, world: int, profile: Profile) -> list[dict]:
+    root = out / f"throughput{world}"
+    meta = json.loads((root / "meta.json").read_text())
+    perts = {"nojitter": Perturbation(base_delay=meta["base_delay"]),
+             "jitter": Perturbation(delay=meta["mean_compute"], base_delay=meta["base_delay"])}
+    rows = []
+    for pert, perturbation in perts.items():
+        for prefix, config in THROUGHPUT_ROWS.items():
+            recs = [json.loads((root / f"{prefix}_{pert}.r0.rank{r}.json").read_text()) for r in range(world)]
+            hist = [sum(col) for col in zip(*[r["staleness"] or [0] for r in recs])] if config.transport != "ddp" else []
+            stale = sum(t * n for t, n in enumerate(hist)) / max(1, sum(hist)) if hist else 0.0
+            steps = sum(r["steps"] for r in recs)
+            sps = steps * profile.batch_size / max(r["train_time"] for r in recs)
+            rows.append(_compare("throughput.py", world, pert, config.name, config, profile, perturbation,
+                                 steps, sps, stale, profile.batch_size))
+    return rows
+
+
+def _compare(bench, world, pert, name, config, profile, perturbation, steps, sps, stale, batch) -> dict:
+    pred = simulate(profile, config, world, perturbation, steps=max(1, round(steps / world)))
+    # the measured batch may differ from the profile's at an epoch's end (a partial last batch): per sample
+    predicted_sps = pred.samples_per_s * batch / profile.batch_size
+    return dict(bench=bench, world=world, pert=pert, name=name, sps=sps, pred_sps=predicted_sps,
+                sps_err=abs(predicted_sps - sps) / sps, stale=stale, pred_stale=pred.staleness_mean,
+                stale_err=abs(pred.staleness_mean - stale) / stale if stale >= 0.5 else None)
+
+
+def report(out: Path, ranks: list[int]) -> list[dict]:
+    rows = []
+    for world in ranks:
+        rows += straggler_rows(out, world, Profile.load(out / f"profile{world}_b16.json"))
+        rows += throughput_rows(out, world, Profile.load(out / f"profile{world}_b32.json"))
+    head = ("| benchmark | ranks | perturbation | strategy | samples/s measured | predicted | error | "
+            "staleness measured | predicted | error |")
+    print(head)
+    print("|---" * (head.count("|") - 1) + "|")
+    for r in rows:
+        se = f"{r['stale_err']:.0%}" if r["stale_err"] is not None else "-"
+        print(f"| {r['bench']} | {r['world']} | {r['pert']} | {r['name']} | {r['sps']:.0f} | {r['pred_sps']:.0f} | "
+              f"{r['sps_err']:.0%} | {r['stale']:.2f} | {r['pred_stale']:.2f} | {se} |")
+    (out / "planner_validation.json").write_text(json.dumps(rows, indent=1))
+    _plot(rows, HERE / "out" / "planner_validation.png")
+    return rows
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for world, marker in ((2, "o"), (4, "s")):
+        sub = [r for r in rows if r["world"] == world]
+        axes[0].scatter([r["sps"] for r in sub], [r["pred_sps"] for r in sub], marker=marker, label=f"{world} ranks")
+        st = [r for r in sub if r["stale_err"] is not None]
+        axes[1].scatter([r["stale"] for r in st], [r["pred_stale"] for r in st], marker=marker, label=f"{world} ranks")
+    for ax, what in ((axes[0], "samples/s"), (axes[1], "mean staleness")):
+        lo, hi = ax.get_xlim()
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
+        ax.plot([lo, hi], [lo * 1.15, hi * 1.15], color="grey", lw=0.5, ls="--")
+        ax.plot([lo, hi], [lo * 0.85, hi * 0.85], color="grey", lw=0.5, ls="--")
+        ax.set_xlabel(f"measured {what}")
+        ax.set_ylabel(f"predicted {what}")
+        ax.legend()
+    axes[0].set_title("throughput (dashed: +-15%)")
+    axes[1].set_title("staleness of an applied gradient")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--out", default=str(HERE / "out" / "planner_validation"))
+    p.add_argument("--steps", type=int, default=120, help="steps of each profile fit")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--nproc", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    out = Path(args.out)
+    os.makedirs(out, exist_ok=True)
+    if args.worker:
+        worker(args)
+        return
+    if not args.report_only:
+        for world in args.ranks:
+            seconds = launch_workers(__file__, world, ["--out", str(out), "--nproc", str(world), "--steps",
+                                                      str(args.steps)])
+            print(f"{world} ranks: profiles in {seconds:.0f}s", flush=True)
+        for cmd in ([str(HERE / "straggler.py"), "--ranks", *map(str, args.ranks), "--seeds", "1", "--out",
+                     str(out / "straggler")],
+                    *[[str(HERE / "throughput.py"), "--quick", "--ranks", str(w), "--out", str(out / f"throughput{w}")]
+                      for w in args.ranks]):
+            proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+                raise SystemExit(f"{' '.join(cmd[:1])} failed")
+            print(f"measured: {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}", flush=True)
+    rows = report(out, args.ranks)
+    sps_err = max(r["sps_err"] for r in rows)
+    stale_err = max(r["stale_err"] for r in rows if r["stale_err"] is not None)
+    print(f"plot: {HERE / 'out' / 'planner_validation.png'}")
+    print(f"planner_throughput_error_max={sps_err:.3f}")
+    print(f"planner_staleness_error_max={stale_err:.3f}")
+    print(f"planner_throughput_error_median={statistics.median(r['sps_err'] for r in rows):.3f}")
+
+
+if __name__ == "__main__":
+    main()
