@@ -1,16 +1,20 @@
 """How well ``asyncpred plan``'s model predicts what ``benchmarks/straggler.py`` and ``benchmarks/throughput.py``
 measure, at 2 and 4 Gloo ranks, under their perturbations (none / jitter / straggler).
 
-1. **Profile** (what a user would have): per rank count and batch size, a short fit of ``async_pred`` as it ships
-   (p2p, the shared batch pool, ``max_staleness=0``), no perturbation, with ``ProfileRecorder``: every step's
-   compute and data time, and the link measured with two all-reduces. On 2 cores, 4 ranks share the CPU with their
-   communication threads: a profile measured at the rank count it predicts carries that (the model has no notion of
-   shared cores).
+1. **Profile** (what a user would have): per rank count and batch size, a short fit (``--steps``) of each
+   transport family the runs use (``ddp``, ``allreduce`` s=2, p2p s=0 and s=2, sync groups of 2: ``asyncpred
+   profile`` with each) doing the job's own work (straggler.py's jobs sleep 20 ms per step: so do their profiles),
+   no perturbation, with ``ProfileRecorder``: every step's compute and data time, the transport's wait (the planner
+   fits the p2p message cost to it) and the link measured with two all-reduces. Each row is predicted from its own
+   transport's profile (``model.pick_profile``, as ``asyncpred plan --profile a.json --profile b.json`` does): on a
+   CPU host compute and communication share the cores, so a transport's communication slows the compute of its own
+   process, which only its profile carries; and 4 ranks on 2 cores share them too (a profile measured at the rank
+   count it predicts carries that: the model has no notion of shared cores).
 2. **Measure**: ``straggler.py --seeds 1`` and ``throughput.py --quick`` at the same rank counts, each into its own
    folder under ``--out`` (``--report-only``: read them).
 3. **Predict** every fit of those runs from the profile plus the run's perturbation in the model's terms
-   (straggler.py: ``base_delay = b``; jitter adds an exponential sleep of mean ``b + c``; straggler: the last rank
-   ``straggler:2``; throughput.py: jitter of mean ``c``, ``c`` the run's calibrated compute), for the number of steps
+   (straggler.py: jitter adds an exponential sleep of mean ``b + c``; straggler: the last rank ``straggler:2``;
+   throughput.py: jitter of mean ``c``, ``c`` the run's calibrated compute), for the number of steps
    the run took, and compare samples/s (all ranks' samples / the slowest rank's training time) and the mean
    staleness of an applied gradient (the strategy's ``staleness_stats``, weighted by each rank's steps; p2p in owner
    updates, allreduce in steps).
@@ -30,6 +34,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from _launch import launch_workers
@@ -38,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from lightning_asyncpred.planner import Config, Perturbation, Profile, simulate  # noqa: E402
+from lightning_asyncpred.planner.model import calibrate_all, pick_profile  # noqa: E402
 
 # straggler.py's rows (STRATEGIES there, in order) and throughput.py's (CONFIGS there, static shards)
 STRAGGLER_ROWS = (Config("ddp"), Config("allreduce", 2), Config("p2p", 2), Config("p2p", 0, group_size=2),
@@ -54,16 +60,33 @@ def worker(args: argparse.Namespace) -> None:
     import lightning_asyncpred as la
 
     torch.set_num_threads(1)
-    for batch in args.batch_sizes:
-        pl.seed_everything(0, verbose=False)
-        trainer = pl.Trainer(accelerator="cpu", devices=args.nproc, strategy=la.AsyncPredStrategy(timeout=120),
-                             max_steps=args.steps, max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0,
-                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False,
-                             callbacks=[la.ProfileRecorder(str(Path(args.out) / f"profile{args.nproc}_b{batch}.json"),
-                                                           warmup_steps=10)])
-        model = la.ImageClassifier(arch="digits_cnn", lr=0.02, momentum=0.9)
-        trainer.fit(model, datamodule=la.DigitsDataModule(batch_size=batch))
+
+    class Sleep(pl.Callback):
+        """The job's own per-step sleep (straggler.py's base): a profile is of the job that will run."""
+
+        def __init__(self, seconds: float) -> None:
+            self.seconds = seconds
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            time.sleep(self.seconds)
+
+    strategies = {
+        "ddp": lambda: "ddp",
+        "allreduce": lambda: la.AsyncPredStrategy(transport="allreduce", max_staleness=2, timeout=120),
+        "p2p": lambda: la.AsyncPredStrategy(timeout=120),
+        "p2p_s2": lambda: la.AsyncPredStrategy(max_staleness=2, timeout=120),
+        "groups": lambda: la.AsyncPredStrategy(sync_group_size=2, timeout=120),
+    }
+    for batch, sleep in zip(args.batch_sizes, args.sleeps):
+        for name, strategy in strategies.items():
+            pl.seed_everything(0, verbose=False)
+            path = Path(args.out) / f"profile{args.world}_b{batch}_{name}.json"
+            trainer = pl.Trainer(accelerator="cpu", devices=args.world, strategy=strategy(), max_steps=args.steps,
+                                 max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0, logger=False,
+                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                 callbacks=[Sleep(sleep), la.ProfileRecorder(str(path), warmup_steps=10)])
+            model = la.ImageClassifier(arch="digits_cnn", lr=0.02, momentum=0.9)
+            trainer.fit(model, datamodule=la.DigitsDataModule(batch_size=batch))
 
 
 def _measured(recs: list[dict], steps_key, staleness) -> tuple[float, float]:
@@ -72,12 +95,12 @@ def _measured(recs: list[dict], steps_key, staleness) -> tuple[float, float]:
     return sum(steps), stale
 
 
-def straggler_rows(out: Path, world: int, profile: Profile) -> list[dict]:
+def straggler_rows(out: Path, world: int, profiles: list[Profile]) -> list[dict]:
     root = out / "straggler" / f"straggler{world}"
     meta = json.loads((root / "straggler_meta.json").read_text())
     b, c = meta["base"], meta["compute"]
-    perts = {"none": Perturbation(base_delay=b), "jitter": Perturbation(delay=b + c, base_delay=b),
-             "straggler": Perturbation("straggler:2", base_delay=b)}
+    # the profile's steps already hold the base sleep b (the job as it runs)
+    perts = {"none": Perturbation(), "jitter": Perturbation(delay=b + c), "straggler": Perturbation("straggler:2")}
     rows = []
     for pert, perturbation in perts.items():
         for k, config in enumerate(STRAGGLER_ROWS):
@@ -85,12 +108,12 @@ def straggler_rows(out: Path, world: int, profile: Profile) -> list[dict]:
             steps, stale = _measured(recs, lambda r: len(r["work"]), lambda r: r.get("staleness", 0.0))
             sps = sum(r["samples"] for r in recs) / max(r["train_time"] for r in recs)
             batch = recs[0]["samples"] / max(1, len(recs[0]["work"]))
-            rows.append(_compare("straggler.py", world, pert, recs[0]["name"], config, profile, perturbation,
+            rows.append(_compare("straggler.py", world, pert, recs[0]["name"], config, profiles, perturbation,
                                  steps, sps, stale, batch))
     return rows
 
 
-def throughput_rows(out: Path, world: int, profile: Profile) -> list[dict]:
+def throughput_rows(out: Path, world: int, profiles: list[Profile]) -> list[dict]:
     root = out / f"throughput{world}"
     meta = json.loads((root / "meta.json").read_text())
     perts = {"nojitter": Perturbation(base_delay=meta["base_delay"]),
@@ -102,13 +125,15 @@ def throughput_rows(out: Path, world: int, profile: Profile) -> list[dict]:
             hist = [sum(col) for col in zip(*[r["staleness"] or [0] for r in recs])] if config.transport != "ddp" else []
             stale = sum(t * n for t, n in enumerate(hist)) / max(1, sum(hist)) if hist else 0.0
             steps = sum(r["steps"] for r in recs)
-            sps = steps * profile.batch_size / max(r["train_time"] for r in recs)
-            rows.append(_compare("throughput.py", world, pert, config.name, config, profile, perturbation,
-                                 steps, sps, stale, profile.batch_size))
+            batch = profiles[0].batch_size
+            sps = steps * batch / max(r["train_time"] for r in recs)
+            rows.append(_compare("throughput.py", world, pert, config.name, config, profiles, perturbation,
+                                 steps, sps, stale, batch))
     return rows
 
 
-def _compare(bench, world, pert, name, config, profile, perturbation, steps, sps, stale, batch) -> dict:
+def _compare(bench, world, pert, name, config, profiles, perturbation, steps, sps, stale, batch) -> dict:
+    profile = pick_profile(profiles, config)  # as asyncpred plan does with several profiles
     pred = simulate(profile, config, world, perturbation, steps=max(1, round(steps / world)))
     # the measured batch may differ from the profile's at an epoch's end (a partial last batch): per sample
     predicted_sps = pred.samples_per_s * batch / profile.batch_size
@@ -117,11 +142,25 @@ def _compare(bench, world, pert, name, config, profile, perturbation, steps, sps
                 stale_err=abs(pred.staleness_mean - stale) / stale if stale >= 0.5 else None)
 
 
+def _profiles(out: Path, world: int, batch: int) -> list[Profile]:
+    """The profiles as ``asyncpred plan --profile ... --profile ...`` reads them: the p2p message cost fitted to the
+    measured waits."""
+    paths = sorted(out.glob(f"profile{world}_b{batch}_*.json"))
+    profiles = [Profile.load(path) for path in paths]
+    calibrate_all(profiles)
+    for path, profile in zip(paths, profiles):
+        print(f"{path.name}: {profile.transport} s={profile.max_staleness} k={profile.sync_group_size}, mean step "
+              f"{profile.mean_step() * 1e3:.2f} ms, link latency {profile.link.latency * 1e6:.0f} us"
+              + (f", p2p message cost {profile.message_seconds * 1e3:.2f} ms" if profile.message_seconds else "")
+              + (f", reduction {profile.reduction_seconds * 1e3:.2f} ms" if profile.reduction_seconds else ""))
+    return profiles
+
+
 def report(out: Path, ranks: list[int]) -> list[dict]:
     rows = []
     for world in ranks:
-        rows += straggler_rows(out, world, Profile.load(out / f"profile{world}_b16.json"))
-        rows += throughput_rows(out, world, Profile.load(out / f"profile{world}_b32.json"))
+        rows += straggler_rows(out, world, _profiles(out, world, 16))
+        rows += throughput_rows(out, world, _profiles(out, world, 32))
     head = ("| benchmark | ranks | perturbation | strategy | samples/s measured | predicted | error | "
             "staleness measured | predicted | error |")
     print(head)
@@ -168,9 +207,11 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "out" / "planner_validation"))
     p.add_argument("--steps", type=int, default=120, help="steps of each profile fit")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--profiles-only", action="store_true", help="measure the profiles again, read the benchmarks' runs")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--nproc", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--world", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32], help=argparse.SUPPRESS)
+    p.add_argument("--sleeps", type=float, nargs="+", default=[0.02, 0.0], help=argparse.SUPPRESS)
     args = p.parse_args()
     out = Path(args.out)
     os.makedirs(out, exist_ok=True)
@@ -179,13 +220,14 @@ def main() -> None:
         return
     if not args.report_only:
         for world in args.ranks:
-            seconds = launch_workers(__file__, world, ["--out", str(out), "--nproc", str(world), "--steps",
+            seconds = launch_workers(__file__, world, ["--out", str(out), "--world", str(world), "--steps",
                                                       str(args.steps)])
             print(f"{world} ranks: profiles in {seconds:.0f}s", flush=True)
-        for cmd in ([str(HERE / "straggler.py"), "--ranks", *map(str, args.ranks), "--seeds", "1", "--out",
-                     str(out / "straggler")],
-                    *[[str(HERE / "throughput.py"), "--quick", "--ranks", str(w), "--out", str(out / f"throughput{w}")]
-                      for w in args.ranks]):
+        runs = [[str(HERE / "straggler.py"), "--ranks", *map(str, args.ranks), "--seeds", "1",
+                 "--out", str(out / "straggler")]]
+        runs += [[str(HERE / "throughput.py"), "--quick", "--ranks", str(w), "--out", str(out / f"throughput{w}")]
+                 for w in args.ranks]
+        for cmd in [] if args.profiles_only else runs:
             proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])

@@ -166,3 +166,56 @@ def test_asyncpred_plan_prints_a_table_per_rank_count_and_a_recommendation(tmp_p
     bad = subprocess.run([sys.executable, "-m", "lightning_asyncpred", "plan", "--profile", str(path), "--ranks", "1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "every number of ranks must be >= 2" in bad.stderr
+
+
+def _profile_of(config, m=0.0, reduction=None, shared_cpu=False, ranks=2, seed=5):
+    """A profile whose waits are the model's own at message cost ``m`` / reduction time ``reduction``: the
+    calibration must give those back."""
+    rng = random.Random(seed)
+    compute = [[rng.uniform(0.008, 0.012) for _ in range(200)] for _ in range(ranks)]
+    prof = Profile(compute=compute, batch_size=16, transport=config.transport, max_staleness=config.max_staleness,
+                   message_seconds=m, reduction_seconds=reduction, shared_cpu=shared_cpu, link=Link(1e-4, 1e9),
+                   gradient_bytes=1e6)
+    pred = simulate(prof, config, ranks)
+    prof.wait = [[pred.wait_per_step] * 200 for _ in range(ranks)]
+    prof.message_seconds = prof.reduction_seconds = None
+    return prof, pred
+
+
+@pytest.mark.parametrize("shared_cpu", [False, True])
+def test_the_p2p_message_cost_is_recovered_from_a_profiles_waits(shared_cpu):
+    prof, _ = _profile_of(Config("p2p", 0), m=2e-3, shared_cpu=shared_cpu)
+    assert model.calibrate_messages(prof) == pytest.approx(2e-3, rel=0.05)
+    # a bound the round trip rarely reaches, or another transport: nothing to fit
+    other, _ = _profile_of(Config("p2p", 2), m=2e-3)
+    assert model.calibrate_messages(other) is None
+    assert model.calibrate_messages(steady()) is None
+
+
+def test_the_reduction_time_is_recovered_from_an_allreduce_profiles_rate():
+    prof, _ = _profile_of(Config("allreduce", 1), reduction=0.03)
+    assert model.calibrate_reduction(prof) == pytest.approx(0.03, rel=0.1)
+
+
+def test_each_configuration_takes_its_own_transports_profile():
+    ddp = Profile(compute=[[0.05]], batch_size=8, transport="ddp")
+    p0 = Profile(compute=[[0.05], [0.05]], batch_size=8, transport="p2p", max_staleness=0)
+    p2 = Profile(compute=[[0.05]], batch_size=8, transport="p2p", max_staleness=2)
+    profiles = [ddp, p0, p2]
+    assert model.pick_profile(profiles, Config("p2p", 1)) is p0
+    assert model.pick_profile(profiles, Config("p2p", 2)) is p2
+    assert model.pick_profile(profiles, Config("ddp")) is ddp
+    assert model.pick_profile(profiles, Config("allreduce", 2)) is ddp  # none of its own: the first
+    p0.wait = [[0.01], [0.01]]
+    model.calibrate_all(profiles)
+    assert p2.message_seconds == p0.message_seconds is not None and ddp.message_seconds is None
+
+
+def test_a_ddp_profile_predicts_its_own_rate():
+    """ddp's measured steps already waited for the slowest rank: the model takes a measured step of every rank at
+    once, so a ddp profile reproduces its own throughput instead of the maximum of independent draws."""
+    rng = random.Random(1)
+    steps = [rng.uniform(0.01, 0.03) for _ in range(300)]
+    prof = Profile(compute=[steps, [x - 0.001 for x in steps]], batch_size=8, transport="ddp")
+    measured = 2 * 8 / (sum(steps) / len(steps))
+    assert simulate(prof, Config("ddp"), 2, steps=3000).samples_per_s == pytest.approx(measured, rel=0.03)

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from lightning_asyncpred.planner.advise import Advice, advise, candidates
 from lightning_asyncpred.planner.profile import Profile
-from lightning_asyncpred.planner.model import Perturbation, Prediction, simulate
+from lightning_asyncpred.planner.model import Perturbation, Prediction, calibrate_all, pick_profile, simulate
 
 
 def _ranks(text: str) -> list[int]:
@@ -27,7 +27,9 @@ def _ranks(text: str) -> list[int]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="asyncpred plan", description=__doc__.split("\n")[0])
-    p.add_argument("--profile", required=True, help="a profile JSON (ProfileRecorder or a benchmark)")
+    p.add_argument("--profile", required=True, action="append",
+                   help="a profile JSON (asyncpred profile / ProfileRecorder); several: one per transport profiled, "
+                        "each configuration driven by its own transport's (model.pick_profile)")
     p.add_argument("--ranks", type=_ranks, default=[8, 64, 256], help="comma-separated, e.g. 8,64,256")
     p.add_argument("--speeds", default="equal", help="equal | jitter:S | straggler:K (the last rank K times slower)")
     p.add_argument("--delay", type=float, default=0.0, help="mean seconds of an exponential sleep added per step")
@@ -68,12 +70,13 @@ def _quantile(histogram: Sequence[int], q: float) -> int:
     return 0
 
 
-def plan(profile: Profile, ranks: Sequence[int], perturbation: Perturbation, backend: str = "nccl",
+def plan(profiles: Sequence[Profile], ranks: Sequence[int], perturbation: Perturbation, backend: str = "nccl",
          ranks_per_node: Optional[int] = None, max_rounds: float = 2.0, steps: Optional[int] = None,
          seed: int = 0) -> list[tuple[list[Prediction], Advice]]:
     out = []
     for n in ranks:
-        preds = [simulate(profile, c, n, perturbation, steps, seed) for c in candidates(n, backend, ranks_per_node)]
+        preds = [simulate(pick_profile(list(profiles), c), c, n, perturbation, steps, seed)
+                 for c in candidates(n, backend, ranks_per_node)]
         out.append((preds, advise(preds, max_rounds)))
     return out
 
@@ -117,21 +120,28 @@ def _plot(results: list[tuple[list[Prediction], Advice]], path: Path) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser().parse_args(argv)
     try:
-        profile = Profile.load(args.profile)
+        profiles = [Profile.load(path) for path in args.profile]
         perturbation = Perturbation(args.speeds, args.delay, args.base_delay)
-        if args.owner_ns_per_element is not None:
-            profile.owner_ns_per_element = args.owner_ns_per_element
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"asyncpred plan: {exc}") from None
-    results = plan(profile, args.ranks, perturbation, args.backend, args.ranks_per_node, args.max_staleness_rounds,
+    for profile in profiles:
+        if args.owner_ns_per_element is not None:
+            profile.owner_ns_per_element = args.owner_ns_per_element
+    calibrate_all(profiles)
+    results = plan(profiles, args.ranks, perturbation, args.backend, args.ranks_per_node, args.max_staleness_rounds,
                    args.steps, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"profile {args.profile}: {profile.ranks} measured ranks, mean step {profile.mean_step() * 1e3:.1f} ms, "
-          f"batch {profile.batch_size}/rank, gradient {profile.gradient_bytes / 1e6:.1f} MB, link latency "
-          f"{profile.link.latency * 1e6:.0f} us, bandwidth "
-          + (f"{profile.link.bandwidth / 1e9:.2f} GB/s" if math.isfinite(profile.link.bandwidth) else "unlimited")
-          + f"; perturbation: {args.speeds}" + (f", exp delay {args.delay * 1e3:.1f} ms" if args.delay else ""))
+    for path, profile in zip(args.profile, profiles):
+        print(f"profile {path} ({profile.transport or '?'} s={profile.max_staleness}): {profile.ranks} measured ranks, "
+              f"mean step {profile.mean_step() * 1e3:.1f} ms, batch {profile.batch_size}/rank, gradient "
+              f"{profile.gradient_bytes / 1e6:.1f} MB, link latency {profile.link.latency * 1e6:.0f} us, bandwidth "
+              + (f"{profile.link.bandwidth / 1e9:.2f} GB/s" if math.isfinite(profile.link.bandwidth) else "unlimited")
+              + (f", p2p message cost {profile.message_seconds * 1e3:.2f} ms (fitted to a p2p s=0 profile's waits)"
+                 if profile.message_seconds else "")
+              + (f", all-reduce {profile.reduction_seconds * 1e3:.2f} ms (fitted to its rate)"
+                 if profile.reduction_seconds else ""))
+    print(f"perturbation: {args.speeds}" + (f", exp delay {args.delay * 1e3:.1f} ms" if args.delay else ""))
     record = []
     for preds, advice in results:
         print(f"\n{advice.ranks} ranks")

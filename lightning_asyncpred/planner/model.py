@@ -48,6 +48,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from lightning_asyncpred.exchange.grouped import group_layout
@@ -117,6 +118,7 @@ class Prediction:
     arrivals_per_round: int = 1  # the staleness unit's round: G arrivals for p2p, 1 step for allreduce
     samples_per_epoch: Optional[int] = None
     steps: int = 0
+    wait_per_step: float = 0.0  # seconds a rank is blocked on peers per step (p2p: waiting for its bound)
 
     @property
     def efficiency(self) -> float:
@@ -136,30 +138,48 @@ class Prediction:
 
 
 class StepTimes:
-    """Draws step times of ``ranks`` simulated ranks (see the module docstring); seeded, so every configuration
-    of one plan sees the same draws."""
+    """Draws step times of ``ranks`` simulated ranks (see the module docstring) as ``(busy, idle)``: the step's
+    compute (on the rank's CPU or device) and its idle part (the loader's wait, sleeps), each times the speed
+    model's factor, the exponential ``delay`` idle; seeded, so every configuration of one plan sees the same
+    draws."""
 
     def __init__(self, profile: Profile, perturbation: Perturbation, ranks: int, seed: int = 0) -> None:
-        self.samples = [row for row in profile.step_samples() if row]
+        self.samples = [row for row in profile.step_parts() if row]
         self.speeds = parse_speeds(perturbation.speeds)
         self.perturbation, self.ranks = perturbation, ranks
         self.random = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
+        self.synchronized = self.synchronized_step if profile.transport == "ddp" else None
 
-    def __call__(self, rank: int) -> float:
+    def __call__(self, rank: int) -> tuple[float, float]:
         row = self.samples[self.random.randrange(len(self.samples))]
-        t = row[self.random.randrange(len(row))] + self.perturbation.base_delay
-        t *= self.speeds.sample(rank, self.ranks, self.generator)
+        busy, idle = row[self.random.randrange(len(row))]
+        factor = self.speeds.sample(rank, self.ranks, self.generator)
+        idle = (idle + self.perturbation.base_delay) * factor
         if self.perturbation.delay > 0:
-            t += self.random.expovariate(1.0 / self.perturbation.delay)
-        return t
+            idle += self.random.expovariate(1.0 / self.perturbation.delay)
+        return busy * factor, idle
+
+    def synchronized_step(self, ranks: int) -> list[tuple[float, float]]:
+        """One measured step of a synchronous (``ddp``) profile: every rank's ``(busy, idle)`` at one step index
+        (rank ``r`` takes measured rank ``r mod R``'s), with the perturbation drawn per rank."""
+        t = self.random.randrange(min(len(row) for row in self.samples))
+        out = []
+        for r in range(ranks):
+            busy, idle = self.samples[r % len(self.samples)][t]
+            factor = self.speeds.sample(r, self.ranks, self.generator)
+            idle = (idle + self.perturbation.base_delay) * factor
+            if self.perturbation.delay > 0:
+                idle += self.random.expovariate(1.0 / self.perturbation.delay)
+            out.append((busy * factor, idle))
+        return out
 
     def mean(self, rank: int, draws: int = 400) -> float:
         """``E[step_rank]``, estimated from ``draws`` draws of a separate seed."""
         other = StepTimes.__new__(StepTimes)
         other.__dict__.update(self.__dict__)
         other.random, other.generator = random.Random(12345 + rank), torch.Generator().manual_seed(12345 + rank)
-        return sum(other(rank) for _ in range(draws)) / draws
+        return sum(sum(other(rank)) for _ in range(draws)) / draws
 
 
 def simulate(profile: Profile, config: Config, ranks: int, perturbation: Perturbation = Perturbation(),
@@ -172,66 +192,90 @@ def simulate(profile: Profile, config: Config, ranks: int, perturbation: Perturb
     times = StepTimes(profile, perturbation, ranks, seed)
     limit = sum(profile.batch_size / times.mean(r) for r in range(ranks))
     pred = Prediction(config, ranks, 0.0, limit, samples_per_epoch=profile.samples_per_epoch)
-    makespan, pred.steps, pred.arrivals_per_round = run(times, ranks, steps, config, profile.link,
-                                                        profile.gradient_bytes, profile.owner_ns_per_element, pred.staleness)
+    makespan, pred.steps, pred.arrivals_per_round, waited = run(
+        times, ranks, steps, config, profile.link, profile.gradient_bytes, profile.owner_ns_per_element,
+        pred.staleness, profile.message_seconds or 0.0, profile.shared_cpu, profile.reduction_seconds)
+    pred.wait_per_step = waited / max(1, pred.steps)
     pred.samples_per_s = pred.steps * profile.batch_size / makespan if makespan > 0 else math.inf
     return pred
 
 
 class Replay:
-    """Step times from a matrix ``work[r][t]`` (a measured run's), in order per rank: :func:`run` on a replay is
-    the ideal schedule of that run (``benchmarks/throughput.py``'s limits)."""
+    """Step times from a matrix ``work[r][t]`` (a measured run's), in order per rank, all busy: :func:`run` on a
+    replay is the ideal schedule of that run (``benchmarks/throughput.py``'s limits)."""
 
     def __init__(self, work: list[list[float]]) -> None:
         self.work, self.next = work, [0] * len(work)
 
-    def __call__(self, rank: int) -> float:
+    def __call__(self, rank: int) -> tuple[float, float]:
         t = self.work[rank][self.next[rank]]
         self.next[rank] += 1
-        return t
+        return t, 0.0
 
 
-def run(step_time: Callable[[int], float], ranks: int, steps: int, config: Config, link: Optional[Link] = None,
-        nbytes: float = 0.0, owner_ns_per_element: float = 0.0,
-        staleness: Optional[StalenessStats] = None) -> tuple[float, int, int]:
-    """The model of ``config`` (see the module docstring) on step times ``step_time(rank)``: returns the makespan
-    (the last rank's end), the steps taken over all ranks and the arrivals per round of the staleness unit;
-    ``staleness`` (if given) receives every applied gradient's staleness."""
+StepSource = Callable[[int], "tuple[float, float]"]
+
+
+def run(step_time: StepSource, ranks: int, steps: int, config: Config, link: Optional[Link] = None,
+        nbytes: float = 0.0, owner_ns_per_element: float = 0.0, staleness: Optional[StalenessStats] = None,
+        message_seconds: float = 0.0, shared_cpu: bool = False,
+        reduction_seconds: Optional[float] = None) -> tuple[float, int, int, float]:
+    """The model of ``config`` (see the module docstring) on step times ``step_time(rank) = (busy, idle)``: returns
+    the makespan (the last rank's end), the steps taken over all ranks, the arrivals per round of the staleness unit
+    and the seconds all ranks spent blocked (p2p); ``staleness`` (if given) receives every applied gradient's
+    staleness. ``shared_cpu``: communication work takes the CPU the compute runs on (a CPU host), else it runs
+    beside it (a GPU's compute). ``reduction_seconds``: a background all-reduce's measured time (default: the
+    link's ring all-reduce)."""
     stats = staleness if staleness is not None else StalenessStats()
     link = link if link is not None else Link()
     if config.transport == "ddp":
-        return _ddp(step_time, ranks, steps, link.allreduce_seconds(nbytes, ranks)) + (1,)
+        return _ddp(step_time, ranks, steps, link.allreduce_seconds(nbytes, ranks)) + (1, 0.0)
     if config.transport == "allreduce":
-        return _allreduce(step_time, ranks, steps, config, link.allreduce_seconds(nbytes, ranks), stats) + (1,)
+        reduce = link.allreduce_seconds(nbytes, ranks) if reduction_seconds is None else reduction_seconds
+        makespan, done, waited = _allreduce(step_time, ranks, steps, config, reduce, stats, shared_cpu)
+        return makespan, done, 1, waited
     k = config.group_size
     groups, _ = group_layout(ranks, k)
-    step: Callable[[int], float] = step_time
+    step: StepSource = step_time
     if k > 1:
         sync = link.allreduce_seconds(nbytes, k) + (k - 1) * link.seconds(nbytes / k)  # all-reduce + all-gather
 
-        def step(g: int) -> float:
-            return max(step_time(r) for r in groups[g]) + sync
+        def step(g: int) -> tuple[float, float]:
+            return max(sum(step_time(r)) for r in groups[g]) + sync, 0.0
 
     # an owner's update of one arrival: its shard of the member's piece, 4 bytes per element
     owner_seconds = owner_ns_per_element * 1e-9 * nbytes / 4 / ranks
-    makespan, done = _p2p(step, len(groups), steps, config, link, owner_seconds, nbytes / k, stats)
-    return makespan, done * k, len(groups)
+    makespan, done, waited = _p2p(step, len(groups), steps, config, link, owner_seconds, nbytes / k, stats,
+                                  message_seconds, shared_cpu)
+    return makespan, done * k, len(groups), waited * k
 
 
-def _ddp(times: Callable[[int], float], ranks: int, steps: int, allreduce: float) -> tuple[float, int]:
+def _ddp(times: StepSource, ranks: int, steps: int, allreduce: float) -> tuple[float, int]:
+    """A ``ddp`` profile's steps already waited for the slowest rank (its all-reduce runs inside the backward):
+    a step of the model is then one measured step, every measured rank's time of it (``StepTimes.synchronized``),
+    not the maximum of independent draws; and the all-reduce is in it."""
     t = 0.0
+    synchronized = getattr(times, "synchronized", None)
     for _ in range(steps):
-        t += max(times(r) for r in range(ranks)) + allreduce
+        if synchronized is not None:
+            t += max(b + i for b, i in synchronized(ranks))
+        else:
+            t += max(sum(times(r)) for r in range(ranks)) + allreduce
     return t, steps * ranks
 
 
-def _allreduce(times: Callable[[int], float], ranks: int, steps: int, config: Config, allreduce: float,
-               stats: StalenessStats) -> tuple[float, int]:
+def _allreduce(times: StepSource, ranks: int, steps: int, config: Config, allreduce: float,
+               stats: StalenessStats, shared_cpu: bool = False) -> tuple[float, int, float]:
     s, eager = config.max_staleness, config.mode == "eager"
     queues = [BoundedStalenessQueue(s) for _ in range(ranks)]
-    finish, ended, last_end = [0.0] * ranks, {}, 0.0
+    finish, ended, last_end, waited = [0.0] * ranks, {}, 0.0, 0.0
+    # a reduction running in the background takes CPU time as long as it runs, where the compute shares the CPU
+    extra = allreduce if shared_cpu else 0.0
     for t in range(steps):
-        computed = [finish[r] + times(r) for r in range(ranks)]
+        computed = []
+        for r in range(ranks):
+            busy, idle = times(r)
+            computed.append(finish[r] + idle + busy + extra)
         last_end = ended[t] = max(max(computed), last_end) + allreduce  # in order, once every rank submitted
         for r in range(ranks):
             queues[r].submit(t, s)  # as AllReduceExchange._submit and _ready do
@@ -240,28 +284,41 @@ def _allreduce(times: Callable[[int], float], ranks: int, steps: int, config: Co
                 released += queues[r].release_while(lambda step, now=computed[r]: ended[step] <= now)
             stats.update(x.staleness for x in released)
             finish[r] = max([computed[r]] + [ended[x.item] for x in released])
+            waited += finish[r] - computed[r]
     for r in range(ranks):  # the fit's end applies what is still in flight
         released = queues[r].drain()
         finish[r] = max([finish[r]] + [ended[x.item] for x in released])
-    return max(finish), steps * ranks
+    return max(finish), steps * ranks, waited
 
 
 # event kinds, in the order they are handled at one instant
-_ANSWERED, _ARRIVE, _COMPUTED, _START = range(4)
+_ANSWERED, _REPLIES, _ARRIVE, _COMPUTED, _START = range(5)
 
 
-def _p2p(step_time: Callable[[int], float], workers: int, steps: int, config: Config, link: Link,
-         owner_seconds: float, nbytes: float, stats: StalenessStats) -> tuple[float, int]:
-    """The p2p model among ``workers`` workers exchanging ``nbytes`` per step (see the module docstring)."""
-    s = config.max_staleness
+def _p2p(step_time: StepSource, workers: int, steps: int, config: Config, link: Link, owner_seconds: float,
+         nbytes: float, stats: StalenessStats, message_seconds: float = 0.0,
+         shared_cpu: bool = False) -> tuple[float, int, float]:
+    """The p2p model among ``workers`` workers exchanging ``nbytes`` per step (see the module docstring).
+
+    Every rank has one communication thread (``comm[r]``: when it is next free): a worker's step costs it
+    ``(N - 1) m`` to send its requests and ``(N - 1) m`` to take the replies, and every arrival costs each owner
+    ``2 m`` (take the request, send the reply) plus its update. With ``shared_cpu`` the thread shares the CPU with
+    the compute: its work goes first, and a compute it overlaps ends that much later (work-conserving)."""
+    s, m = config.max_staleness, message_seconds
     piece = nbytes / workers
     transfer = (workers - 1) * (piece / link.bandwidth if math.isfinite(link.bandwidth) else 0.0)
     reply = piece / link.bandwidth if math.isfinite(link.bandwidth) else 0.0
-    owner_version, owner_free = 0, 0.0
+    owner_version = 0
+    comm = np.zeros(workers)
+    computing = np.zeros(workers, dtype=bool)
+    compute_start = np.zeros(workers)
+    compute_end = np.zeros(workers)
     link_free = [0.0] * workers
     unanswered: list[deque[int]] = [deque() for _ in range(workers)]
     newest = [0] * workers  # the newest answered version each worker has received (installed at its next step)
     waiting = [False] * workers
+    blocked_at = [0.0] * workers
+    waited = 0.0
     taken = [0] * workers
     budget = steps * workers
     finish = [0.0] * workers
@@ -273,6 +330,16 @@ def _p2p(step_time: Callable[[int], float], workers: int, steps: int, config: Co
         heapq.heappush(events, (time, kind, seq, worker, step, version))
         seq += 1
 
+    def work(k: int, at: float, seconds: float) -> float:
+        """``seconds`` of rank ``k``'s communication thread from ``at``; returns when it is done."""
+        begin = max(at, float(comm[k]))
+        if shared_cpu and computing[k] and begin < compute_end[k] and begin + seconds > compute_start[k]:
+            compute_end[k] += seconds
+            comm[k] = begin + 2 * seconds  # the core is shared with the compute: half speed
+        else:
+            comm[k] = begin + seconds
+        return float(comm[k])
+
     for w in range(workers):
         push(0.0, _START, w)
     while events:
@@ -283,29 +350,151 @@ def _p2p(step_time: Callable[[int], float], workers: int, steps: int, config: Co
                 finish[w] = now
                 continue
             budget -= 1
-            read = newest[w]  # the replies answered so far are installed before the step
-            computed = now + step_time(w)
-            sent = max(computed, link_free[w]) + transfer
+            busy, idle = step_time(w)
+            begin = now + idle
+            # a backlog of the thread beyond the idle part shares the CPU with the compute
+            backlog = max(0.0, float(comm[w]) - begin) if shared_cpu else 0.0
+            computing[w], compute_start[w], compute_end[w] = True, begin, begin + busy + backlog
+            push(float(compute_end[w]), _COMPUTED, w, newest[w])  # the replies so far are installed first
+        elif kind == _COMPUTED:
+            if compute_end[w] > now:  # the thread's work made the compute longer
+                push(float(compute_end[w]), _COMPUTED, w, step, version)
+                continue
+            computing[w] = False
+            sent = max(work(w, now, (workers - 1) * m), link_free[w]) + transfer  # send the requests
             link_free[w] = sent
             unanswered[w].append(taken[w])
-            push(sent + link.latency, _ARRIVE, w, taken[w], read)
-            push(computed, _COMPUTED, w)
+            push(sent + link.latency, _ARRIVE, w, taken[w], step)  # step: the version read
             taken[w] += 1
-        elif kind == _COMPUTED:
             if within_bound(len(unanswered[w]), s):
                 push(now, _START, w)
             else:
-                waiting[w] = True
+                waiting[w], blocked_at[w] = True, now
         elif kind == _ARRIVE:
             stats.update(arrival_staleness(owner_version, version))
             owner_version += 1
-            owner_free = max(now, owner_free) + owner_seconds + reply
-            answered = max(owner_free, now + transfer) + link.latency  # the worker's link takes N - 1 replies
-            push(answered, _ANSWERED, w, step, owner_version)
+            if workers > 1:
+                others = np.arange(workers) != w
+                begin = np.maximum(comm, now)
+                cost = 2 * m + owner_seconds
+                comm[others] = begin[others] + cost
+                if shared_cpu:  # sharing a core with a compute: the compute takes longer, the work half speed
+                    hit = others & computing & (begin < compute_end)
+                    compute_end[hit] += cost
+                    comm[hit] += cost
+                replied = float(comm[others].max())
+            else:
+                replied = now
+            # the worker's link takes the N - 1 replies
+            push(max(replied + reply, now + transfer) + link.latency, _REPLIES, w, step, owner_version)
+        elif kind == _REPLIES:  # the worker's thread takes them
+            push(work(w, now, (workers - 1) * m), _ANSWERED, w, step, version)
         else:  # _ANSWERED: a worker's steps are answered in order (every owner answers in arrival order)
             unanswered[w].popleft()
             newest[w] = max(newest[w], version)
             if waiting[w] and within_bound(len(unanswered[w]), s):
                 waiting[w] = False
+                waited += now - blocked_at[w]
                 push(now, _START, w)
-    return max(finish), sum(taken)
+    return max(finish), sum(taken), waited
+
+
+def _fit(profile: Profile, attr: str, config: Config, target: float, tolerance: float = 0.02) -> Optional[float]:
+    """The value of ``profile.<attr>`` for which the model's wait per step of ``config`` at the profile's ranks is
+    ``target`` (bisection: the wait grows with it); ``None`` if no value reaches it."""
+    saved = getattr(profile, attr)
+
+    def wait(x: float) -> float:
+        setattr(profile, attr, x)
+        return simulate(profile, config, profile.ranks).wait_per_step
+
+    try:
+        lo, hi = 0.0, max(profile.mean_step(), 1e-3)
+        if wait(lo) >= target:
+            return 0.0
+        while wait(hi) < target:
+            if hi > 10 * target + 1.0:
+                return None  # the model's wait does not reach the measured one
+            hi *= 2
+        while hi - lo > tolerance * hi:
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if wait(mid) < target else (lo, mid)
+        return (lo + hi) / 2
+    finally:
+        setattr(profile, attr, saved)
+
+
+def _measured_wait(profile: Profile) -> Optional[float]:
+    measured = [x for row in profile.wait for x in row]
+    return sum(measured) / len(measured) if measured else None
+
+
+def calibrate_messages(profile: Profile) -> Optional[float]:
+    """The per-message cost ``m`` of a p2p communication thread that makes the model's wait per step equal the wait
+    a p2p ``max_staleness=0`` profile measured (its worker waits for every round trip): what a message costs beyond
+    the link on the real machine (Python, the data plane, shared cores). ``None`` for another profile: with a
+    higher bound the wait is mostly the hand-off of each step to the communication thread, not a round trip; with
+    one sync group there is no message between groups."""
+    target = _measured_wait(profile)
+    if (profile.transport != "p2p" or profile.max_staleness != 0 or target is None
+            or profile.ranks // max(1, profile.sync_group_size) < 2):
+        return None
+    return _fit(profile, "message_seconds", Config("p2p", 0, group_size=profile.sync_group_size), target)
+
+
+def calibrate_reduction(profile: Profile) -> Optional[float]:
+    """The time one background all-reduce takes on the real machine (``reduction_seconds``), fitted so that the model
+    runs an ``allreduce`` profile's own configuration at the rate it measured (``sum_r 1 / mean_t(compute + data +
+    wait)`` steps per second: where compute and reductions share the CPU a reduction slows the compute rather than
+    keep a rank waiting, so its waits alone do not show its cost); ``None`` for another profile."""
+    if profile.transport != "allreduce" or not profile.wait or profile.ranks < 2:
+        return None
+    rate = 0.0
+    for parts, wait in zip(profile.step_parts(), profile.wait):
+        steps = [b + i + (wait[t] if t < len(wait) else 0.0) for t, (b, i) in enumerate(parts)]
+        rate += len(steps) / sum(steps)
+    config = Config("allreduce", profile.max_staleness)
+    saved = profile.reduction_seconds
+
+    def slower(x: float) -> float:  # the model's step time over the measured one: grows with x
+        profile.reduction_seconds = x
+        pred = simulate(profile, config, profile.ranks)
+        return rate * profile.batch_size / pred.samples_per_s
+
+    try:
+        lo, hi = 0.0, max(profile.mean_step(), 1e-3)
+        if slower(lo) >= 1.0:
+            return 0.0
+        while slower(hi) < 1.0:
+            hi *= 2
+        while hi - lo > 0.02 * hi:
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if slower(mid) < 1.0 else (lo, mid)
+        return (lo + hi) / 2
+    finally:
+        profile.reduction_seconds = saved
+
+
+def calibrate_all(profiles: "list[Profile]") -> None:
+    """Set ``message_seconds`` where unset: fitted to each p2p ``max_staleness=0`` profile's waits
+    (:func:`calibrate_messages`); the other p2p profiles take the first fitted value (the same machine and
+    transport), the rest none; and ``reduction_seconds`` of the allreduce profiles (:func:`calibrate_reduction`)."""
+    fitted = {id(p): calibrate_messages(p) for p in profiles if p.message_seconds is None}
+    shared = next((m for m in fitted.values() if m is not None), None)
+    for p in profiles:
+        if p.message_seconds is None:
+            own = fitted.get(id(p))
+            p.message_seconds = own if own is not None else (shared if p.transport == "p2p" else None)
+        if p.reduction_seconds is None:
+            p.reduction_seconds = calibrate_reduction(p)
+
+
+def pick_profile(profiles: "list[Profile]", config: Config) -> Profile:
+    """The profile to drive ``config`` with, among several (one per transport the user profiled): the same transport
+    (Lightning's ``ddp`` counts as ``ddp``), then the nearest ``max_staleness`` and group size; else the first.
+    Where compute and communication share CPU cores (Gloo on a CPU host), a transport's communication slows the
+    compute of the same process, which only a profile of that transport carries."""
+    same = [p for p in profiles if p.transport == config.transport]
+    if not same:
+        return profiles[0]
+    return min(same, key=lambda p: (abs(p.max_staleness - config.max_staleness), abs(p.sync_group_size - config.group_size)))

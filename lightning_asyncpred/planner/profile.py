@@ -11,7 +11,10 @@ benchmark) holds, per rank of the measured run, the step-time samples in seconds
 and the run's ``batch_size`` (per rank), ``gradient_bytes`` (the bytes one gradient takes on the wire), the link
 (``latency`` in seconds and ``bandwidth`` in bytes/s: measured with one small and one gradient-sized all-reduce, see
 :func:`link_from_allreduce`), the cost of a p2p owner's update per element of an arriving shard
-(``owner_ns_per_element``: ``benchmarks/owner_arrival.py`` measures 0.6-3.4 ns on a CPU core; 0 where unknown) and, where measured, the run's staleness histogram. A step of the simulated run
+(``owner_ns_per_element``: ``benchmarks/owner_arrival.py`` measures 0.6-3.4 ns on a CPU core; 0 where unknown),
+the profiled strategy (``transport``, ``max_staleness``, ``sync_group_size``) and, for a p2p profile, what a
+message costs its communication thread beyond the link (``message_seconds``: fitted to the measured waits by
+``model.calibrate_messages`` when the planner loads the profile) and, where measured, the run's staleness histogram. A step of the simulated run
 draws one ``compute + data`` pair of one measured rank, uniformly: the profile's own spread (jitter, a slow rank of
 the measured run) carries over; the user's perturbation model (``model.Perturbation``) comes on top.
 """
@@ -66,6 +69,12 @@ class Profile:
     gradient_bytes: float = 0.0
     link: Link = field(default_factory=Link)
     owner_ns_per_element: float = 0.0
+    transport: str = ""  # the profiled strategy's transport ("ddp" for Lightning's), its bound and sync group size
+    max_staleness: int = 0
+    sync_group_size: int = 1
+    message_seconds: Optional[float] = None  # p2p: per message beyond the link (model.calibrate_messages)
+    shared_cpu: bool = False  # compute on the CPU the communication threads use (a CPU host)
+    reduction_seconds: Optional[float] = None  # allreduce: a background reduction's time (model.calibrate_reduction)
     samples_per_epoch: Optional[int] = None
     staleness_histogram: list[int] = field(default_factory=list)
     source: str = ""
@@ -88,6 +97,14 @@ class Profile:
     @property
     def ranks(self) -> int:
         return len(self.compute)
+
+    def step_parts(self) -> list[list[tuple[float, float]]]:
+        """Per measured rank: ``(compute, data)`` of each step (data 0 where not recorded)."""
+        out = []
+        for r, row in enumerate(self.compute):
+            data = self.data[r] if self.data else []
+            out.append([(c, data[i] if i < len(data) else 0.0) for i, c in enumerate(row)])
+        return out
 
     def step_samples(self) -> list[list[float]]:
         """Per measured rank: ``compute + data`` of each step (data 0 where not recorded)."""
@@ -123,7 +140,12 @@ class Profile:
             wait=[[float(x) for x in row] for row in d.get("wait") or []],
             gradient_bytes=float(d.get("gradient_bytes", 0.0)),
             link=Link(float(link.get("latency", 0.0)), math.inf if bandwidth is None else float(bandwidth)),
-            owner_ns_per_element=float(d.get("owner_ns_per_element", 0.0)), samples_per_epoch=d.get("samples_per_epoch"),
+            owner_ns_per_element=float(d.get("owner_ns_per_element", 0.0)),
+            transport=str(d.get("transport", "")), max_staleness=int(d.get("max_staleness", 0)),
+            sync_group_size=int(d.get("sync_group_size", 1)),
+            message_seconds=None if d.get("message_seconds") is None else float(d["message_seconds"]),
+            shared_cpu=bool(d.get("shared_cpu", False)),
+            reduction_seconds=None if d.get("reduction_seconds") is None else float(d["reduction_seconds"]), samples_per_epoch=d.get("samples_per_epoch"),
             staleness_histogram=[int(x) for x in d.get("staleness_histogram") or []], source=str(d.get("source", "")),
         )
 
