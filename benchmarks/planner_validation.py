@@ -3,7 +3,8 @@ measure, at 2 and 4 Gloo ranks, under their perturbations (none / jitter / strag
 
 1. **Profile** (what a user would have): per rank count and batch size, a short fit (``--steps``) of each
    transport family the runs use (``ddp``, ``allreduce`` s=2, p2p s=0 and s=2, sync groups of 2: ``asyncpred
-   profile`` with each) doing the job's own work (straggler.py's jobs sleep 20 ms per step: so do their profiles),
+   profile`` with each) doing the job's own work (straggler.py's jobs sleep 20 ms per step: so do their profiles;
+   the rows that run ``LinearPrediction`` are profiled with it),
    no perturbation, with ``ProfileRecorder``: every step's compute and data time, the transport's wait (the planner
    fits the p2p message cost to it) and the link measured with two all-reduces. Each row is predicted from its own
    transport's profile (``model.pick_profile``, as ``asyncpred plan --profile a.json --profile b.json`` does): on a
@@ -77,14 +78,20 @@ def worker(args: argparse.Namespace) -> None:
         "p2p_s2": lambda: la.AsyncPredStrategy(max_staleness=2, timeout=120),
         "groups": lambda: la.AsyncPredStrategy(sync_group_size=2, timeout=120),
     }
+    # the callbacks of the job each profile stands for: straggler.py (batch 16, 20 ms sleep) runs LinearPrediction
+    # in its allreduce and p2p s=2 rows, throughput.py (batch 32) in every asynchronous row
+    predicted = {16: ("allreduce", "p2p_s2"), 32: ("allreduce", "p2p", "p2p_s2", "groups")}
     for batch, sleep in zip(args.batch_sizes, args.sleeps):
         for name, strategy in strategies.items():
             pl.seed_everything(0, verbose=False)
             path = Path(args.out) / f"profile{args.world}_b{batch}_{name}.json"
+            callbacks = [Sleep(sleep), la.ProfileRecorder(str(path), warmup_steps=10)]
+            if name in predicted.get(batch, ()):
+                callbacks.append(la.LinearPrediction(horizon="auto", warmup_steps=20))
             trainer = pl.Trainer(accelerator="cpu", devices=args.world, strategy=strategy(), max_steps=args.steps,
                                  max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0, logger=False,
                                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                 callbacks=[Sleep(sleep), la.ProfileRecorder(str(path), warmup_steps=10)])
+                                 callbacks=callbacks)
             model = la.ImageClassifier(arch="digits_cnn", lr=0.02, momentum=0.9)
             trainer.fit(model, datamodule=la.DigitsDataModule(batch_size=batch))
 

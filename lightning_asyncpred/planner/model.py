@@ -1,42 +1,50 @@
 """A discrete-event model of the transports as implemented, driven by a profile's step times (pure Python).
 
-Every rank runs steps whose times are drawn from the profile (:meth:`Profile.step_samples`: one measured
-``compute + data`` pair, uniformly) plus a fixed ``base_delay``, times the speed model's factor
-(``exchange/virtual.py``'s :func:`~lightning_asyncpred.exchange.virtual.parse_speeds`: ``equal``, ``jitter:S``,
-``straggler:K``: the whole step of the last rank ``K`` times as long), plus an optional exponential sleep of mean
-``delay`` (the benchmarks' perturbations: ``benchmarks/straggler.py``'s ``none`` is ``base_delay``, its ``jitter``
-adds ``delay``, its ``straggler`` is ``straggler:2``; ``benchmarks/throughput.py``'s jitter is ``delay``). The link
-costs ``latency + bytes / bandwidth`` per message (``profile.Link``); a gradient is ``B = gradient_bytes``.
+**Steps.** Every rank runs steps drawn from the profile (:meth:`Profile.step_parts`: one measured ``(compute,
+data)`` pair of one measured rank, uniformly; a ``ddp`` profile's steps already waited for the slowest rank, so
+there a model step is one measured step of every rank at once). A step is ``busy`` (the compute) then ``idle``
+(the loader's wait, sleeps): ``busy = compute * f`` and ``idle = (data + base_delay) * f + Exp(delay)``, ``f`` the
+speed model's factor (``exchange/virtual.py``'s :func:`~lightning_asyncpred.exchange.virtual.parse_speeds`:
+``equal``, ``jitter:S``, ``straggler:K``: the last rank ``K`` times as long). The benchmarks' perturbations:
+``benchmarks/straggler.py``'s ``jitter`` is ``delay = b + c``, its ``straggler`` is ``straggler:2``;
+``benchmarks/throughput.py``'s jitter is ``delay = c``. The link costs ``latency + bytes / bandwidth`` per message
+(``profile.Link``); a gradient is ``B = gradient_bytes``.
 
-Transports (each rule is the transport's own, called here, not restated):
+**Transports** (each rule is the transport's own, called here, not restated):
 
 * ``ddp``: every step waits for the slowest rank, then a ring all-reduce of ``B``
-  (``2 (N - 1) (latency + B / (N bandwidth))``); no staleness.
+  (``2 (N - 1) (latency + B / (N bandwidth))``; in a ``ddp`` profile's steps already); no staleness.
 * ``allreduce`` (``fixed``/``eager``, ``s``): rank ``r`` computes step ``t`` until ``C[r][t]``; the reduction of
   step ``t`` starts once every rank submitted it and the reduction before it ended (collectives run in order) and
-  takes one ring all-reduce. Which reductions a rank must have before it goes on is the transport's
-  :class:`~lightning_asyncpred.staleness.BoundedStalenessQueue` (``submit`` with delay ``s`` in ``fixed`` mode; in
-  ``eager`` mode also ``release_while`` the reduction has ended): the rank waits for the end of every reduction
-  the queue releases, and the queue's staleness is the staleness.
-* ``p2p`` (``s``): a worker sends its ``N - 1`` request shards (``B / N`` each) through its link after computing
-  (they arrive ``latency`` after the last leaves); every owner sees the same arrivals in the same order (a
-  symmetric network), so one owner stands for all: it answers each arrival in arrival order after
-  ``owner_ns_per_element`` per element of its shard and its reply's transfer, and the step is answered once the worker's link received the ``N -
-  1`` replies. The worker installs, before each step, the newest answered step's version; an arrival's staleness
-  is :func:`~lightning_asyncpred.exchange.p2p_protocol.arrival_staleness` (owner updates) and a worker goes on
-  after a submission only while :func:`~lightning_asyncpred.exchange.p2p_protocol.within_bound` holds, the
-  transport's two rules. With the shared batch pool (``pool=True``, the default) the ranks take steps while the
-  pool lasts; with static shards every rank takes the same number.
+  takes ``reduction_seconds`` (fitted to an allreduce profile's rate, else the link's ring all-reduce). Which
+  reductions a rank must have before it goes on is the transport's
+  :class:`~lightning_asyncpred.staleness.BoundedStalenessQueue` (``submit`` with delay ``s``; in ``eager`` mode
+  also ``release_while`` the reduction has ended): the rank waits for the end of every reduction the queue
+  releases, and the queue's staleness is the staleness. On a CPU host a reduction's time is also CPU time of every
+  rank's step.
+* ``p2p`` (``s``): after computing, a worker's communication thread sends its ``N - 1`` request shards (``B / N``
+  each: ``(N - 1) m`` of the thread, then the link); every owner sees the same arrivals in the same order (a
+  symmetric network), so the owners' version is one counter: an arrival's staleness is
+  :func:`~lightning_asyncpred.exchange.p2p_protocol.arrival_staleness` of the version the worker read (the newest
+  answered step's, installed before each step). Each arrival costs every owner's thread ``2 m`` plus its update
+  (``owner_ns_per_element`` per element of its shard) and the reply's transfer; the step is answered once the
+  worker's link received the ``N - 1`` replies and its thread took them (``(N - 1) m``). A worker goes on after a
+  submission only while :func:`~lightning_asyncpred.exchange.p2p_protocol.within_bound` holds. ``m`` is fitted to a
+  p2p ``max_staleness=0`` profile's waits (:func:`calibrate_messages`). On a CPU host (``shared_cpu``) the thread
+  shares the core with the compute: its work goes first at half speed and the compute it overlaps ends that much
+  later. With the shared batch pool (``pool=True``, the default) the ranks take steps while the pool lasts; with
+  static shards every rank takes the same number.
 * ``p2p`` in sync groups of ``k`` (``s = 0``, ``exchange/grouped.py``'s layout): a group's step is its slowest
   member's plus the group's all-reduce of ``B`` and all-gather of its columns; the ``G = N / k`` groups then run
   the p2p model above with ``B / k`` per member (each member exchanges its piece with its column).
 
-Outputs (:class:`Prediction`): samples/s over all ranks, the sum-of-rates limit (``sum_r batch / E[step_r]``,
+**Outputs** (:class:`Prediction`): samples/s over all ranks, the sum-of-rates limit (``sum_r batch / E[step_r]``,
 what no transport can beat), efficiency (their ratio), the staleness histogram in the transport's unit (owner
 updates for p2p, as ``StalenessMonitor`` and ``LinearPrediction`` see it; steps for allreduce) and in rounds
-(``tau / G`` for p2p, ``G`` arrivals per round), and the time per epoch. What it leaves out: contention between a
-rank's requests and the replies it serves on one link (each has the link to itself), NCCL's and Gloo's internal
-pipelining, the owners' round barrier (an owner steps once per ``G`` arrivals; versions count arrivals).
+(``tau / G`` for p2p, ``G`` arrivals per round), the wait per step and the time per epoch. Left out: contention
+between a rank's requests and the replies it serves on one link (each direction has the link to itself), NCCL's
+and Gloo's internal pipelining, the owners' round barrier (an owner steps once per ``G`` arrivals; versions count
+arrivals).
 """
 
 from __future__ import annotations
@@ -399,26 +407,27 @@ def _p2p(step_time: StepSource, workers: int, steps: int, config: Config, link: 
     return max(finish), sum(taken), waited
 
 
-def _fit(profile: Profile, attr: str, config: Config, target: float, tolerance: float = 0.02) -> Optional[float]:
-    """The value of ``profile.<attr>`` for which the model's wait per step of ``config`` at the profile's ranks is
-    ``target`` (bisection: the wait grows with it); ``None`` if no value reaches it."""
+def _fit(profile: Profile, attr: str, config: Config, target: float, metric: Callable[[Prediction], float],
+         tolerance: float = 0.02) -> Optional[float]:
+    """The value of ``profile.<attr>`` for which ``metric`` of the model's prediction of ``config`` at the profile's
+    ranks is ``target`` (bisection: the metric grows with it); ``None`` if no value reaches it."""
     saved = getattr(profile, attr)
 
-    def wait(x: float) -> float:
+    def value(x: float) -> float:
         setattr(profile, attr, x)
-        return simulate(profile, config, profile.ranks).wait_per_step
+        return metric(simulate(profile, config, profile.ranks))
 
     try:
         lo, hi = 0.0, max(profile.mean_step(), 1e-3)
-        if wait(lo) >= target:
+        if value(lo) >= target:
             return 0.0
-        while wait(hi) < target:
-            if hi > 10 * target + 1.0:
-                return None  # the model's wait does not reach the measured one
+        while value(hi) < target:
+            if hi > 10 * profile.mean_step() + 1.0:
+                return None  # the model does not reach the measured value by this cost alone
             hi *= 2
         while hi - lo > tolerance * hi:
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if wait(mid) < target else (lo, mid)
+            lo, hi = (mid, hi) if value(mid) < target else (lo, mid)
         return (lo + hi) / 2
     finally:
         setattr(profile, attr, saved)
@@ -430,16 +439,18 @@ def _measured_wait(profile: Profile) -> Optional[float]:
 
 
 def calibrate_messages(profile: Profile) -> Optional[float]:
-    """The per-message cost ``m`` of a p2p communication thread that makes the model's wait per step equal the wait
-    a p2p ``max_staleness=0`` profile measured (its worker waits for every round trip): what a message costs beyond
-    the link on the real machine (Python, the data plane, shared cores). ``None`` for another profile: with a
-    higher bound the wait is mostly the hand-off of each step to the communication thread, not a round trip; with
-    one sync group there is no message between groups."""
+    """The per-message cost ``m`` of a p2p communication thread (what a message costs beyond the link on the real
+    machine: Python, the data plane, shared cores), fitted to the wait per step a p2p ``max_staleness=0`` profile
+    measured (its worker waits for every round trip). ``None`` for another profile: with a higher bound the wait is
+    mostly the hand-off of each step to the communication thread, not a round trip (fitting ``m`` to such a
+    profile's staleness instead was tried: on a CPU host it then overstates what the thread takes from the compute,
+    see the README's validation); with one sync group there is no message between groups."""
     target = _measured_wait(profile)
     if (profile.transport != "p2p" or profile.max_staleness != 0 or target is None
             or profile.ranks // max(1, profile.sync_group_size) < 2):
         return None
-    return _fit(profile, "message_seconds", Config("p2p", 0, group_size=profile.sync_group_size), target)
+    return _fit(profile, "message_seconds", Config("p2p", 0, group_size=profile.sync_group_size), target,
+                lambda p: p.wait_per_step)
 
 
 def calibrate_reduction(profile: Profile) -> Optional[float]:
