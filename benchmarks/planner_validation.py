@@ -193,16 +193,16 @@ def _plot(rows: list[dict], path: Path) -> None:
         axes[0].scatter([r["sps"] for r in sub], [r["pred_sps"] for r in sub], marker=marker, label=f"{world} ranks")
         st = [r for r in sub if r["stale_err"] is not None]
         axes[1].scatter([r["stale"] for r in st], [r["pred_stale"] for r in st], marker=marker, label=f"{world} ranks")
-    for ax, what in ((axes[0], "samples/s"), (axes[1], "mean staleness")):
+    for ax, what, tol in ((axes[0], "samples/s", 0.15), (axes[1], "mean staleness", 0.20)):
         lo, hi = ax.get_xlim()
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
-        ax.plot([lo, hi], [lo * 1.15, hi * 1.15], color="grey", lw=0.5, ls="--")
-        ax.plot([lo, hi], [lo * 0.85, hi * 0.85], color="grey", lw=0.5, ls="--")
+        ax.plot([lo, hi], [lo * (1 + tol), hi * (1 + tol)], color="grey", lw=0.5, ls="--")
+        ax.plot([lo, hi], [lo * (1 - tol), hi * (1 - tol)], color="grey", lw=0.5, ls="--")
         ax.set_xlabel(f"measured {what}")
         ax.set_ylabel(f"predicted {what}")
         ax.legend()
     axes[0].set_title("throughput (dashed: +-15%)")
-    axes[1].set_title("staleness of an applied gradient")
+    axes[1].set_title("staleness of an applied gradient (dashed: +-20%)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
