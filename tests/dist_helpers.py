@@ -38,11 +38,12 @@ def run(out: Path, *args: str, torchrun: bool = True, timeout: float = 150, chec
 
 
 def _aborted_at_exit(proc: subprocess.CompletedProcess, out: Path, nproc: int) -> bool:
-    """KNOWN FLAKE (open): after every rank finished its fit and wrote its results, one process aborts while the
-    interpreter exits ("terminate called without an active exception", rc -6: a C++ thread object destroyed while
-    joinable). Seen under allreduce (tests/test_signals.py) and, more often since the p2p data plane creates and
-    destroys its groups per fit, in ``test_shared_pool`` at 3 ranks (2 of 12 runs). Only that exact symptom is
-    retried, once."""
+    """The abort at exit (rc -6, "terminate called without an active exception") after every rank finished: torch
+    issue #190489, a Gloo worker thread freeing the last collective's tensors while the interpreter finalizes (found
+    with gdb on a core: ``ProcessGroupGloo::runLoop`` -> ``~AsyncWork`` -> ``decref_pyobject`` -> ``take_gil`` ->
+    thread exit -> ``std::terminate``). The test scripts now destroy the process group before exiting
+    (``dist_scripts/_finish.py``; 20 of 20 launches clean where 3 of 20 aborted without it); this retry (once, that
+    exact symptom only) stays for a launch path that misses it."""
     log = proc.stdout + proc.stderr
     finished = all((out / f"rank{r}.json").exists() for r in range(nproc))
     return finished and "terminate called without an active exception" in log and "-6" in log

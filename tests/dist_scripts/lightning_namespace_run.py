@@ -43,3 +43,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from _finish import finish  # the script's folder is on sys.path
+
+    finish()
