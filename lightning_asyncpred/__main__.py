@@ -88,10 +88,10 @@ def main(args: Optional[list[str]] = None) -> None:
     cli = importlib.import_module("lightning_asyncpred.cli" if namespace == "pytorch_lightning" else f"{_namespace.MIRROR}.cli")
     with tempfile.TemporaryDirectory(prefix="asyncpred-config-") as workdir:
         cli.main(_translated(args, namespace, workdir))
-    _destroy_process_group()
+    destroy_process_group()
 
 
-def _destroy_process_group() -> None:
+def destroy_process_group() -> None:
     """The process ends here: destroy the default process group while the interpreter is alive. Otherwise a Gloo
     worker thread may still be freeing the last collective's tensors (their Python objects need the GIL) when the
     interpreter finalizes, and the process aborts ("terminate called without an active exception", torch issue

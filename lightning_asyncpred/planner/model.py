@@ -49,6 +49,7 @@ arrivals).
 
 from __future__ import annotations
 
+import copy
 import heapq
 import math
 import random
@@ -161,7 +162,10 @@ class StepTimes:
 
     def __call__(self, rank: int) -> tuple[float, float]:
         row = self.samples[self.random.randrange(len(self.samples))]
-        busy, idle = row[self.random.randrange(len(row))]
+        return self._perturbed(rank, *row[self.random.randrange(len(row))])
+
+    def _perturbed(self, rank: int, busy: float, idle: float) -> tuple[float, float]:
+        """A measured ``(busy, idle)`` under the perturbation: the speed factor, the base and exponential sleeps."""
         factor = self.speeds.sample(rank, self.ranks, self.generator)
         idle = (idle + self.perturbation.base_delay) * factor
         if self.perturbation.delay > 0:
@@ -172,20 +176,11 @@ class StepTimes:
         """One measured step of a synchronous (``ddp``) profile: every rank's ``(busy, idle)`` at one step index
         (rank ``r`` takes measured rank ``r mod R``'s), with the perturbation drawn per rank."""
         t = self.random.randrange(min(len(row) for row in self.samples))
-        out = []
-        for r in range(ranks):
-            busy, idle = self.samples[r % len(self.samples)][t]
-            factor = self.speeds.sample(r, self.ranks, self.generator)
-            idle = (idle + self.perturbation.base_delay) * factor
-            if self.perturbation.delay > 0:
-                idle += self.random.expovariate(1.0 / self.perturbation.delay)
-            out.append((busy * factor, idle))
-        return out
+        return [self._perturbed(r, *self.samples[r % len(self.samples)][t]) for r in range(ranks)]
 
     def mean(self, rank: int, draws: int = 400) -> float:
         """``E[step_rank]``, estimated from ``draws`` draws of a separate seed."""
-        other = StepTimes.__new__(StepTimes)
-        other.__dict__.update(self.__dict__)
+        other = copy.copy(self)
         other.random, other.generator = random.Random(12345 + rank), torch.Generator().manual_seed(12345 + rank)
         return sum(sum(other(rank)) for _ in range(draws)) / draws
 
@@ -314,8 +309,8 @@ def _p2p(step_time: StepSource, workers: int, steps: int, config: Config, link: 
     the compute: its work goes first, and a compute it overlaps ends that much later (work-conserving)."""
     s, m = config.max_staleness, message_seconds
     piece = nbytes / workers
-    transfer = (workers - 1) * (piece / link.bandwidth if math.isfinite(link.bandwidth) else 0.0)
-    reply = piece / link.bandwidth if math.isfinite(link.bandwidth) else 0.0
+    reply = link.transfer_seconds(piece)
+    transfer = (workers - 1) * reply
     owner_version = 0
     comm = np.zeros(workers)
     computing = np.zeros(workers, dtype=bool)
@@ -464,26 +459,9 @@ def calibrate_reduction(profile: Profile) -> Optional[float]:
     for parts, wait in zip(profile.step_parts(), profile.wait):
         steps = [b + i + (wait[t] if t < len(wait) else 0.0) for t, (b, i) in enumerate(parts)]
         rate += len(steps) / sum(steps)
-    config = Config("allreduce", profile.max_staleness)
-    saved = profile.reduction_seconds
-
-    def slower(x: float) -> float:  # the model's step time over the measured one: grows with x
-        profile.reduction_seconds = x
-        pred = simulate(profile, config, profile.ranks)
-        return rate * profile.batch_size / pred.samples_per_s
-
-    try:
-        lo, hi = 0.0, max(profile.mean_step(), 1e-3)
-        if slower(lo) >= 1.0:
-            return 0.0
-        while slower(hi) < 1.0:
-            hi *= 2
-        while hi - lo > 0.02 * hi:
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if slower(mid) < 1.0 else (lo, mid)
-        return (lo + hi) / 2
-    finally:
-        profile.reduction_seconds = saved
+    # the model's step time over the measured one: 1 at the fitted value, growing with it
+    return _fit(profile, "reduction_seconds", Config("allreduce", profile.max_staleness), 1.0,
+                lambda p: rate * profile.batch_size / p.samples_per_s)
 
 
 def calibrate_all(profiles: "list[Profile]") -> None:

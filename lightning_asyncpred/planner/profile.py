@@ -37,8 +37,12 @@ class Link:
     latency: float = 0.0
     bandwidth: float = math.inf
 
+    def transfer_seconds(self, nbytes: float) -> float:
+        """``nbytes / bandwidth`` (0 on an unlimited link)."""
+        return nbytes / self.bandwidth if math.isfinite(self.bandwidth) else 0.0
+
     def seconds(self, nbytes: float) -> float:
-        return self.latency + (nbytes / self.bandwidth if math.isfinite(self.bandwidth) else 0.0)
+        return self.latency + self.transfer_seconds(nbytes)
 
     def allreduce_seconds(self, nbytes: float, ranks: int) -> float:
         """A ring all-reduce over ``ranks``: ``2 (n - 1)`` messages of ``b / n`` bytes in sequence."""
@@ -108,11 +112,7 @@ class Profile:
 
     def step_samples(self) -> list[list[float]]:
         """Per measured rank: ``compute + data`` of each step (data 0 where not recorded)."""
-        out = []
-        for r, row in enumerate(self.compute):
-            data = self.data[r] if self.data else []
-            out.append([c + (data[i] if i < len(data) else 0.0) for i, c in enumerate(row)])
-        return out
+        return [[c + d for c, d in row] for row in self.step_parts()]
 
     def mean_step(self) -> float:
         flat = [x for row in self.step_samples() for x in row]
