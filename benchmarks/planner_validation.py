@@ -14,7 +14,7 @@ measure, at 2 and 4 Gloo ranks, under their perturbations (none / jitter / strag
 2. **Measure**: ``straggler.py --seeds 1`` and ``throughput.py --quick`` at the same rank counts, each into its own
    folder under ``--out`` (``--report-only``: read them).
 3. **Predict** every fit of those runs from the profile plus the run's perturbation in the model's terms
-   (straggler.py: jitter adds an exponential sleep of mean ``b + c``; straggler: the last rank ``straggler:2``;
+   (straggler.py: jitter adds an exponential sleep of mean ``b + c``; straggler: the last rank sleeps ``b + c`` more;
    throughput.py: jitter of mean ``c``, ``c`` the run's calibrated compute), for the number of steps
    the run took, and compare samples/s (all ranks' samples / the slowest rank's training time) and the mean
    staleness of an applied gradient (the strategy's ``staleness_stats``, weighted by each rank's steps; p2p in owner
@@ -107,7 +107,7 @@ def straggler_rows(out: Path, world: int, profiles: list[Profile]) -> list[dict]
     meta = json.loads((root / "straggler_meta.json").read_text())
     b, c = meta["base"], meta["compute"]
     # the profile's steps already hold the base sleep b (the job as it runs)
-    perts = {"none": Perturbation(), "jitter": Perturbation(delay=b + c), "straggler": Perturbation("straggler:2")}
+    perts = {"none": Perturbation(), "jitter": Perturbation(delay=b + c), "straggler": Perturbation(straggler_delay=b + c)}
     rows = []
     for pert, perturbation in perts.items():
         for k, config in enumerate(STRAGGLER_ROWS):

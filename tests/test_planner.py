@@ -212,6 +212,89 @@ def test_each_configuration_takes_its_own_transports_profile():
     assert p2.message_seconds == p0.message_seconds is not None and ddp.message_seconds is None
 
 
+def test_a_profile_without_its_own_fit_takes_the_message_cost_of_its_exchange_layout():
+    """A group's members exchange with their column only: a p2p profile of single ranks takes the cost fitted to
+    the single-rank s=0 profile, not to the groups' one, whichever is listed first."""
+    groups, _ = _profile_of(Config("p2p", 0, group_size=2), m=4e-3, ranks=4)
+    groups.sync_group_size = 2
+    single, _ = _profile_of(Config("p2p", 0), m=1e-3, ranks=4)
+    deep = Profile(compute=[[0.01]] * 4, batch_size=16, transport="p2p", max_staleness=2)
+    model.calibrate_all([groups, single, deep])
+    assert deep.message_seconds == single.message_seconds == pytest.approx(1e-3, rel=0.05)
+    assert groups.message_seconds == pytest.approx(4e-3, rel=0.05)
+
+
+def test_share_core_is_work_conserving():
+    """A thread's work beside a compute on one core: alone at full speed, beside the compute at the share, and the
+    compute ends later by exactly the work done beside it."""
+    import numpy as np
+
+    cs, ce, on = np.array([1.0] * 4), np.array([3.0] * 4), np.array([True, True, True, False])
+    begin = np.array([1.5, 0.5, 2.5, 1.5])
+    end, compute_end = model.share_core(begin, 0.4, cs, ce, on, share=0.5)
+    # beside the compute: 0.4 at half speed (0.8 s), the compute 0.4 later; done alone before the compute starts;
+    # beside the compute's last 0.5 (which would take 1.0 s at half speed): the work ends first at 2.5 + 0.8;
+    # no compute: alone
+    assert end.tolist() == pytest.approx([2.3, 0.9, 3.3, 1.9])
+    assert compute_end.tolist() == pytest.approx([3.4, 3.0, 3.4, 3.0])
+    # the compute runs out first: 0.2 of compute left at half speed (0.4 s), 0.2 of work done beside it, 1.0 alone
+    end, compute_end = model.share_core(np.array([2.8]), 1.2, np.array([1.0]), np.array([3.0]), np.array([True]))
+    assert end[0] == pytest.approx(2.8 + 0.4 + 1.0) and compute_end[0] == pytest.approx(3.2)
+    with pytest.raises(ValueError, match=r"share=1"):
+        model.share_core(begin, 0.4, cs, ce, on, share=1)
+
+
+def test_a_steps_staleness_is_the_largest_over_its_owners(monkeypatch):
+    """As P2PExchange reports it: each owner counts its own updates (the worker's own shard is applied at its
+    submission, the others at arrival) with the protocol's arrival_staleness; a step's staleness is the largest."""
+    calls = []
+
+    def recorded(owner_version, read_version):
+        out = p2p_protocol.arrival_staleness(owner_version, read_version)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(model, "arrival_staleness", recorded)
+    prof = steady(link=Link(latency=2e-3))
+    pred = simulate(prof, Config("p2p", 1), 3, Perturbation("jitter:0.5"), steps=60)
+    assert len(calls) == pred.staleness.count == 180 and all(len(c) == 3 for c in calls)  # every owner, every step
+    steps = [int(c.max()) for c in calls]
+    assert sorted(steps) == sorted(t for t, n in enumerate(pred.staleness.histogram) for _ in range(n))
+    # owners disagree under jitter: the largest is above their mean
+    assert sum(steps) > sum(float(c.mean()) for c in calls)
+
+
+def test_straggler_delay_slows_the_last_rank_only():
+    """benchmarks/straggler.py's straggler sleeps b + c more than the others: ddp runs at its pace, the limit counts
+    it once."""
+    prof, n = steady(0.05), 4
+    slow = Perturbation(straggler_delay=0.03)
+    assert simulate(prof, Config("ddp"), n, slow).samples_per_s == pytest.approx(n * 32 / 0.08, rel=1e-6)
+    assert simulate(prof, Config("p2p", 1), n, slow).limit == pytest.approx(32 * (3 / 0.05 + 1 / 0.08), rel=1e-6)
+    with pytest.raises(ValueError, match="straggler_delay=-1"):
+        Perturbation(straggler_delay=-1)
+
+
+def test_a_groups_profile_drives_group_steps_as_measured():
+    """A profile of sync groups measured its members waiting for each other (the all-reduce is in their steps):
+    a group's step is one measured step of one measured group, not the maximum of two independent draws."""
+    steps = [0.01, 0.03] * 50  # the two members' steps, synchronized by their all-reduce
+    prof = Profile(compute=[steps, steps], batch_size=8, transport="p2p", sync_group_size=2, link=Link(1e-6))
+    grouped = simulate(prof, Config("p2p", 0, group_size=2), 2, steps=2000)
+    assert grouped.samples_per_s == pytest.approx(2 * 8 / 0.02, rel=0.03)
+    prof.sync_group_size = 1  # the same steps as independent ranks': E[max of two draws] = 0.025
+    assert simulate(prof, Config("p2p", 0, group_size=2), 2, steps=2000).samples_per_s == pytest.approx(
+        2 * 8 / 0.025, rel=0.03)
+
+
+def test_on_a_cpu_host_a_background_reduction_costs_only_what_the_idle_part_does_not_absorb():
+    busy = Profile(compute=[[0.01] * 10] * 2, batch_size=8, shared_cpu=True, reduction_seconds=0.004)
+    sleepy = Profile(compute=[[0.01] * 10] * 2, data=[[0.005] * 10] * 2, batch_size=8, shared_cpu=True,
+                     reduction_seconds=0.004)
+    assert simulate(busy, Config("allreduce", 2), 2).samples_per_s == pytest.approx(2 * 8 / 0.014, rel=0.01)
+    assert simulate(sleepy, Config("allreduce", 2), 2).samples_per_s == pytest.approx(2 * 8 / 0.015, rel=0.01)
+
+
 def test_a_ddp_profile_predicts_its_own_rate():
     """ddp's measured steps already waited for the slowest rank: the model takes a measured step of every rank at
     once, so a ddp profile reproduces its own throughput instead of the maximum of independent draws."""

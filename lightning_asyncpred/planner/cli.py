@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--speeds", default="equal", help="equal | jitter:S | straggler:K (the last rank K times slower)")
     p.add_argument("--delay", type=float, default=0.0, help="mean seconds of an exponential sleep added per step")
     p.add_argument("--base-delay", type=float, default=0.0, help="seconds added to every step")
+    p.add_argument("--straggler-delay", type=float, default=0.0,
+                   help="seconds added to every step of the last rank only (a rank slower by a known time)")
     p.add_argument("--backend", choices=("nccl", "gloo"), default="nccl",
                    help="nccl adds allreduce's eager mode (completion can be polled only there)")
     p.add_argument("--owner-ns-per-element", type=float, default=None,
@@ -121,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser().parse_args(argv)
     try:
         profiles = [Profile.load(path) for path in args.profile]
-        perturbation = Perturbation(args.speeds, args.delay, args.base_delay)
+        perturbation = Perturbation(args.speeds, args.delay, args.base_delay, args.straggler_delay)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"asyncpred plan: {exc}") from None
     for profile in profiles:

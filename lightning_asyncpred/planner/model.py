@@ -5,8 +5,9 @@ data)`` pair of one measured rank, uniformly; a ``ddp`` profile's steps already 
 there a model step is one measured step of every rank at once). A step is ``busy`` (the compute) then ``idle``
 (the loader's wait, sleeps): ``busy = compute * f`` and ``idle = (data + base_delay) * f + Exp(delay)``, ``f`` the
 speed model's factor (``exchange/virtual.py``'s :func:`~lightning_asyncpred.exchange.virtual.parse_speeds`:
-``equal``, ``jitter:S``, ``straggler:K``: the last rank ``K`` times as long). The benchmarks' perturbations:
-``benchmarks/straggler.py``'s ``jitter`` is ``delay = b + c``, its ``straggler`` is ``straggler:2``;
+``equal``, ``jitter:S``, ``straggler:K``: the last rank ``K`` times as long), the last rank's
+``straggler_delay`` added to its idle part. The benchmarks' perturbations: ``benchmarks/straggler.py``'s
+``jitter`` is ``delay = b + c``, its ``straggler`` is ``straggler_delay = b + c`` (it sleeps ``2 b + c``);
 ``benchmarks/throughput.py``'s jitter is ``delay = c``. The link costs ``latency + bytes / bandwidth`` per message
 (``profile.Link``); a gradient is ``B = gradient_bytes``.
 
@@ -21,21 +22,26 @@ speed model's factor (``exchange/virtual.py``'s :func:`~lightning_asyncpred.exch
   :class:`~lightning_asyncpred.staleness.BoundedStalenessQueue` (``submit`` with delay ``s``; in ``eager`` mode
   also ``release_while`` the reduction has ended): the rank waits for the end of every reduction the queue
   releases, and the queue's staleness is the staleness. On a CPU host a reduction's time is also CPU time of every
-  rank's step.
-* ``p2p`` (``s``): after computing, a worker's communication thread sends its ``N - 1`` request shards (``B / N``
-  each: ``(N - 1) m`` of the thread, then the link); every owner sees the same arrivals in the same order (a
-  symmetric network), so the owners' version is one counter: an arrival's staleness is
-  :func:`~lightning_asyncpred.exchange.p2p_protocol.arrival_staleness` of the version the worker read (the newest
-  answered step's, installed before each step). Each arrival costs every owner's thread ``2 m`` plus its update
-  (``owner_ns_per_element`` per element of its shard) and the reply's transfer; the step is answered once the
-  worker's link received the ``N - 1`` replies and its thread took them (``(N - 1) m``). A worker goes on after a
-  submission only while :func:`~lightning_asyncpred.exchange.p2p_protocol.within_bound` holds. ``m`` is fitted to a
-  p2p ``max_staleness=0`` profile's waits (:func:`calibrate_messages`). On a CPU host (``shared_cpu``) the thread
-  shares the core with the compute: its work goes first at half speed and the compute it overlaps ends that much
-  later. With the shared batch pool (``pool=True``, the default) the ranks take steps while the pool lasts; with
-  static shards every rank takes the same number.
+  rank's next step, less what the step's idle part (sleeps, the loader's wait) absorbs.
+* ``p2p`` (``s``): at its submission a worker's own shard is applied at once (``Engine.submit``) and its
+  communication thread sends the ``N - 1`` other request shards (``B / N`` each: ``(N - 1) m`` of the thread, then
+  the link); the other owners apply it when it arrives (one arrival time: the network is symmetric). Every owner
+  counts its own updates, and a worker installs, before each step, the newest version of each owner it has been
+  answered; an arrival's staleness at owner ``k`` is
+  :func:`~lightning_asyncpred.exchange.p2p_protocol.arrival_staleness` of owner ``k``'s version and the one the
+  worker read, and a step's staleness is the largest over its owners (what ``P2PExchange`` reports). Each arrival
+  costs every other owner's thread ``2 m`` plus its update (``owner_ns_per_element`` per element of its shard) and
+  the reply's transfer; the step is answered once the worker's link received the ``N - 1`` replies and its thread
+  took them (``(N - 1) m``). A worker goes on after a submission only while
+  :func:`~lightning_asyncpred.exchange.p2p_protocol.within_bound` holds. ``m`` is fitted to a p2p
+  ``max_staleness=0`` profile's waits (:func:`calibrate_messages`). On a CPU host (``shared_cpu``) the thread
+  shares the core with the compute: outside a compute it runs at full speed, beside one at ``THREAD_SHARE`` (half)
+  of the core, and the compute ends later by the work done beside it; work still queued when a compute begins
+  goes first. With the shared batch pool (``pool=True``, the default) the ranks take steps while the pool lasts;
+  with static shards every rank takes the same number.
 * ``p2p`` in sync groups of ``k`` (``s = 0``, ``exchange/grouped.py``'s layout): a group's step is its slowest
-  member's plus the group's all-reduce of ``B`` and all-gather of its columns; the ``G = N / k`` groups then run
+  member's plus the group's all-reduce of ``B`` and all-gather of its columns (a profile of groups of ``k`` already
+  holds those: there a group's step is one measured step of one measured group); the ``G = N / k`` groups then run
   the p2p model above with ``B / k`` per member (each member exchanges its piece with its column).
 
 **Outputs** (:class:`Prediction`): samples/s over all ranks, the sum-of-rates limit (``sum_r batch / E[step_r]``,
@@ -43,8 +49,9 @@ what no transport can beat), efficiency (their ratio), the staleness histogram i
 updates for p2p, as ``StalenessMonitor`` and ``LinearPrediction`` see it; steps for allreduce) and in rounds
 (``tau / G`` for p2p, ``G`` arrivals per round), the wait per step and the time per epoch. Left out: contention
 between a rank's requests and the replies it serves on one link (each direction has the link to itself), NCCL's
-and Gloo's internal pipelining, the owners' round barrier (an owner steps once per ``G`` arrivals; versions count
-arrivals).
+and Gloo's internal pipelining, the order in which a worker's requests leave (all arrive at once), and, where
+more ranks than cores share a host, one rank's threads taking CPU from another rank's compute (a profile measured
+at the rank count it predicts carries that in its step times and fitted costs).
 """
 
 from __future__ import annotations
@@ -67,6 +74,8 @@ from lightning_asyncpred.planner.profile import Link, Profile
 from lightning_asyncpred.staleness import BoundedStalenessQueue, StalenessStats
 
 TRANSPORTS = ("ddp", "allreduce", "p2p")
+# the CPU share a rank's communication thread gets while its compute runs on the same core (two runnable threads)
+THREAD_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -105,16 +114,19 @@ class Config:
 class Perturbation:
     """The user's perturbation model on top of the profile: ``speeds`` (``equal``, ``jitter:S``,
     ``straggler:K``: the last rank takes ``K`` times as long), ``delay``: the mean of an exponential sleep added to
-    every step (seconds), ``base_delay``: a fixed sleep added to every step (seconds)."""
+    every step (seconds), ``base_delay``: a fixed sleep added to every step (seconds), ``straggler_delay``: a fixed
+    sleep added to every step of the last rank only (seconds: a rank slower by a known time, e.g. its loader)."""
 
     speeds: str = "equal"
     delay: float = 0.0
     base_delay: float = 0.0
+    straggler_delay: float = 0.0
 
     def __post_init__(self) -> None:
         parse_speeds(self.speeds)
-        if not (self.delay >= 0 and self.base_delay >= 0):
-            raise ValueError(f"delay={self.delay}, base_delay={self.base_delay}: seconds >= 0")
+        if not (self.delay >= 0 and self.base_delay >= 0 and self.straggler_delay >= 0):
+            raise ValueError(f"delay={self.delay}, base_delay={self.base_delay}, "
+                             f"straggler_delay={self.straggler_delay}: seconds >= 0")
 
 
 @dataclass
@@ -159,6 +171,8 @@ class StepTimes:
         self.random = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.synchronized = self.synchronized_step if profile.transport == "ddp" else None
+        # a sync-group profile's steps already waited for the member's group (its all-reduce is inside the step)
+        self.group_size = profile.sync_group_size if profile.transport == "p2p" else 1
 
     def __call__(self, rank: int) -> tuple[float, float]:
         row = self.samples[self.random.randrange(len(self.samples))]
@@ -168,6 +182,8 @@ class StepTimes:
         """A measured ``(busy, idle)`` under the perturbation: the speed factor, the base and exponential sleeps."""
         factor = self.speeds.sample(rank, self.ranks, self.generator)
         idle = (idle + self.perturbation.base_delay) * factor
+        if rank == self.ranks - 1:
+            idle += self.perturbation.straggler_delay
         if self.perturbation.delay > 0:
             idle += self.random.expovariate(1.0 / self.perturbation.delay)
         return busy * factor, idle
@@ -177,6 +193,15 @@ class StepTimes:
         (rank ``r`` takes measured rank ``r mod R``'s), with the perturbation drawn per rank."""
         t = self.random.randrange(min(len(row) for row in self.samples))
         return [self._perturbed(r, *self.samples[r % len(self.samples)][t]) for r in range(ranks)]
+
+    def synchronized_group(self, members: list[int]) -> list[tuple[float, float]]:
+        """One measured step of one measured sync group of a group profile: member ``i`` of ``members`` takes the
+        ``i``-th member's ``(busy, idle)`` of a random measured group at one step index, perturbed as its own."""
+        k = self.group_size
+        first = k * self.random.randrange(len(self.samples) // k)
+        rows = self.samples[first:first + k]
+        t = self.random.randrange(min(len(row) for row in rows))
+        return [self._perturbed(r, *rows[i % k][t]) for i, r in enumerate(members)]
 
     def mean(self, rank: int, draws: int = 400) -> float:
         """``E[step_rank]``, estimated from ``draws`` draws of a separate seed."""
@@ -193,7 +218,8 @@ def simulate(profile: Profile, config: Config, ranks: int, perturbation: Perturb
         raise ValueError(f"ranks={ranks}; it must be >= 1")
     steps = steps if steps is not None else max(40, math.ceil(4000 / ranks))
     times = StepTimes(profile, perturbation, ranks, seed)
-    limit = sum(profile.batch_size / times.mean(r) for r in range(ranks))
+    # the perturbations treat every rank but the last alike (parse_speeds' models, straggler_delay)
+    limit = profile.batch_size * ((ranks - 1) / times.mean(0) + 1 / times.mean(ranks - 1))
     pred = Prediction(config, ranks, 0.0, limit, samples_per_epoch=profile.samples_per_epoch)
     makespan, pred.steps, pred.arrivals_per_round, waited = run(
         times, ranks, steps, config, profile.link, profile.gradient_bytes, profile.owner_ns_per_element,
@@ -240,7 +266,12 @@ def run(step_time: StepSource, ranks: int, steps: int, config: Config, link: Opt
     k = config.group_size
     groups, _ = group_layout(ranks, k)
     step: StepSource = step_time
-    if k > 1:
+    if k > 1 and getattr(step_time, "group_size", 1) == k:  # a profile of groups of k: measured group steps
+
+        def step(g: int) -> tuple[float, float]:
+            return max(b + i for b, i in step_time.synchronized_group(groups[g])), 0.0
+
+    elif k > 1:
         sync = link.allreduce_seconds(nbytes, k) + (k - 1) * link.seconds(nbytes / k)  # all-reduce + all-gather
 
         def step(g: int) -> tuple[float, float]:
@@ -278,7 +309,7 @@ def _allreduce(times: StepSource, ranks: int, steps: int, config: Config, allred
         computed = []
         for r in range(ranks):
             busy, idle = times(r)
-            computed.append(finish[r] + idle + busy + extra)
+            computed.append(finish[r] + idle + busy + max(0.0, extra - idle))
         last_end = ended[t] = max(max(computed), last_end) + allreduce  # in order, once every rank submitted
         for r in range(ranks):
             queues[r].submit(t, s)  # as AllReduceExchange._submit and _ready do
@@ -294,6 +325,32 @@ def _allreduce(times: StepSource, ranks: int, steps: int, config: Config, allred
     return max(finish), steps * ranks, waited
 
 
+def share_core(begin: np.ndarray, seconds: float, compute_start: np.ndarray, compute_end: np.ndarray,
+               computing: np.ndarray, share: float = THREAD_SHARE) -> tuple[np.ndarray, np.ndarray]:
+    """``seconds`` of a communication thread's work from ``begin`` on a core it shares with a compute
+    ``[compute_start, compute_end)`` (where ``computing``), per element: full speed outside the compute, a ``share``
+    of the core beside it, the compute at ``1 - share`` (work-conserving: the compute ends later by the work done
+    beside it). Returns ``(end of the work, end of the compute)``.
+
+    With ``b`` the start of the shared part and ``r = compute_end - b`` the compute left there: if the work left,
+    ``W``, ends first (``W / share <= r / (1 - share)``) it ends at ``b + W / share`` and the compute at
+    ``compute_end + W``; else the compute ends at ``b + r / (1 - share)`` and the rest of the work runs alone."""
+    if not 0 < share < 1:
+        raise ValueError(f"share={share}; it must be in (0, 1)")
+    overlap = computing & (begin < compute_end)
+    before = np.where(overlap, np.clip(compute_start - begin, 0.0, seconds), seconds)  # alone before the compute
+    left = seconds - before
+    start = np.maximum(begin, compute_start)
+    rest = compute_end - start  # the compute still to run when the shared part begins
+    beside = left / share  # how long the shared part takes if the work ends while the compute runs
+    fits = beside * (1 - share) <= rest
+    alongside = np.where(fits, beside, rest / (1 - share))
+    done_beside = np.where(fits, left, alongside * share)
+    shared = overlap & (left > 0)
+    end = np.where(shared, start + alongside + (left - done_beside), begin + seconds)
+    return end, np.where(shared, compute_end + done_beside, compute_end)
+
+
 # event kinds, in the order they are handled at one instant
 _ANSWERED, _REPLIES, _ARRIVE, _COMPUTED, _START = range(5)
 
@@ -306,47 +363,55 @@ def _p2p(step_time: StepSource, workers: int, steps: int, config: Config, link: 
     Every rank has one communication thread (``comm[r]``: when it is next free): a worker's step costs it
     ``(N - 1) m`` to send its requests and ``(N - 1) m`` to take the replies, and every arrival costs each owner
     ``2 m`` (take the request, send the reply) plus its update. With ``shared_cpu`` the thread shares the CPU with
-    the compute: its work goes first, and a compute it overlaps ends that much later (work-conserving)."""
+    the compute (:func:`share_core`: work-conserving, the compute ends later by the work done beside it)."""
     s, m = config.max_staleness, message_seconds
+    share = THREAD_SHARE
     piece = nbytes / workers
     reply = link.transfer_seconds(piece)
     transfer = (workers - 1) * reply
-    owner_version = 0
+    versions = np.zeros(workers, dtype=np.int64)  # owner k's updates (arrivals applied) so far
+    received = np.zeros((workers, workers), dtype=np.int64)  # per worker: the newest answered version of each owner
+    reads: dict[tuple[int, int], np.ndarray] = {}  # (worker, step): the versions it computed at
+    answers: dict[tuple[int, int], np.ndarray] = {}  # (worker, step): each owner's version after applying it
+    own_version: dict[tuple[int, int], int] = {}  # (worker, step): its own owner's version when it applied it
     comm = np.zeros(workers)
     computing = np.zeros(workers, dtype=bool)
     compute_start = np.zeros(workers)
     compute_end = np.zeros(workers)
     link_free = [0.0] * workers
     unanswered: list[deque[int]] = [deque() for _ in range(workers)]
-    newest = [0] * workers  # the newest answered version each worker has received (installed at its next step)
     waiting = [False] * workers
     blocked_at = [0.0] * workers
     waited = 0.0
     taken = [0] * workers
     budget = steps * workers
     finish = [0.0] * workers
-    events: list[tuple[float, int, int, int, int, int]] = []  # (time, kind, seq, worker, step, version)
+    events: list[tuple[float, int, int, int, int]] = []  # (time, kind, seq, worker, step)
     seq = 0
 
-    def push(time: float, kind: int, worker: int, step: int = 0, version: int = 0) -> None:
+    def push(time: float, kind: int, worker: int, step: int = 0) -> None:
         nonlocal seq
-        heapq.heappush(events, (time, kind, seq, worker, step, version))
+        heapq.heappush(events, (time, kind, seq, worker, step))
         seq += 1
 
     def work(k: int, at: float, seconds: float) -> float:
         """``seconds`` of rank ``k``'s communication thread from ``at``; returns when it is done."""
         begin = max(at, float(comm[k]))
-        if shared_cpu and computing[k] and begin < compute_end[k] and begin + seconds > compute_start[k]:
-            compute_end[k] += seconds
-            comm[k] = begin + 2 * seconds  # the core is shared with the compute: half speed
-        else:
+        if shared_cpu and computing[k] and begin < compute_end[k]:
+            comm[k] = _thread_work(np.array([k]), np.array([begin]), seconds)[0]
+        else:  # the thread has the core to itself
             comm[k] = begin + seconds
         return float(comm[k])
+
+    def _thread_work(ranks: np.ndarray, begin: np.ndarray, seconds: float) -> np.ndarray:
+        end, compute_end[ranks] = share_core(begin, seconds, compute_start[ranks], compute_end[ranks],
+                                             computing[ranks], share)
+        return end
 
     for w in range(workers):
         push(0.0, _START, w)
     while events:
-        now, kind, _, w, step, version = heapq.heappop(events)
+        now, kind, _, w, step = heapq.heappop(events)
         if kind == _START:
             more = budget > 0 if config.pool else taken[w] < steps
             if not more:
@@ -358,43 +423,48 @@ def _p2p(step_time: StepSource, workers: int, steps: int, config: Config, link: 
             # a backlog of the thread beyond the idle part shares the CPU with the compute
             backlog = max(0.0, float(comm[w]) - begin) if shared_cpu else 0.0
             computing[w], compute_start[w], compute_end[w] = True, begin, begin + busy + backlog
-            push(float(compute_end[w]), _COMPUTED, w, newest[w])  # the replies so far are installed first
+            reads[w, taken[w]] = received[w].copy()  # the replies so far are installed first
+            push(float(compute_end[w]), _COMPUTED, w, taken[w])
         elif kind == _COMPUTED:
             if compute_end[w] > now:  # the thread's work made the compute longer
-                push(float(compute_end[w]), _COMPUTED, w, step, version)
+                push(float(compute_end[w]), _COMPUTED, w, step)
                 continue
             computing[w] = False
-            sent = max(work(w, now, (workers - 1) * m), link_free[w]) + transfer  # send the requests
+            # the submission applies the worker's own shard at once (Engine.submit) and sends the other requests
+            own_version[w, step] = int(versions[w])
+            versions[w] += 1
+            answers[w, step] = np.zeros(workers, dtype=np.int64)
+            answers[w, step][w] = versions[w]
+            sent = max(work(w, now, (workers - 1) * m), link_free[w]) + transfer
             link_free[w] = sent
-            unanswered[w].append(taken[w])
-            push(sent + link.latency, _ARRIVE, w, taken[w], step)  # step: the version read
+            unanswered[w].append(step)
+            push(sent + link.latency, _ARRIVE, w, step)
             taken[w] += 1
             if within_bound(len(unanswered[w]), s):
                 push(now, _START, w)
             else:
                 waiting[w], blocked_at[w] = True, now
-        elif kind == _ARRIVE:
-            stats.update(arrival_staleness(owner_version, version))
-            owner_version += 1
+        elif kind == _ARRIVE:  # every other owner applies the step's shard: staleness at each, the step's is the largest
+            at_owners = versions.copy()
+            at_owners[w] = own_version.pop((w, step))
+            stats.update([int(arrival_staleness(at_owners, reads.pop((w, step))).max())])
+            ranks = np.flatnonzero(np.arange(workers) != w)
+            versions[ranks] += 1
+            answers[w, step][ranks] = versions[ranks]
             if workers > 1:
-                others = np.arange(workers) != w
-                begin = np.maximum(comm, now)
+                begin = np.maximum(comm[ranks], now)
                 cost = 2 * m + owner_seconds
-                comm[others] = begin[others] + cost
-                if shared_cpu:  # sharing a core with a compute: the compute takes longer, the work half speed
-                    hit = others & computing & (begin < compute_end)
-                    compute_end[hit] += cost
-                    comm[hit] += cost
-                replied = float(comm[others].max())
+                comm[ranks] = _thread_work(ranks, begin, cost) if shared_cpu else begin + cost
+                replied = float(comm[ranks].max())
             else:
                 replied = now
             # the worker's link takes the N - 1 replies
-            push(max(replied + reply, now + transfer) + link.latency, _REPLIES, w, step, owner_version)
+            push(max(replied + reply, now + transfer) + link.latency, _REPLIES, w, step)
         elif kind == _REPLIES:  # the worker's thread takes them
-            push(work(w, now, (workers - 1) * m), _ANSWERED, w, step, version)
+            push(work(w, now, (workers - 1) * m), _ANSWERED, w, step)
         else:  # _ANSWERED: a worker's steps are answered in order (every owner answers in arrival order)
             unanswered[w].popleft()
-            newest[w] = max(newest[w], version)
+            np.maximum(received[w], answers.pop((w, step)), out=received[w])
             if waiting[w] and within_bound(len(unanswered[w]), s):
                 waiting[w] = False
                 waited += now - blocked_at[w]
@@ -469,11 +539,14 @@ def calibrate_all(profiles: "list[Profile]") -> None:
     (:func:`calibrate_messages`); the other p2p profiles take the first fitted value (the same machine and
     transport), the rest none; and ``reduction_seconds`` of the allreduce profiles (:func:`calibrate_reduction`)."""
     fitted = {id(p): calibrate_messages(p) for p in profiles if p.message_seconds is None}
-    shared = next((m for m in fitted.values() if m is not None), None)
+    sources = [p for p in profiles if fitted.get(id(p)) is not None]
     for p in profiles:
         if p.message_seconds is None:
             own = fitted.get(id(p))
-            p.message_seconds = own if own is not None else (shared if p.transport == "p2p" else None)
+            if own is None and p.transport == "p2p" and sources:
+                # the fit of the same exchange layout (group size), a group's messages are not a rank's
+                own = fitted[id(min(sources, key=lambda q: abs(q.sync_group_size - p.sync_group_size)))]
+            p.message_seconds = own
         if p.reduction_seconds is None:
             p.reduction_seconds = calibrate_reduction(p)
 
