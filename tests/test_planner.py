@@ -168,17 +168,17 @@ def test_asyncpred_plan_prints_a_table_per_rank_count_and_a_recommendation(tmp_p
     assert bad.returncode != 0 and "every number of ranks must be >= 2" in bad.stderr
 
 
-def _profile_of(config, m=0.0, reduction=None, shared_cpu=False, ranks=2, seed=5):
-    """A profile whose waits are the model's own at message cost ``m`` / reduction time ``reduction``: the
-    calibration must give those back."""
+def _profile_of(config, m=0.0, reduction=None, shared_cpu=False, ranks=2, seed=5, share=None):
+    """A profile whose waits are the model's own at message cost ``m`` / reduction time ``reduction`` / thread share
+    ``share``: the calibration must give those back."""
     rng = random.Random(seed)
     compute = [[rng.uniform(0.008, 0.012) for _ in range(200)] for _ in range(ranks)]
     prof = Profile(compute=compute, batch_size=16, transport=config.transport, max_staleness=config.max_staleness,
                    message_seconds=m, reduction_seconds=reduction, shared_cpu=shared_cpu, link=Link(1e-4, 1e9),
-                   gradient_bytes=1e6)
+                   gradient_bytes=1e6, thread_share=share)
     pred = simulate(prof, config, ranks)
     prof.wait = [[pred.wait_per_step] * 200 for _ in range(ranks)]
-    prof.message_seconds = prof.reduction_seconds = None
+    prof.message_seconds = prof.reduction_seconds = prof.thread_share = None
     return prof, pred
 
 
@@ -191,6 +191,24 @@ def test_the_p2p_message_cost_is_recovered_from_a_profiles_waits(shared_cpu):
     deep, _ = _profile_of(Config("p2p", 2), m=2e-3, shared_cpu=shared_cpu)
     assert model.calibrate_messages(deep) is None
     assert model.calibrate_messages(steady()) is None
+
+
+def test_the_threads_share_of_a_core_is_recovered_from_a_deeper_profile():
+    """On a CPU host the thread's work beside the compute shows where the worker does not wait for it: a p2p profile
+    with a higher bound (its rate and staleness as the model gives them at share 0.2, m = 1 ms) beside one of
+    max_staleness=0 (its waits): calibrate_all gives back the share and m, for both profiles."""
+    source, _ = _profile_of(Config("p2p", 0), m=1e-3, shared_cpu=True, ranks=3, share=0.2)
+    deep, pred = _profile_of(Config("p2p", 2), m=1e-3, shared_cpu=True, ranks=3, share=0.2)
+    deep.staleness_histogram = list(pred.staleness.histogram)
+    step = 3 * 16 / pred.samples_per_s  # the measured rate is the model's: the steps' wall time
+    deep.wait = [[step - sum(row) / len(row)] * len(row) for row in deep.compute]
+    assert model.calibrate_thread_share(source, deep)[0] == 0.2
+    model.calibrate_all([source, deep])
+    assert source.thread_share == deep.thread_share == 0.2
+    assert source.message_seconds == deep.message_seconds == pytest.approx(1e-3, rel=0.05)
+    # not a CPU host: the thread has a core of its own, nothing to fit
+    source.shared_cpu = False
+    assert model.calibrate_thread_share(source, deep) is None
 
 
 def test_the_reduction_time_is_recovered_from_an_allreduce_profiles_rate():

@@ -142,8 +142,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               + (f", p2p message cost {profile.message_seconds * 1e3:.2f} ms (fitted to a p2p s=0 profile's waits)"
                  if profile.message_seconds else "")
               + (f", all-reduce {profile.reduction_seconds * 1e3:.2f} ms (fitted to its rate)"
-                 if profile.reduction_seconds else ""))
-    print(f"perturbation: {args.speeds}" + (f", exp delay {args.delay * 1e3:.1f} ms" if args.delay else ""))
+                 if profile.reduction_seconds else "")
+              + (f", the thread's core share {profile.thread_share:g} (fitted to a deeper p2p profile)"
+                 if profile.thread_share else ""))
+    print(f"perturbation: {args.speeds}" + (f", exp delay {args.delay * 1e3:.1f} ms" if args.delay else "")
+          + (f", base delay {args.base_delay * 1e3:.1f} ms" if args.base_delay else "")
+          + (f", the last rank {args.straggler_delay * 1e3:.1f} ms more" if args.straggler_delay else ""))
     record = []
     for preds, advice in results:
         print(f"\n{advice.ranks} ranks")

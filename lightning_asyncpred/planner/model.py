@@ -223,7 +223,8 @@ def simulate(profile: Profile, config: Config, ranks: int, perturbation: Perturb
     pred = Prediction(config, ranks, 0.0, limit, samples_per_epoch=profile.samples_per_epoch)
     makespan, pred.steps, pred.arrivals_per_round, waited = run(
         times, ranks, steps, config, profile.link, profile.gradient_bytes, profile.owner_ns_per_element,
-        pred.staleness, profile.message_seconds or 0.0, profile.shared_cpu, profile.reduction_seconds)
+        pred.staleness, profile.message_seconds or 0.0, profile.shared_cpu, profile.reduction_seconds,
+        profile.thread_share or THREAD_SHARE)
     pred.wait_per_step = waited / max(1, pred.steps)
     pred.samples_per_s = pred.steps * profile.batch_size / makespan if makespan > 0 else math.inf
     return pred
@@ -247,13 +248,14 @@ StepSource = Callable[[int], "tuple[float, float]"]
 
 def run(step_time: StepSource, ranks: int, steps: int, config: Config, link: Optional[Link] = None,
         nbytes: float = 0.0, owner_ns_per_element: float = 0.0, staleness: Optional[StalenessStats] = None,
-        message_seconds: float = 0.0, shared_cpu: bool = False,
-        reduction_seconds: Optional[float] = None) -> tuple[float, int, int, float]:
+        message_seconds: float = 0.0, shared_cpu: bool = False, reduction_seconds: Optional[float] = None,
+        thread_share: float = THREAD_SHARE) -> tuple[float, int, int, float]:
     """The model of ``config`` (see the module docstring) on step times ``step_time(rank) = (busy, idle)``: returns
     the makespan (the last rank's end), the steps taken over all ranks, the arrivals per round of the staleness unit
     and the seconds all ranks spent blocked (p2p); ``staleness`` (if given) receives every applied gradient's
     staleness. ``shared_cpu``: communication work takes the CPU the compute runs on (a CPU host), else it runs
-    beside it (a GPU's compute). ``reduction_seconds``: a background all-reduce's measured time (default: the
+    beside it (a GPU's compute); ``thread_share``: the core's share a p2p communication thread gets beside its
+    compute (:func:`share_core`). ``reduction_seconds``: a background all-reduce's measured time (default: the
     link's ring all-reduce)."""
     stats = staleness if staleness is not None else StalenessStats()
     link = link if link is not None else Link()
@@ -280,7 +282,7 @@ def run(step_time: StepSource, ranks: int, steps: int, config: Config, link: Opt
     # an owner's update of one arrival: its shard of the member's piece, 4 bytes per element
     owner_seconds = owner_ns_per_element * 1e-9 * nbytes / 4 / ranks
     makespan, done, waited = _p2p(step, len(groups), steps, config, link, owner_seconds, nbytes / k, stats,
-                                  message_seconds, shared_cpu)
+                                  message_seconds, shared_cpu, thread_share)
     return makespan, done * k, len(groups), waited * k
 
 
@@ -357,7 +359,7 @@ _ANSWERED, _REPLIES, _ARRIVE, _COMPUTED, _START = range(5)
 
 def _p2p(step_time: StepSource, workers: int, steps: int, config: Config, link: Link, owner_seconds: float,
          nbytes: float, stats: StalenessStats, message_seconds: float = 0.0,
-         shared_cpu: bool = False) -> tuple[float, int, float]:
+         shared_cpu: bool = False, share: float = THREAD_SHARE) -> tuple[float, int, float]:
     """The p2p model among ``workers`` workers exchanging ``nbytes`` per step (see the module docstring).
 
     Every rank has one communication thread (``comm[r]``: when it is next free): a worker's step costs it
@@ -365,7 +367,6 @@ def _p2p(step_time: StepSource, workers: int, steps: int, config: Config, link: 
     ``2 m`` (take the request, send the reply) plus its update. With ``shared_cpu`` the thread shares the CPU with
     the compute (:func:`share_core`: work-conserving, the compute ends later by the work done beside it)."""
     s, m = config.max_staleness, message_seconds
-    share = THREAD_SHARE
     piece = nbytes / workers
     reply = link.transfer_seconds(piece)
     transfer = (workers - 1) * reply
@@ -525,19 +526,67 @@ def calibrate_reduction(profile: Profile) -> Optional[float]:
     keep a rank waiting, so its waits alone do not show its cost); ``None`` for another profile."""
     if profile.transport != "allreduce" or not profile.wait or profile.ranks < 2:
         return None
+    rate = _measured_rate(profile)
+    # the model's step time over the measured one: 1 at the fitted value, growing with it
+    return _fit(profile, "reduction_seconds", Config("allreduce", profile.max_staleness), 1.0,
+                lambda p: rate / p.samples_per_s)
+
+
+def _measured_rate(profile: Profile) -> float:
+    """Samples/s the profile measured: ``batch * sum_r 1 / mean_t(compute + data + wait)``."""
     rate = 0.0
     for parts, wait in zip(profile.step_parts(), profile.wait):
         steps = [b + i + (wait[t] if t < len(wait) else 0.0) for t, (b, i) in enumerate(parts)]
         rate += len(steps) / sum(steps)
-    # the model's step time over the measured one: 1 at the fitted value, growing with it
-    return _fit(profile, "reduction_seconds", Config("allreduce", profile.max_staleness), 1.0,
-                lambda p: rate * profile.batch_size / p.samples_per_s)
+    return rate * profile.batch_size
+
+
+SHARES = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def calibrate_thread_share(source: Profile, deep: Profile) -> Optional[tuple[float, float]]:
+    """``(thread_share, message_seconds)`` on a CPU host, from two p2p profiles of one exchange layout: ``source``
+    with ``max_staleness=0`` (``m`` is fitted to its waits, :func:`calibrate_messages`, at each share) and ``deep``
+    with a higher bound, where the thread works beside the compute and its share shows: the share of
+    :data:`SHARES` whose model of ``deep`` is nearest to its measured rate and mean staleness (the sum of both
+    squared relative errors; the largest share on a tie). ``None`` where it does not apply."""
+    mean = deep.staleness_histogram and sum(t * n for t, n in enumerate(deep.staleness_histogram)) / sum(
+        deep.staleness_histogram)
+    if not (source.shared_cpu and deep.shared_cpu and deep.wait and mean and deep.max_staleness > 0
+            and source.transport == deep.transport == "p2p" and source.sync_group_size == deep.sync_group_size):
+        return None
+    rate, saved = _measured_rate(deep), (source.thread_share, deep.thread_share, deep.message_seconds)
+    best = None
+    try:
+        for share in sorted(SHARES, reverse=True):
+            source.thread_share = deep.thread_share = share
+            m = calibrate_messages(source)
+            if m is None:
+                return None
+            deep.message_seconds = m
+            pred = simulate(deep, Config("p2p", deep.max_staleness, group_size=deep.sync_group_size), deep.ranks)
+            error = (pred.samples_per_s / rate - 1) ** 2 + (pred.staleness_mean / mean - 1) ** 2
+            if best is None or error < best[0] - 1e-9:
+                best = (error, share, m)
+    finally:
+        source.thread_share, deep.thread_share, deep.message_seconds = saved
+    return best[1], best[2]
 
 
 def calibrate_all(profiles: "list[Profile]") -> None:
     """Set ``message_seconds`` where unset: fitted to each p2p ``max_staleness=0`` profile's waits
-    (:func:`calibrate_messages`); the other p2p profiles take the first fitted value (the same machine and
-    transport), the rest none; and ``reduction_seconds`` of the allreduce profiles (:func:`calibrate_reduction`)."""
+    (:func:`calibrate_messages`); the other p2p profiles take the fitted value of the nearest exchange layout (group
+    size), the rest none; on a CPU host with a p2p profile of a higher bound beside one of ``max_staleness=0`` and
+    the same layout, ``thread_share`` and ``message_seconds`` of that layout's profiles from both
+    (:func:`calibrate_thread_share`); and ``reduction_seconds`` of the allreduce profiles (:func:`calibrate_reduction`)."""
+    for deep in [p for p in profiles if p.transport == "p2p" and p.max_staleness > 0 and p.thread_share is None]:
+        source = next((p for p in profiles if p.transport == "p2p" and p.max_staleness == 0
+                       and p.sync_group_size == deep.sync_group_size and p.message_seconds is None), None)
+        fitted_share = calibrate_thread_share(source, deep) if source is not None else None
+        if fitted_share is not None:
+            for p in profiles:
+                if p.transport == "p2p" and p.sync_group_size == deep.sync_group_size:
+                    p.thread_share, p.message_seconds = fitted_share
     fitted = {id(p): calibrate_messages(p) for p in profiles if p.message_seconds is None}
     sources = [p for p in profiles if fitted.get(id(p)) is not None]
     for p in profiles:

@@ -79,6 +79,7 @@ class Profile:
     message_seconds: Optional[float] = None  # p2p: per message beyond the link (model.calibrate_messages)
     shared_cpu: bool = False  # compute on the CPU the communication threads use (a CPU host)
     reduction_seconds: Optional[float] = None  # allreduce: a background reduction's time (model.calibrate_reduction)
+    thread_share: Optional[float] = None  # p2p on a CPU host: the thread's core share (model.calibrate_thread_share)
     samples_per_epoch: Optional[int] = None
     staleness_histogram: list[int] = field(default_factory=list)
     source: str = ""
@@ -145,7 +146,9 @@ class Profile:
             sync_group_size=int(d.get("sync_group_size", 1)),
             message_seconds=None if d.get("message_seconds") is None else float(d["message_seconds"]),
             shared_cpu=bool(d.get("shared_cpu", False)),
-            reduction_seconds=None if d.get("reduction_seconds") is None else float(d["reduction_seconds"]), samples_per_epoch=d.get("samples_per_epoch"),
+            reduction_seconds=None if d.get("reduction_seconds") is None else float(d["reduction_seconds"]),
+            thread_share=None if d.get("thread_share") is None else float(d["thread_share"]),
+            samples_per_epoch=d.get("samples_per_epoch"),
             staleness_histogram=[int(x) for x in d.get("staleness_histogram") or []], source=str(d.get("source", "")),
         )
 
