@@ -11,8 +11,8 @@ measure, at 2 and 4 Gloo ranks, under their perturbations (none / jitter / strag
    CPU host compute and communication share the cores, so a transport's communication slows the compute of its own
    process, which only its profile carries; and 4 ranks on 2 cores share them too (a profile measured at the rank
    count it predicts carries that: the model has no notion of shared cores).
-2. **Measure**: ``straggler.py --seeds 1`` and ``throughput.py --quick`` at the same rank counts, each into its own
-   folder under ``--out`` (``--report-only``: read them).
+2. **Measure**: ``straggler.py --seeds 1`` and ``throughput.py --quick`` at the same rank count right after its
+   profiles, each into its own folder under ``--out`` (``--report-only``: read them).
 3. **Predict** every fit of those runs from the profile plus the run's perturbation in the model's terms
    (straggler.py: jitter adds an exponential sleep of mean ``b + c``; straggler: the last rank sleeps ``b + c`` more;
    throughput.py: jitter of mean ``c``, ``c`` the run's calibrated compute), for the number of steps
@@ -226,15 +226,14 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    if not args.report_only:
-        for world in args.ranks:
-            seconds = launch_workers(__file__, world, ["--out", str(out), "--world", str(world), "--steps",
-                                                      str(args.steps)])
-            print(f"{world} ranks: profiles in {seconds:.0f}s", flush=True)
-        runs = [[str(HERE / "straggler.py"), "--ranks", *map(str, args.ranks), "--seeds", "1",
-                 "--out", str(out / "straggler")]]
-        runs += [[str(HERE / "throughput.py"), "--quick", "--ranks", str(w), "--out", str(out / f"throughput{w}")]
-                 for w in args.ranks]
+    # per rank count, the profiles and right after them the runs they predict (this shared machine drifts: a
+    # profile taken minutes before its run differs from it by more than the model does)
+    for world in [] if args.report_only else args.ranks:
+        seconds = launch_workers(__file__, world, ["--out", str(out), "--world", str(world), "--steps",
+                                                  str(args.steps)])
+        print(f"{world} ranks: profiles in {seconds:.0f}s", flush=True)
+        runs = [[str(HERE / "straggler.py"), "--ranks", str(world), "--seeds", "1", "--out", str(out / "straggler")],
+                [str(HERE / "throughput.py"), "--quick", "--ranks", str(world), "--out", str(out / f"throughput{world}")]]
         for cmd in [] if args.profiles_only else runs:
             proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
             if proc.returncode != 0:
