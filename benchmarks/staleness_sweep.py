@@ -7,8 +7,9 @@ distribution: ``uniform:0:8``, ``geometric:4``; ``tau = 0`` is synchronous SGD).
 - ``stale``: no remedy; ``pred``: ``LinearPrediction()`` with its defaults (horizon ``auto``: the observed lag);
   ``pred_tau``: ``LinearPrediction(horizon="staleness")`` (the expected staleness: lightning-asyncpred 0.1);
 - ``dc`` / ``dc_a``: ``StalenessRemedies(dc_lambda=0.04)`` (DC-ASGD), adaptive (DC-ASGD-a);
-- ``slr``: staleness-aware learning rate; ``mc``: momentum correction;
-- ``pred+dc``, ``pred+slr``, ``pred+mc``: combinations with prediction.
+- ``slr``: staleness-aware learning rate; ``mc``: momentum correction; ``sc``: spike compensation (Kosson et al.
+  2021: a gradient ``tau`` steps late moves the parameters at once as far as it would have by now);
+- ``pred+dc``, ``pred+slr``, ``pred+mc``, ``pred+sc`` (the paper's LWP + SC): combinations with prediction.
 
 Each arm runs at its own best learning rate from one grid, chosen by mean validation accuracy over seeds on a
 split carved from the training data; the test split is only read to report. A prediction arm's error ratio is
@@ -40,7 +41,7 @@ from concurrent.futures import ProcessPoolExecutor
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
 
-ARMS = ("stale", "pred", "pred_tau", "dc", "dc_a", "slr", "mc", "pred+dc", "pred+slr", "pred+mc")
+ARMS = ("stale", "pred", "pred_tau", "dc", "dc_a", "slr", "mc", "sc", "pred+dc", "pred+slr", "pred+mc", "pred+sc")
 
 
 def _parse_tau(text: str):
@@ -69,7 +70,7 @@ def run_arm(job: tuple) -> dict:
     if "pred_tau" in parts:  # lightning-asyncpred 0.1's horizon: the expected staleness
         callbacks = [LinearPrediction(horizon="staleness", log_every_n_steps=3)]
     remedy = {"dc": dict(dc_lambda=0.04), "dc_a": dict(dc_lambda=0.04, dc_adaptive=True), "slr": dict(staleness_lr=True),
-              "mc": dict(momentum_correction=True)}
+              "mc": dict(momentum_correction=True), "sc": dict(spike_compensation=True)}
     for part in parts:
         if part in remedy:
             callbacks.append(StalenessRemedies(**remedy[part]))

@@ -1,7 +1,7 @@
 """A rank twice as slow: throughput and time-to-accuracy of ``async_pred`` (p2p + shared batch pool) vs ``ddp``.
 
 One run, on the same machine, of Lightning's ``ddp``, ``async_pred_allreduce`` (``max_staleness=2``, static
-shards, ``LinearPrediction``), ``async_pred`` as it ships (p2p, the shared batch pool, ``max_staleness=0``: a worker
+shards, ``LinearPrediction`` and spike compensation: the remedy for a fixed staleness), ``async_pred`` as it ships (p2p, the shared batch pool, ``max_staleness=0``: a worker
 waits for the answer to its last gradient; the owners look ahead) and, for comparison, p2p as it shipped before
 (``max_staleness=2`` with ``LinearPrediction``: two steps in flight), and sync groups of 2
 (``sync_group_size=2``, the shared batch pool drawing per group: at 2 ranks one group, ddp's update through the
@@ -50,7 +50,8 @@ from pathlib import Path
 from _launch import launch_workers
 
 HERE = Path(__file__).resolve().parent
-STRATEGIES = ("ddp", "async_pred_allreduce s=2", "async_pred (p2p+pool) s=2 + LinearPrediction",
+STRATEGIES = ("ddp", "async_pred_allreduce s=2 + LinearPrediction + spike compensation",
+              "async_pred (p2p+pool) s=2 + LinearPrediction",
               "async_pred sync groups of 2 (pool per group)", "async_pred (p2p+pool)")
 GROUPS = 3  # sync_group_size=2: at 2 ranks one group (ddp's update), at 4 two groups, the last one slow
 P2P = len(STRATEGIES) - 1  # async_pred as it ships: the row the printed figures are about
@@ -159,6 +160,8 @@ def worker(args: argparse.Namespace) -> None:
         checks = Checks(probe, args.checks)
         predict = name in STRATEGIES[1:3]  # the two rows with two steps in flight
         callbacks = [probe, checks] + ([la.LinearPrediction(horizon="auto", warmup_steps=20)] if predict else [])
+        if name == STRATEGIES[1]:  # a fixed staleness of 2 steps: the workers' prediction + spike compensation
+            callbacks.append(la.StalenessRemedies(spike_compensation=True))
         trainer = pl.Trainer(
             accelerator="cpu", devices=world, strategy=strategy(name), max_epochs=epochs, num_sanity_val_steps=0,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -7,12 +7,13 @@ import math
 import os
 from typing import Any, Optional, Union
 
-
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 from lightning_asyncpred._namespace import check_trainer_namespace
 from lightning_asyncpred.prediction import LagEstimator, LinearPredictor, check_velocity_mode
-from lightning_asyncpred.remedies import DelayCompensation, GapAware, correct_gradients_, corrected_momentum
+from lightning_asyncpred.remedies import (DelayCompensation, GapAware, correct_gradients_, corrected_momentum,
+                                          spike_compensation)
 from lightning_asyncpred.validation import check_int
 
 log = logging.getLogger(__name__)
@@ -316,6 +317,12 @@ class StalenessRemedies(Callback):
         delay_adaptive: the delay-adaptive step ``g N / max(N, tau)``, ``tau`` in arrivals (Mishchenko et al. 2022).
         gap_aware: Gap-Aware, ``g / (1 + |w_now - w_read| / C)`` per element (Barkai et al. 2020).
             These two act at the owners only: ``async_pred`` (p2p) or ``async_pred_sim(workers=N)``.
+        spike_compensation: for SGD with momentum, the step of a gradient ``tau`` steps late is
+            ``w <- w - lr (mu^tau v + (1 - mu^tau) / (1 - mu) e)`` (Kosson et al. 2021; ``e`` the gradient with weight
+            decay, ``v`` the momentum buffer, which torch's SGD keeps as always): the gradient moves the parameters
+            at once as far as it would have by now had it not been late. Where the replica applies the gradients
+            (``async_pred_sim``, ``async_pred_allreduce``, ``async_pred_horovod``); with ``LinearPrediction`` it is
+            the paper's LWP + SC. ``benchmarks/staleness_sweep.py`` measures it.
 
     ``staleness_lr`` and ``dc_lambda`` act on the gradient the strategy applies: under ``async_pred_sim``,
     ``async_pred_allreduce`` and ``async_pred_horovod`` in ``on_before_optimizer_step`` (before clipping; when an
@@ -339,17 +346,21 @@ class StalenessRemedies(Callback):
         momentum_correction: bool = False,
         delay_adaptive: bool = False,
         gap_aware: bool = False,
+        spike_compensation: bool = False,
     ) -> None:
         self.staleness_lr = bool(staleness_lr)
+        self.spike_compensation = bool(spike_compensation)
         self.delay_adaptive, self.gap_aware = bool(delay_adaptive), bool(gap_aware)
         self.dc = DelayCompensation(dc_lambda, adaptive=dc_adaptive) if dc_lambda is not None else None
         if dc_adaptive and dc_lambda is None:
             raise ValueError("dc_adaptive=True needs dc_lambda (the lambda_0 of DC-ASGD-a), e.g. dc_lambda=0.04")
         self.momentum_correction = bool(momentum_correction)
-        if not (self.staleness_lr or self.dc or self.momentum_correction or self.delay_adaptive or self.gap_aware):
+        if not (self.staleness_lr or self.dc or self.momentum_correction or self.delay_adaptive or self.gap_aware
+                or self.spike_compensation):
             raise ValueError("StalenessRemedies with nothing on: set staleness_lr, dc_lambda, momentum_correction, "
-                             "delay_adaptive or gap_aware")
+                             "delay_adaptive, gap_aware or spike_compensation")
         self._reads: dict[int, list[Any]] = {}
+        self._pending: Optional[tuple[Any, Any, list[float]]] = None  # spike compensation: hook, optimizer, lrs
         self._base_momentum: list[float] = []
         self._at_owners = False
 
@@ -371,6 +382,8 @@ class StalenessRemedies(Callback):
                 f"async_pred_sim(workers=N), not under {type(strategy).__name__} with its transport; use staleness_lr "
                 "or dc_lambda there"
             )
+        if self.spike_compensation:
+            self._check_spike_compensation(trainer)
         if self._at_owners and (self.staleness_lr or self.dc or self.delay_adaptive or self.gap_aware):
             # the owners apply the gradients: the remedies go there (exchange/owner.py)
             exchange = strategy.exchange
@@ -412,6 +425,62 @@ class StalenessRemedies(Callback):
             read = next((r for r in reads if r is not None), None)
         w_now = [p.detach() for p in params] if read is not None else None
         correct_gradients_(grads, int(strategy.last_staleness or 0), self.dc, w_now, read, self.staleness_lr)
+        if self.spike_compensation:
+            self._compensate(optimizer, int(strategy.last_staleness or 0))
+
+    def _check_spike_compensation(self, trainer: "pl.Trainer") -> None:
+        if self._at_owners:
+            raise ValueError(
+                "StalenessRemedies(spike_compensation=True) acts where the replica applies the gradients "
+                "(async_pred_sim, async_pred_allreduce, async_pred_horovod); under async_pred (p2p) the owners step "
+                "once per round and look ahead (lookahead='auto'), which is that transport's remedy"
+            )
+        optimizer = trainer.optimizers[0]
+        for g in optimizer.param_groups:
+            bad = {k: g.get(k) for k in ("dampening", "nesterov", "maximize") if g.get(k)}
+            if "momentum" not in g or bad:
+                raise ValueError(
+                    f"spike_compensation=True needs torch.optim.SGD-style heavy-ball momentum (a 'momentum' "
+                    f"hyperparameter, no dampening, nesterov or maximize), got {type(optimizer).__name__}"
+                    + (f" with {bad}" if bad else "")
+                )
+
+    def _compensate(self, optimizer: Any, tau: int) -> None:
+        """This step as ``w <- w - lr (a v + b e)``: the optimizer steps with ``a lr``, then ``lr b e`` (``e`` the
+        gradient with weight decay as it is now, before the step), from a one-shot post-step hook that also puts
+        the learning rates back."""
+        inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the torch optimizer
+        self._undo_compensation()  # a step that never ran (e.g. skipped by AMP) leaves nothing behind
+        extra, lrs = [], []
+        for g in inner.param_groups:
+            lrs.append(g["lr"])
+            if tau <= 0 or not g["momentum"]:
+                continue
+            a, b = spike_compensation(float(g["momentum"]), tau)
+            for p in g["params"]:
+                if p.grad is not None:
+                    e = p.grad.detach().clone()
+                    if g.get("weight_decay"):
+                        e.add_(p.detach(), alpha=g["weight_decay"])
+                    extra.append((p, e, g["lr"] * b))
+            g["lr"] = g["lr"] * a
+
+        def after(opt: Any, args: Any, kwargs: Any) -> None:
+            with torch.no_grad():
+                for p, e, step in extra:
+                    p.sub_(e, alpha=step)
+            self._undo_compensation()
+
+        self._pending = (inner.register_step_post_hook(after), inner, lrs)
+
+    def _undo_compensation(self) -> None:
+        """Remove the post-step hook and put the learning rates back."""
+        if self._pending is not None:
+            handle, inner, lrs = self._pending
+            self._pending = None
+            handle.remove()
+            for g, lr in zip(inner.param_groups, lrs):
+                g["lr"] = lr
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"base_momentum": list(self._base_momentum)}

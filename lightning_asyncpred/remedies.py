@@ -16,6 +16,15 @@ A gradient ``g = grad L(w_read)`` computed at the parameters ``w_read`` is appli
   delays"): with ``N`` workers and ``tau`` counted in arrivals (gradients applied since the read),
   ``g' = g * N / max(N, tau)``: no damping while ``tau <= N`` (one round: what every gradient of a synchronous
   step would see), only the tail is damped;
+* spike compensation (Kosson et al., MLSys 2021, "Pipelined Backpropagation at Scale: Training Large Models
+  without Batches"), for heavy-ball momentum ``v <- mu v + e``, ``w <- w - lr v``: in synchronous training a
+  gradient ``e`` moves the parameters by ``lr e sum_{k>=0} mu^k`` over the steps after it, ``lr e (1 - mu^(D+1)) /
+  (1 - mu)`` of it within its first ``D + 1`` steps. Applied ``D`` steps late it would lose that head start; the
+  compensated step ``w <- w - lr (a v + b e)`` with ``a = mu^D``, ``b = (1 - mu^D) / (1 - mu)`` (the momentum buffer
+  itself unchanged) moves by ``lr e (a + b) = lr e (1 - mu^(D+1)) / (1 - mu)`` at once and by ``lr e a mu^k =
+  lr e mu^(D+k)`` at the ``k``-th step after: from then on every gradient has moved the parameters exactly as far as
+  it would have in synchronous training (:func:`spike_compensation`); with the linear weight prediction of the
+  workers (``LinearPrediction``) it is the paper's LWP + SC;
 * Gap-Aware (Barkai et al., ICLR 2020, "Gap-Aware Mitigation of Gradient Staleness"): per element, the distance
   ``gap = |w_now - w_read|`` measured in typical steps ``C = lr_max * (sqrt(E[g^2] / (1 - beta^t)) + eps)``
   (``E[g^2]`` a running mean with decay ``beta``, bias-corrected), ``g' = g / (1 + gap / C)``: a gradient whose
@@ -61,6 +70,17 @@ def delay_adaptive_scale(staleness: int, workers: int) -> float:
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     return workers / max(workers, staleness)
+
+
+def spike_compensation(momentum: float, delay: int) -> tuple[float, float]:
+    """``(a, b) = (mu^D, (1 - mu^D) / (1 - mu))``: the compensated step ``w <- w - lr (a v + b e)`` of a gradient
+    ``e`` applied ``D`` steps late (see the module docstring); ``(1, 0)`` at ``D = 0``; ``b = D`` at ``mu = 1``."""
+    if delay < 0:
+        raise ValueError(f"delay must be >= 0, got {delay}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    a = momentum**delay
+    return a, float(delay) if momentum == 1.0 else (1.0 - a) / (1.0 - momentum)
 
 
 def momentum_horizon(horizon: float, momentum: float) -> float:

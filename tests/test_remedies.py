@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 from lightning_asyncpred import SimulatedAsyncStrategy, StalenessRemedies
 from lightning_asyncpred.exchange import ShardOwner
 from lightning_asyncpred.remedies import (DelayCompensation, GapAware, corrected_momentum, delay_adaptive_scale,
+                                          spike_compensation,
                                           implicit_momentum, staleness_scale)
 from tests.helpers import model_and_data, real_params, trainer
 
@@ -207,3 +208,87 @@ def test_owner_only_remedies_reach_the_virtual_workers_owner_and_are_refused_els
     t = trainer(tmp_path, [StalenessRemedies(gap_aware=True)], strategy=SimulatedAsyncStrategy(staleness=2), max_steps=2)
     with pytest.raises(ValueError, match="act at the owners of async_pred .* use staleness_lr or dc_lambda there"):
         t.fit(model, data)
+
+
+def test_spike_compensation_coefficients():
+    """(a, b) = (mu^D, (1 - mu^D) / (1 - mu)): a + b = sum_{k<=D} mu^k, what the gradient would have moved by now."""
+    assert spike_compensation(0.9, 0) == (1.0, 0.0)
+    a, b = spike_compensation(0.9, 2)
+    assert (a, b) == (pytest.approx(0.81), pytest.approx(1.9)) and a + b == pytest.approx(1 + 0.9 + 0.81)
+    assert spike_compensation(1.0, 3) == (1.0, 3.0) and spike_compensation(0.0, 2) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="delay must be >= 0, got -1"):
+        spike_compensation(0.9, -1)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        spike_compensation(1.5, 1)
+
+
+def test_a_late_gradient_with_spike_compensation_catches_up_with_synchronous_momentum():
+    """One gradient e, then zeros: synchronously it has moved w by lr e sum_{k<=D+j} mu^k after D + j steps; applied
+    D steps late with the compensated step, after j more steps, by the same."""
+    mu, lr, D, e = 0.9, 0.1, 3, torch.tensor([1.0])
+    a, b = spike_compensation(mu, D)
+    v = e.clone()  # torch's SGD: v <- mu v + e, w <- w - lr v; the compensated step: w <- w - lr (a v + b e)
+    moved = lr * (a * v + b * e)
+    for j in range(1, 6):
+        v = mu * v
+        moved = moved + lr * a * v
+        assert float(moved) == pytest.approx(lr * sum(mu**k for k in range(D + j + 1)))
+
+
+class _Steps(pl.Callback):
+    """Every applied step: the parameters, gradient and momentum buffer before it and the parameters after."""
+
+    def __init__(self):
+        self.steps, self._before = [], None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        opt = trainer.optimizers[0]
+        p = next(pl_module.parameters())
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        self._before = (p.detach().clone(), p.grad.detach().clone(), None if buf is None else buf.clone(),
+                        trainer.strategy.last_staleness, opt.param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._before is not None:
+            p = next(pl_module.parameters())
+            buf = trainer.optimizers[0].state[p]["momentum_buffer"]
+            self.steps.append((*self._before, p.detach().clone(), buf.clone(), trainer.optimizers[0].param_groups[0]["lr"]))
+            self._before = None
+
+
+def test_spike_compensation_steps_w_minus_lr_a_v_plus_b_e(tmp_path):
+    """Under async_pred_sim (every gradient 2 steps late), SGD momentum 0.9 and weight decay: torch's buffer evolves as
+    always (v = mu v + e), the parameters move by lr (a v + b e) with e = g + wd w, and the lr is put back."""
+    mu, lr, wd = 0.9, 0.05, 1e-3
+    model, data = model_and_data(lr=lr, momentum=mu, weight_decay=wd)
+    steps = _Steps()
+    t = trainer(tmp_path, [StalenessRemedies(spike_compensation=True), steps],
+                strategy=SimulatedAsyncStrategy(staleness=2), max_steps=8, limit_val_batches=0)
+    t.fit(model, data)
+    applied = [s for s in steps.steps if s[3]]
+    assert len(applied) >= 5
+    for w, g, buf, tau, lr_seen, w_after, buf_after, lr_after in applied:
+        e = g + wd * w
+        a, b = spike_compensation(mu, tau)
+        v = e if buf is None else mu * buf + e
+        assert torch.allclose(buf_after, v, atol=1e-7)
+        assert torch.allclose(w_after, w - lr * (a * v + b * e), atol=1e-6)
+        assert lr_seen == pytest.approx(lr * a) and lr_after == lr  # the step ran with a lr, then it was put back
+
+
+def test_spike_compensation_is_refused_at_the_owners_and_without_heavy_ball_momentum(tmp_path):
+    model, data = model_and_data(lr=0.05, momentum=0.9)
+    t = trainer(tmp_path, [StalenessRemedies(spike_compensation=True)], strategy=SimulatedAsyncStrategy(workers=4),
+                max_steps=2, limit_val_batches=0)
+    with pytest.raises(ValueError, match="spike_compensation=True\\) acts where the replica applies the gradients"):
+        t.fit(model, data)
+
+    class Adam(type(model)):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    torch.manual_seed(0)
+    t = trainer(tmp_path, [StalenessRemedies(spike_compensation=True)], strategy=SimulatedAsyncStrategy(staleness=2),
+                max_steps=2, limit_val_batches=0)
+    with pytest.raises(ValueError, match="needs torch.optim.SGD-style heavy-ball momentum .* got Adam"):
+        t.fit(Adam(arch="digits_cnn"), data)
