@@ -360,7 +360,7 @@ class StalenessRemedies(Callback):
             raise ValueError("StalenessRemedies with nothing on: set staleness_lr, dc_lambda, momentum_correction, "
                              "delay_adaptive, gap_aware or spike_compensation")
         self._reads: dict[int, list[Any]] = {}
-        self._pending: Optional[tuple[Any, Any, list[float]]] = None  # spike compensation: hook, optimizer, lrs
+        self._hooks: list[Any] = []  # spike compensation: the optimizer's one-shot post-step hook
         self._base_momentum: list[float] = []
         self._at_owners = False
 
@@ -446,41 +446,41 @@ class StalenessRemedies(Callback):
                 )
 
     def _compensate(self, optimizer: Any, tau: int) -> None:
-        """This step as ``w <- w - lr (a v + b e)``: the optimizer steps with ``a lr``, then ``lr b e`` (``e`` the
-        gradient with weight decay as it is now, before the step), from a one-shot post-step hook that also puts
-        the learning rates back."""
+        """This step as ``w <- w - lr (a v + b e)``: a one-shot hook after the torch optimizer's step (which Lightning
+        runs around this hook, the closure and the clipping) turns its ``w - lr v`` into it with what the step left:
+        the new buffer ``v``, the (clipped) gradient and ``e = g + wd (w + lr v)`` (the weight decay of the parameters
+        before the step). Nothing else changes (the learning rates, the buffer); a step that never runs (AMP may skip
+        it) leaves nothing behind: the hook goes at the batch's end."""
         inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the torch optimizer
-        self._undo_compensation()  # a step that never ran (e.g. skipped by AMP) leaves nothing behind
-        extra, lrs = [], []
-        for g in inner.param_groups:
-            lrs.append(g["lr"])
-            if tau <= 0 or not g["momentum"]:
-                continue
-            a, b = spike_compensation(float(g["momentum"]), tau)
-            for p in g["params"]:
-                if p.grad is not None:
-                    e = p.grad.detach().clone()
-                    if g.get("weight_decay"):
-                        e.add_(p.detach(), alpha=g["weight_decay"])
-                    extra.append((p, e, g["lr"] * b))
-            g["lr"] = g["lr"] * a
+        self._remove_hooks()
+        if tau <= 0:
+            return
 
         def after(opt: Any, args: Any, kwargs: Any) -> None:
+            self._remove_hooks()
             with torch.no_grad():
-                for p, e, step in extra:
-                    p.sub_(e, alpha=step)
-            self._undo_compensation()
+                for g in opt.param_groups:
+                    if not g["momentum"]:
+                        continue
+                    a, b = spike_compensation(float(g["momentum"]), tau)
+                    lr, wd = g["lr"], g.get("weight_decay") or 0.0
+                    for p in g["params"]:
+                        v = opt.state.get(p, {}).get("momentum_buffer")
+                        if p.grad is None or v is None:
+                            continue
+                        e = p.grad + wd * (p + lr * v) if wd else p.grad
+                        p.add_(v, alpha=lr * (1.0 - a)).sub_(e, alpha=lr * b)
 
-        self._pending = (inner.register_step_post_hook(after), inner, lrs)
+        self._hooks = [inner.register_step_post_hook(after)]
 
-    def _undo_compensation(self) -> None:
-        """Remove the post-step hook and put the learning rates back."""
-        if self._pending is not None:
-            handle, inner, lrs = self._pending
-            self._pending = None
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
             handle.remove()
-            for g, lr in zip(inner.param_groups, lrs):
-                g["lr"] = lr
+        self._hooks = []
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"base_momentum": list(self._base_momentum)}
