@@ -550,8 +550,8 @@ def calibrate_thread_share(source: Profile, deep: Profile) -> Optional[tuple[flo
     with a higher bound, where the thread works beside the compute and its share shows: the share of
     :data:`SHARES` whose model of ``deep`` is nearest to its measured rate and mean staleness (the sum of both
     squared relative errors; the largest share on a tie). ``None`` where it does not apply."""
-    mean = deep.staleness_histogram and sum(t * n for t, n in enumerate(deep.staleness_histogram)) / sum(
-        deep.staleness_histogram)
+    counted = sum(deep.staleness_histogram)
+    mean = sum(t * n for t, n in enumerate(deep.staleness_histogram)) / counted if counted else 0.0
     if not (source.shared_cpu and deep.shared_cpu and deep.wait and mean and deep.max_staleness > 0
             and source.transport == deep.transport == "p2p" and source.sync_group_size == deep.sync_group_size):
         return None
