@@ -35,8 +35,9 @@ speed model's factor (``exchange/virtual.py``'s :func:`~lightning_asyncpred.exch
   took them (``(N - 1) m``). A worker goes on after a submission only while
   :func:`~lightning_asyncpred.exchange.p2p_protocol.within_bound` holds. ``m`` is fitted to a p2p
   ``max_staleness=0`` profile's waits (:func:`calibrate_messages`). On a CPU host (``shared_cpu``) the thread
-  shares the core with the compute: outside a compute it runs at full speed, beside one at ``THREAD_SHARE`` (half)
-  of the core, and the compute ends later by the work done beside it; work still queued when a compute begins
+  shares the core with the compute: outside a compute it runs at full speed, beside one at the profile's
+  ``thread_share`` of the core (:func:`calibrate_thread_share`; ``THREAD_SHARE``, a half, where none is fitted), and
+  the compute ends later by the work done beside it (:func:`share_core`); work still queued when a compute begins
   goes first. With the shared batch pool (``pool=True``, the default) the ranks take steps while the pool lasts;
   with static shards every rank takes the same number.
 * ``p2p`` in sync groups of ``k`` (``s = 0``, ``exchange/grouped.py``'s layout): a group's step is its slowest
