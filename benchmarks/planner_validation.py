@@ -156,11 +156,7 @@ def _profiles(out: Path, world: int, batch: int) -> list[Profile]:
     profiles = [Profile.load(path) for path in paths]
     calibrate_all(profiles)
     for path, profile in zip(paths, profiles):
-        print(f"{path.name}: {profile.transport} s={profile.max_staleness} k={profile.sync_group_size}, mean step "
-              f"{profile.mean_step() * 1e3:.2f} ms, link latency {profile.link.latency * 1e6:.0f} us"
-              + (f", p2p message cost {profile.message_seconds * 1e3:.2f} ms" if profile.message_seconds else "")
-              + (f", reduction {profile.reduction_seconds * 1e3:.2f} ms" if profile.reduction_seconds else "")
-              + (f", thread share {profile.thread_share:g}" if profile.thread_share else ""))
+        print(f"{path.name}: {profile.describe()}")
     return profiles
 
 

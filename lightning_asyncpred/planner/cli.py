@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -135,16 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for path, profile in zip(args.profile, profiles):
-        print(f"profile {path} ({profile.transport or '?'} s={profile.max_staleness}): {profile.ranks} measured ranks, "
-              f"mean step {profile.mean_step() * 1e3:.1f} ms, batch {profile.batch_size}/rank, gradient "
-              f"{profile.gradient_bytes / 1e6:.1f} MB, link latency {profile.link.latency * 1e6:.0f} us, bandwidth "
-              + (f"{profile.link.bandwidth / 1e9:.2f} GB/s" if math.isfinite(profile.link.bandwidth) else "unlimited")
-              + (f", p2p message cost {profile.message_seconds * 1e3:.2f} ms (fitted to a p2p s=0 profile's waits)"
-                 if profile.message_seconds else "")
-              + (f", all-reduce {profile.reduction_seconds * 1e3:.2f} ms (fitted to its rate)"
-                 if profile.reduction_seconds else "")
-              + (f", the thread's core share {profile.thread_share:g} (fitted to a deeper p2p profile)"
-                 if profile.thread_share else ""))
+        print(f"profile {path}: {profile.describe()}")
     print(f"perturbation: {args.speeds}" + (f", exp delay {args.delay * 1e3:.1f} ms" if args.delay else "")
           + (f", base delay {args.base_delay * 1e3:.1f} ms" if args.base_delay else "")
           + (f", the last rank {args.straggler_delay * 1e3:.1f} ms more" if args.straggler_delay else ""))

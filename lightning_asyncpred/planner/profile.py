@@ -119,6 +119,19 @@ class Profile:
         flat = [x for row in self.step_samples() for x in row]
         return sum(flat) / len(flat)
 
+    def describe(self) -> str:
+        """One line: the profiled strategy, the measured steps and link, and the costs fitted to them (if any)."""
+        bandwidth = f"{self.link.bandwidth / 1e9:.2f} GB/s" if math.isfinite(self.link.bandwidth) else "unlimited"
+        return (f"{self.transport or '?'} s={self.max_staleness} k={self.sync_group_size}: {self.ranks} measured ranks, "
+                f"mean step {self.mean_step() * 1e3:.2f} ms, batch {self.batch_size}/rank, gradient "
+                f"{self.gradient_bytes / 1e6:.1f} MB, link latency {self.link.latency * 1e6:.0f} us, bandwidth {bandwidth}"
+                + (f", p2p message cost {self.message_seconds * 1e3:.2f} ms (fitted to a p2p s=0 profile's waits)"
+                   if self.message_seconds else "")
+                + (f", all-reduce {self.reduction_seconds * 1e3:.2f} ms (fitted to its rate)"
+                   if self.reduction_seconds else "")
+                + (f", the thread's core share {self.thread_share:g} (fitted to a deeper p2p profile)"
+                   if self.thread_share else ""))
+
     # ------------------------------------------------------------------------------------------- files
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -144,10 +157,8 @@ class Profile:
             owner_ns_per_element=float(d.get("owner_ns_per_element", 0.0)),
             transport=str(d.get("transport", "")), max_staleness=int(d.get("max_staleness", 0)),
             sync_group_size=int(d.get("sync_group_size", 1)),
-            message_seconds=None if d.get("message_seconds") is None else float(d["message_seconds"]),
-            shared_cpu=bool(d.get("shared_cpu", False)),
-            reduction_seconds=None if d.get("reduction_seconds") is None else float(d["reduction_seconds"]),
-            thread_share=None if d.get("thread_share") is None else float(d["thread_share"]),
+            message_seconds=_optional_float(d, "message_seconds"), shared_cpu=bool(d.get("shared_cpu", False)),
+            reduction_seconds=_optional_float(d, "reduction_seconds"), thread_share=_optional_float(d, "thread_share"),
             samples_per_epoch=d.get("samples_per_epoch"),
             staleness_histogram=[int(x) for x in d.get("staleness_histogram") or []], source=str(d.get("source", "")),
         )
@@ -162,6 +173,10 @@ class Profile:
         except json.JSONDecodeError as exc:
             raise ValueError(f"profile {str(path)!r} is not JSON: {exc}") from None
         return cls.from_dict(d)
+
+
+def _optional_float(d: dict[str, Any], key: str) -> Optional[float]:
+    return None if d.get(key) is None else float(d[key])
 
 
 def pooled(rows: Sequence[Sequence[float]], skip: int = 0) -> list[float]:
