@@ -134,10 +134,15 @@ def test_p2p_owners_apply_delay_compensation_and_the_staleness_aware_lr(tmp_path
     for x in res:
         applied, skipped, slr = x["owner_dc"]
         # every gradient shard this owner applied was corrected with the master its worker read, except a request
-        # older than the history (N (s + 1) + 1 past masters: enough at equal speeds; a rank slowed down by the
-        # shared CPU can see more owner updates in one of its steps), which is applied uncorrected and counted
+        # older than the history of N (s + 1) + 1 = 7 past masters, which is applied uncorrected and counted. How
+        # many are older depends on the shared CPU's timing (equal speeds: none; a rank slowed down sees more owner
+        # updates in one of its steps: 6 of 80 in one CI run), so the test checks the rule, not a fraction
         assert slr and applied + skipped == sum(y["global_step"] for y in res)
-        assert skipped <= 0.05 * (applied + skipped), (applied, skipped)
+        assert x["owner_history"] == 2 * (2 + 1) + 1
+        seen = {int(k): v for k, v in x["owner_dc_staleness"].items()}
+        assert sum(seen.values()) == applied + skipped
+        assert skipped == sum(v for k, v in seen.items() if k > x["owner_history"]), (seen, applied, skipped)
+        assert applied > skipped, (applied, skipped)  # the correction is the rule, not the exception
         assert all(v == v and abs(v) < 1e6 for v in x["val_losses"])  # trained to finite losses
 
 

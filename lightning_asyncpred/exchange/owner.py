@@ -60,7 +60,7 @@ the round count; checkpoints carry it, keyed by parameter index, so a resume con
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -139,6 +139,7 @@ class ShardOwner:
         self._tau = [0.0, 0.0]  # running mean of tau / N: (weighted sum, weight), decay LAG_DECAY per arrival
         self._history: deque[Tensor] = deque(maxlen=1)  # published masters before the last arrivals, newest last
         self.dc_applied = self.dc_skipped = 0
+        self.dc_staleness: Counter[int] = Counter()  # the staleness (arrivals) of each arrival DC/Gap-Aware saw
 
     LAG_DECAY = 0.99
 
@@ -236,6 +237,7 @@ class ShardOwner:
             read = None
             if self.dc is not None or self.gap_aware is not None:
                 read = self._read_master(staleness)
+                self.dc_staleness[staleness] += 1
                 if read is None:
                     self.dc_skipped += 1
                 else:

@@ -316,6 +316,8 @@ def main() -> None:
         result["master_equals_replica"] = bool(torch.equal(owner.flat, s._buckets.flatten_params()[rank]))
         result["optimizer_state_bytes"] = owner.state_bytes()
         result["owner_dc"] = [owner.dc_applied, owner.dc_skipped, owner.staleness_lr]
+        result["owner_dc_staleness"] = {str(k): v for k, v in owner.dc_staleness.items()}
+        result["owner_history"] = owner._history.maxlen
         # the mean time between each peer's requests (its step time), which sizes a SIGTERM grace period
         result["peer_step_seconds"] = {str(k): v for k, v in getattr(ex, "_step_seconds", {}).items()}
         result["grace_seconds"] = ex.grace_seconds() if hasattr(ex, "grace_seconds") else None
