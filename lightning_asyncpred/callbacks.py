@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from lightning_asyncpred._namespace import check_trainer_namespace
-from lightning_asyncpred.prediction import LagEstimator, LinearPredictor, check_velocity_mode
+from lightning_asyncpred.prediction import LagEstimator, LinearPredictor, ReplayPredictor, check_velocity_mode
 from lightning_asyncpred.remedies import (DelayCompensation, GapAware, correct_gradients_, corrected_momentum,
                                           spike_compensation)
 from lightning_asyncpred.validation import check_int
@@ -21,6 +21,12 @@ LIGHTNING = "pytorch_lightning"  # this module's Lightning namespace ("lightning
 
 HorizonSpec = Union[str, int, float]
 HORIZONS = ("auto", "staleness")
+METHODS = ("linear", "replay")
+
+
+def _automatic_optimization(trainer: "pl.Trainer") -> bool:
+    """Whether the fitted module uses Lightning's automatic optimization."""
+    return bool(trainer.lightning_module.automatic_optimization)
 
 
 def _update_count(trainer: "pl.Trainer") -> int:
@@ -50,6 +56,13 @@ class LinearPrediction(Callback):
         warmup_steps: ``gamma`` ramps linearly from 0 to 1 over this many updates.
         log_every_n_steps: how often the horizon, ``gamma`` and the prediction error ratio
             ``||w_hat - w_{t+h}|| / ||w_t - w_{t+h}||`` are measured and logged.
+        method: ``"linear"``: the linear model above. ``"replay"``: this rank's own gradients in flight replayed
+            through a scratch copy of the optimizer (:class:`~lightning_asyncpred.prediction.ReplayPredictor`):
+            under a transport that applies every step's mean gradient in order on every rank
+            (``async_pred_allreduce``, ``async_pred_horovod``, ``async_pred_sim`` without ``workers``) the momentum
+            and weight decay until the gradient lands are exact and the gradients in flight estimated by this
+            rank's own; ``horizon``, ``velocity``, ``ema_decay`` and ``warmup_steps`` do not apply. Refused under
+            ``async_pred`` (its owners apply other workers' gradients between this worker's).
     """
 
     def __init__(
@@ -59,7 +72,11 @@ class LinearPrediction(Callback):
         ema_decay: float = 0.9,
         warmup_steps: int = 0,
         log_every_n_steps: int = 50,
+        method: str = "linear",
     ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+        self.method = method
         if isinstance(horizon, str):
             if horizon not in HORIZONS:
                 raise ValueError(f"horizon must be 'auto', 'staleness' or a number >= 0, got {horizon!r}")
@@ -76,6 +93,7 @@ class LinearPrediction(Callback):
         self.error_terms: list[tuple[float, float]] = []  # (||w_hat - w_apply||, ||w - w_apply||) of every probe
         self._step_start: Optional[list[Any]] = None  # the real parameters at this batch's start, while a probe waits
         self._count_at_start = 0
+        self._steps_at_start = 0
         self._applied_at_start = 0
         self._last_count = 0
         self._reported_ratio: Optional[float] = None
@@ -83,6 +101,8 @@ class LinearPrediction(Callback):
 
     # ------------------------------------------------------------ helpers
     def current_horizon(self, trainer: "pl.Trainer") -> float:
+        if self.method == "replay":  # every gradient in flight lands before the one read now
+            return float(trainer.strategy.gradients_in_flight)
         if self.horizon == "auto":
             strategy = trainer.strategy
             if getattr(strategy, "_exchange_returns_parameters", False):
@@ -116,6 +136,8 @@ class LinearPrediction(Callback):
                 f"workers={trainer.strategy.workers} virtual workers in it, each with its own view; the owner predicts "
                 "for them instead: SimulatedAsyncStrategy(workers=..., lookahead='auto') without LinearPrediction"
             )
+        if self.method == "replay" and not hasattr(trainer.strategy, "submitted_gradient"):
+            raise self._replay_refused(trainer.strategy)
         if self.horizon in HORIZONS and not hasattr(trainer.strategy, "expected_staleness"):
             raise ValueError(
                 f"LinearPrediction(horizon={self.horizon!r}) needs a strategy that reports its staleness "
@@ -125,11 +147,38 @@ class LinearPrediction(Callback):
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         params = [p for p in pl_module.parameters() if p.requires_grad]
-        self.predictor = LinearPredictor(params, self.velocity, self.ema_decay, self.warmup_steps)
+        if self.method == "replay":
+            self.predictor = self._replay_predictor(trainer)
+        else:
+            self.predictor = LinearPredictor(params, self.velocity, self.ema_decay, self.warmup_steps)
         self._last_count = _update_count(trainer)
         if self._pending_state is not None:
             self._load_predictor_state(self._pending_state)
             self._pending_state = None
+
+    @staticmethod
+    def _replay_refused(strategy: Any, why: str = "") -> ValueError:
+        return ValueError(
+            f"LinearPrediction(method='replay') replays this rank's gradients in flight, which needs a transport that "
+            f"applies every step's mean gradient in order on every rank (async_pred_allreduce, async_pred_horovod, "
+            f"async_pred_sim), but the trainer uses {type(strategy).__name__}{why}; use method='linear'"
+        )
+
+    def _replay_predictor(self, trainer: "pl.Trainer") -> ReplayPredictor:
+        strategy = trainer.strategy
+        if getattr(strategy, "_exchange_returns_parameters", False):
+            raise self._replay_refused(strategy, " with owners (p2p), which apply the other workers' gradients "
+                                                 "between this worker's")
+        if not _automatic_optimization(trainer) or len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"LinearPrediction(method='replay') replays the optimizer's steps: it needs automatic optimization "
+                f"and exactly one optimizer, got automatic_optimization={_automatic_optimization(trainer)} and "
+                f"{len(trainer.optimizers)} optimizers"
+            )
+        optimizer = trainer.optimizers[0]
+        # what the optimizer steps (a parameter it does not hold never moves; one without a gradient is skipped)
+        stepped = [p for g in optimizer.param_groups for p in g["params"]]
+        return ReplayPredictor(stepped, optimizer, int(getattr(strategy.exchange, "max_staleness", 0)))
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         if self.predictor is None:
@@ -138,6 +187,7 @@ class LinearPrediction(Callback):
         # the gradient computed now is submitted as step ``local_steps`` (strategies that report which steps each
         # update applies: its lag and its probe are resolved when it is applied)
         key = int(strategy.local_steps) if hasattr(strategy, "last_applied_steps") else None
+        self._steps_at_start = int(getattr(strategy, "local_steps", 0))
         self._count_at_start = _update_count(trainer)
         self._applied_at_start = int(getattr(strategy, "applied_updates", 0))
         horizon = self.current_horizon(trainer)
@@ -159,6 +209,9 @@ class LinearPrediction(Callback):
             return
         self._restore()  # backward may have been skipped (training_step returned None)
         strategy = trainer.strategy
+        if isinstance(self.predictor, ReplayPredictor) and int(strategy.local_steps) != self._steps_at_start:
+            submitted = strategy.submitted_gradient()  # this batch's gradient went out: it is in flight now
+            self.predictor.submitted([submitted.get(id(p)) for p in self.predictor.params])
         if int(getattr(strategy, "applied_updates", 0)) != self._applied_at_start:
             # the gradients applied in this batch's update landed on the parameters of the batch's start; under owners
             # (p2p) on the masters the owners answered right after applying them, which this batch just installed

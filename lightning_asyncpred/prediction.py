@@ -37,12 +37,15 @@ in flight (the queue ahead of it, known at read time). Under a fixed staleness `
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
+from lightning_asyncpred.exchange.preview import copy_hyperparameters, copy_state, optimizer_like
 from lightning_asyncpred.validation import check_int
 
 VELOCITY_MODES = ("last", "ema")
@@ -225,9 +228,7 @@ class LinearPredictor:
             raise RuntimeError("predict_() called twice without restore_()")
         real = [p.detach() for p in self.params]
         self._saved = [t.clone() for t in real]
-        scale = self.gamma() * horizon
-        if scale != 0.0:
-            torch._foreach_add_(real, self._velocity, alpha=scale)
+        self._move_(real, horizon)
         if probe and self._probe is None and horizon > 0:
             self._probe = _Probe(
                 due=self.updates + int(math.ceil(horizon)),
@@ -235,6 +236,12 @@ class LinearPredictor:
                 predicted=[t.clone() for t in real],
                 key=probe_key,
             )
+
+    def _move_(self, real: list[Tensor], horizon: float) -> None:
+        """Turn the parameters ``real`` (``w_t``) into the prediction in place: ``w_t + gamma * horizon * v_t``."""
+        scale = self.gamma() * horizon
+        if scale != 0.0:
+            torch._foreach_add_(real, self._velocity, alpha=scale)
 
     @property
     def probe_key(self) -> Optional[int]:
@@ -326,3 +333,104 @@ class LinearPredictor:
             torch._foreach_copy_(self._prev, [p.detach() for p in self.params])
             torch._foreach_zero_(self._velocity)
         self._probe = None
+
+
+class ReplayPredictor(LinearPredictor):
+    r"""Predict where a gradient lands by replaying this worker's own gradients in flight through the optimizer.
+
+    Under a transport that applies the *mean* gradient of every step, in the order of submission, on every rank
+    (stale-synchronous all-reduce; with one process, the simulator), a gradient read at ``w_t`` while ``F``
+    gradients are in flight lands on
+
+    .. math:: w_{apply} = T(\dots T(T(w_t, \bar g_{t-F}), \bar g_{t-F+1}) \dots, \bar g_{t-1}),
+
+    ``T(w, g)`` the optimizer's step (its hyperparameters and state of now), ``\bar g_k = \frac1N \sum_r g^{(r)}_k``
+    the mean gradient of step ``k``, still being reduced. This worker's own ``g^{(r)}_k`` is an unbiased estimate of
+    ``\bar g_k`` (with ``N = 1`` the mean itself), so the prediction is the same replay with them:
+
+    .. math:: \hat w = T(\dots T(T(w_t, g^{(r)}_{t-F}), g^{(r)}_{t-F+1}) \dots, g^{(r)}_{t-1}).
+
+    For SGD with momentum ``mu`` (buffer ``b``, no weight decay) this is
+    ``w_t - lr (mu (1 - mu^F) / (1 - mu) b + sum_{i=1}^{F} (1 - mu^{F-i+1}) / (1 - mu) g_i)``, where the linear
+    prediction ``w_t + F v_t = w_t - lr F b`` continues the momentum at full speed (``F`` for ``2``: 2 against 1.71
+    at ``mu = 0.9``) and knows nothing of the gradients in flight. The replay is exact for the momentum and weight
+    decay and as good as one worker's batch for the gradients; it assumes nothing of the optimizer (any
+    ``torch.optim`` optimizer: a scratch copy of its state takes the ``F`` steps; clipping of the mean gradient,
+    which happens where it is applied, is not replayed).
+
+    Call :meth:`submitted` with every gradient this worker submits; :meth:`predict_` replays the newest ``horizon``
+    of them (the number in flight). A gradient with a non-finite element (a mixed-precision overflow, whose update
+    the scaler skips) is replayed as no step. Costs ``F`` optimizer steps on a scratch copy per prediction, and
+    memory for ``max_in_flight`` gradients, the scratch parameters and a copy of the optimizer state.
+    """
+
+    def __init__(self, params: Iterable[Tensor], optimizer: Optimizer, max_in_flight: int) -> None:
+        super().__init__(params)
+        self.max_in_flight = check_int("max_in_flight", max_in_flight, 0)
+        index = {id(p): i for i, p in enumerate(self.params)}
+        unknown = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in index]
+        if unknown:
+            raise ValueError(
+                f"the optimizer steps {len(unknown)} tensors that are not among the predicted parameters (shapes "
+                f"{unknown[:3]}): a replay needs every parameter the optimizer updates; pass all of them"
+            )
+        self.optimizer = optimizer
+        with torch.no_grad():
+            self._scratch = [p.detach().clone() for p in self.params]
+        self._tentative = optimizer_like(optimizer, [[self._scratch[index[id(p)]] for p in g["params"]]
+                                                      for g in optimizer.param_groups])
+        self._in_flight: deque[list[Optional[Tensor]]] = deque(maxlen=max(1, self.max_in_flight))
+
+    @torch.no_grad()
+    def submitted(self, grads: Sequence[Optional[Tensor]]) -> None:
+        """This worker submitted ``grads`` (one per parameter, in :attr:`params`' order, copied; ``None``: the
+        parameter has no gradient, and the optimizer skips it as it would)."""
+        if len(grads) != len(self.params):
+            raise ValueError(f"expected a gradient for each of the {len(self.params)} parameters, got {len(grads)}")
+        if not self.max_in_flight:
+            return
+        present = [g.detach() for g in grads if g is not None]
+        if present and not bool(torch.isfinite(torch.stack(torch._foreach_norm(present))).all()):
+            # an overflowed step (mixed precision): the scaler skips the update that applies it; so does the replay
+            self._in_flight.append([None] * len(grads))
+            return
+        self._in_flight.append([None if g is None else g.detach().clone() for g in grads])
+
+    @property
+    def in_flight(self) -> int:
+        """How many submitted gradients are held (at most ``max_in_flight``)."""
+        return len(self._in_flight) if self.max_in_flight else 0
+
+    @torch.no_grad()
+    def _move_(self, real: list[Tensor], horizon: float) -> None:
+        count = min(int(horizon), self.in_flight)
+        if count <= 0:
+            return
+        torch._foreach_copy_(self._scratch, real)
+        copy_hyperparameters(self.optimizer, self._tentative)
+        for p, scratch in zip(self.params, self._scratch):
+            copy_state(self.optimizer.state.get(p), self._tentative.state, scratch)
+        for grads in list(self._in_flight)[-count:]:
+            for scratch, g in zip(self._scratch, grads):
+                scratch.grad = g
+            self._tentative.step()
+        for scratch in self._scratch:
+            scratch.grad = None
+        torch._foreach_copy_(real, self._scratch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`LinearPredictor.state_dict` and the gradients in flight (CPU copies), so that a resumed run replays
+        what the uninterrupted one would have."""
+        return {**super().state_dict(), "in_flight": [[None if g is None else g.detach().to("cpu", copy=True)
+                                                       for g in grads] for grads in self._in_flight]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._in_flight.clear()
+        for grads in state.get("in_flight", []):
+            self._in_flight.append([None if g is None else g.to(p.device, p.dtype) for g, p in zip(grads, self.params)])
+
+    def reset(self) -> None:
+        super().reset()
+        self._in_flight.clear()

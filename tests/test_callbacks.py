@@ -10,7 +10,7 @@ import torch
 
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from lightning_asyncpred import ImageClassifier, LinearPrediction, SimulatedAsyncStrategy, StalenessMonitor
+from lightning_asyncpred import DigitsDataModule, ImageClassifier, LinearPrediction, SimulatedAsyncStrategy, StalenessMonitor
 from tests.helpers import model_and_data, real_params, trainer
 
 
@@ -306,3 +306,44 @@ def test_auto_horizon_beats_the_expected_staleness_under_bursts(tmp_path):
         ratios[horizon] = lp.pooled_error_ratio
     assert ratios["staleness"] > 1.0
     assert ratios["auto"] < 0.7
+
+
+class AdamWClassifier(ImageClassifier):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.05)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_replay_lands_where_the_gradient_is_applied_with_one_process(tmp_path, optimizer):
+    """With one process every gradient in flight is the one that will be applied, so the replay is exact: each
+    gradient is computed at the parameters it lands on (error ratio 0), where the linear prediction of the same run
+    misses by a large part (momentum and weight decay, AdamW's normalised step, both replayed by the optimizer)."""
+    terms = {}
+    for method in ("replay", "linear"):
+        if optimizer == "sgd":
+            model, data = model_and_data(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+        else:
+            torch.manual_seed(0)
+            model, data = AdamWClassifier(arch="digits_cnn"), DigitsDataModule(batch_size=16)
+        lp = LinearPrediction(method=method, log_every_n_steps=1)
+        t = trainer(tmp_path / method, [lp], strategy=SimulatedAsyncStrategy(staleness=3, seed=1), max_steps=40,
+                    limit_val_batches=0)
+        t.fit(model, data)
+        assert len(lp.error_terms) >= 8  # one probe at a time, each resolved where its gradient lands
+        terms[method] = lp.error_terms
+    assert all(num <= 1e-5 * max(den, 1e-3) for num, den in terms["replay"]), terms["replay"][:5]
+    assert statistics.median(n / d for n, d in terms["linear"] if d > 0) > 0.05
+
+
+def test_replay_is_refused_where_it_cannot_replay(tmp_path):
+    model, data = model_and_data()
+    lp = LinearPrediction(method="replay")
+    t = trainer(tmp_path, [lp], strategy=SimulatedAsyncStrategy(workers=2, seed=1))
+    with pytest.raises(ValueError, match="async_pred_sim runs workers=2 virtual workers"):
+        t.fit(model, data)
+    with pytest.raises(ValueError, match="method must be one of 'linear', 'replay', got 'quadratic'"):
+        LinearPrediction(method="quadratic")
+    model, data = model_and_data()
+    t = trainer(tmp_path, [LinearPrediction(method="replay")], strategy="auto")
+    with pytest.raises(ValueError, match=r"method='replay'.*needs a transport that applies every step's mean gradient"):
+        t.fit(model, data)

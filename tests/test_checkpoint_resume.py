@@ -30,11 +30,11 @@ def _checkpoints(dirpath):
     ]
 
 
-def _sim_fit(root, save=False, resume=None, drain_on_save=False):
+def _sim_fit(root, save=False, resume=None, drain_on_save=False, method="linear"):
     """3 epochs of 20 optimizer steps (40 batches of 32, accumulation 2) under async_pred_sim with prediction."""
     pl.seed_everything(0)
     model = EpochSchedulerClassifier(arch="digits_cnn", lr=0.05, momentum=0.9)
-    lp = LinearPrediction(log_every_n_steps=3)
+    lp = LinearPrediction(log_every_n_steps=3, method=method)
     strategy = SimulatedAsyncStrategy(staleness="uniform:0:3", seed=1, drain_on_save=drain_on_save)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, strategy=strategy, max_epochs=3, accumulate_grad_batches=2,
@@ -75,6 +75,33 @@ def test_simulated_checkpoints_change_nothing_and_resume_is_exact(tmp_path):
         assert lp_res.error_ratios and lp_res.error_ratios == lp_plain.error_ratios[-len(lp_res.error_ratios):]
         assert t_res.optimizers[0].param_groups[0]["lr"] == t_plain.optimizers[0].param_groups[0]["lr"]
     assert not [w for w in caught if "not resumable" in str(w.message)]  # Lightning sees a resumable loader
+
+
+def test_replay_prediction_resumes_exactly(tmp_path):
+    """LinearPrediction(method="replay") keeps this rank's gradients in flight; a checkpoint holds them, so a run
+    resumed in the middle of an epoch replays what the uninterrupted one did (same parameters at the end)."""
+    _, plain, lp_plain = _sim_fit(tmp_path / "plain", method="replay")
+    _, saving, _ = _sim_fit(tmp_path / "saving", save=True, method="replay")
+    _assert_same(plain, saving)
+    ckpt = tmp_path / "saving" / "ckpt" / "step=28.ckpt"
+    held = torch.load(ckpt, weights_only=False)["callbacks"]
+    assert any(len(v.get("in_flight", [])) > 0 for v in held.values() if isinstance(v, dict)), held.keys()
+    _, resumed, lp_res = _sim_fit(tmp_path / "resumed", resume=str(ckpt), method="replay")
+    _assert_same(plain, resumed)
+    assert lp_res.error_ratios == lp_plain.error_ratios[-len(lp_res.error_ratios):]
+    # without the gradients in flight the resumed run's first predictions replay less: the run differs
+    _, lost, _ = _sim_fit(tmp_path / "lost", resume=str(_without_in_flight(ckpt, tmp_path)), method="replay")
+    assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), lost.state_dict().values()))
+
+
+def _without_in_flight(ckpt, tmp_path):
+    state = torch.load(ckpt, weights_only=False)
+    for v in state["callbacks"].values():
+        if isinstance(v, dict) and "in_flight" in v:
+            v["in_flight"] = []
+    out = tmp_path / "without.ckpt"
+    torch.save(state, out)
+    return out
 
 
 def test_simulated_drain_on_save_changes_the_run_and_resumes_it_exactly(tmp_path):

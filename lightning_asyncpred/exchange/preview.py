@@ -112,7 +112,7 @@ class TentativePreview:
         self.scratch.copy_(self.base)
         copy_hyperparameters(self.optimizer, self.tentative)
         for real, scratch in zip(self.masters, self.params):
-            _copy_state(self.optimizer.state.get(real), self.tentative.state, scratch)
+            copy_state(self.optimizer.state.get(real), self.tentative.state, scratch)
         torch.div(acc, count, out=self.grad)
         for p, g in zip(self.params, self.grads):
             p.grad = g
@@ -151,7 +151,7 @@ def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in group.items() if k != "params"}
 
 
-def _copy_state(real: Any, states: Any, param: Tensor) -> None:
+def copy_state(real: Any, states: Any, param: Tensor) -> None:
     """Make ``states[param]`` equal to ``real`` (a parameter's optimizer state), reusing its tensors."""
     if not real:
         states.pop(param, None)

@@ -94,6 +94,7 @@ class AsyncUpdateMixin:
         self.applied_updates = 0  # gradients applied
         self.applied_steps = 0  # optimizer steps taken with them
         self.local_steps = 0
+        self._submitted: Optional[list[Tensor]] = None  # this rank's last submitted gradient (flat buckets)
         self._last_staleness: Optional[int] = None
         self._pending_async_state: Optional[dict[str, Any]] = None
         self._resumed_world_size: Optional[int] = None
@@ -164,6 +165,14 @@ class AsyncUpdateMixin:
     @property
     def gradients_in_flight(self) -> int:
         return self.exchange.in_flight if self.exchange is not None else 0
+
+    def submitted_gradient(self) -> dict[int, Tensor]:
+        """This rank's gradient of its last submission, unscaled and unclipped (clipping acts on the gradient an update
+        applies), one tensor per parameter keyed by ``id(parameter)``; empty before the first submission and under
+        owners (p2p), whose workers submit shards. For ``LinearPrediction(method="replay")``."""
+        if self._submitted is None or self._buckets is None or self._exchange_returns_parameters:
+            return {}
+        return {id(p): g for p, g in zip(self._buckets.params, self._buckets.assemble(self._submitted))}
 
     # ------------------------------------------------------------- lifecycle
     def _setup_exchange(self, trainer: "pl.Trainer") -> None:
@@ -267,6 +276,7 @@ class AsyncUpdateMixin:
             # let the GradScaler see the overflow in .grad and skip/lower the scale like DDP would
             return self.precision_plugin.optimizer_step(optimizer, model=model, closure=lambda: closure_result, **kwargs)
         self.exchange.submit(self.local_steps, local)
+        self._submitted = local  # the exchange never reduces the caller's tensors in place
         self.local_steps += 1
         ready = self.exchange.ready()
         if not ready:

@@ -177,6 +177,7 @@ def main() -> None:
     p.add_argument("--prediction", action="store_true")
     p.add_argument("--remedies", action="store_true", help="StalenessRemedies: DC-ASGD, staleness-aware lr, momentum")
     p.add_argument("--velocity", default="last")
+    p.add_argument("--prediction-method", default="linear", help="LinearPrediction(method=...)")
     p.add_argument("--early-stopping", action="store_true")
     p.add_argument("--throughput", action="store_true", help="add Lightning's ThroughputMonitor")
     p.add_argument("--lr", type=float, default=0.05)
@@ -208,7 +209,8 @@ def main() -> None:
     recorder, val_recorder = Recorder(), ValLossRecorder()
     callbacks = [recorder, val_recorder]
     if args.prediction:
-        callbacks.append(la.LinearPrediction(horizon="auto", velocity=args.velocity, log_every_n_steps=5))
+        callbacks.append(la.LinearPrediction(horizon="auto", velocity=args.velocity, log_every_n_steps=5,
+                                             method=args.prediction_method))
         callbacks.append(la.StalenessMonitor(log_every_n_steps=5, plot_path=os.path.join(args.out, "staleness.png")))
     if args.remedies:
         callbacks.append(la.StalenessRemedies(staleness_lr=True, dc_lambda=0.04, dc_adaptive=True, momentum_correction=True))
@@ -311,6 +313,7 @@ def main() -> None:
         sampler_shuffle=getattr(sampler, "shuffle", None),
         loader=type(trainer.train_dataloader).__name__ if trainer.train_dataloader is not None else None,
     )
+    result["error_ratios"] = next((c.error_ratios for c in callbacks if isinstance(c, la.LinearPrediction)), [])
     owner = getattr(ex, "owner", None)
     if owner is not None:  # p2p: this rank's master shard equals its replica's copy of that shard after the end
         result["master_equals_replica"] = bool(torch.equal(owner.flat, s._buckets.flatten_params()[rank]))
@@ -321,7 +324,6 @@ def main() -> None:
         # the mean time between each peer's requests (its step time), which sizes a SIGTERM grace period
         result["peer_step_seconds"] = {str(k): v for k, v in getattr(ex, "_step_seconds", {}).items()}
         result["grace_seconds"] = ex.grace_seconds() if hasattr(ex, "grace_seconds") else None
-        result["error_ratios"] = next((c.error_ratios for c in callbacks if isinstance(c, la.LinearPrediction)), [])
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(args.out, f"rank{rank}.pt"))
     _write_json(os.path.join(args.out, f"rank{rank}.json"), result)
 
