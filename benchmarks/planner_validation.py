@@ -47,8 +47,8 @@ from lightning_asyncpred.planner import Config, Perturbation, Profile, simulate 
 from lightning_asyncpred.planner.model import calibrate_all, pick_profile  # noqa: E402
 
 # straggler.py's rows (STRATEGIES there, in order) and throughput.py's (CONFIGS there, static shards)
-STRAGGLER_ROWS = (Config("ddp"), Config("allreduce", 2), Config("p2p", 2), Config("p2p", 0, group_size=2),
-                  Config("p2p", 0))
+STRAGGLER_ROWS = (Config("ddp"), Config("allreduce", 2), Config("allreduce", 2), Config("p2p", 2),
+                  Config("p2p", 0, group_size=2), Config("p2p", 0))
 THROUGHPUT_ROWS = {"ddp": Config("ddp"), "async0": Config("allreduce", 1), "async1": Config("allreduce", 2),
                    "async2": Config("allreduce", 4), "async3": Config("p2p", 1, pool=False),
                    "async4": Config("p2p", 2, pool=False)}

@@ -1,7 +1,8 @@
 """A rank twice as slow: throughput and time-to-accuracy of ``async_pred`` (p2p + shared batch pool) vs ``ddp``.
 
 One run, on the same machine, of Lightning's ``ddp``, ``async_pred_allreduce`` (``max_staleness=2``, static
-shards, ``LinearPrediction`` and spike compensation: the remedy for a fixed staleness), ``async_pred`` as it ships (p2p, the shared batch pool, ``max_staleness=0``: a worker
+shards; with ``LinearPrediction`` and spike compensation, and with ``LinearPrediction(method="replay")``, each rank
+replaying its own gradients in flight through the optimizer), ``async_pred`` as it ships (p2p, the shared batch pool, ``max_staleness=0``: a worker
 waits for the answer to its last gradient; the owners look ahead) and, for comparison, p2p as it shipped before
 (``max_staleness=2`` with ``LinearPrediction``: two steps in flight), and sync groups of 2
 (``sync_group_size=2``, the shared batch pool drawing per group: at 2 ranks one group, ddp's update through the
@@ -51,9 +52,11 @@ from _launch import launch_workers
 
 HERE = Path(__file__).resolve().parent
 STRATEGIES = ("ddp", "async_pred_allreduce s=2 + LinearPrediction + spike compensation",
+              "async_pred_allreduce s=2 + LinearPrediction(method='replay')",
               "async_pred (p2p+pool) s=2 + LinearPrediction",
               "async_pred sync groups of 2 (pool per group)", "async_pred (p2p+pool)")
-GROUPS = 3  # sync_group_size=2: at 2 ranks one group (ddp's update), at 4 two groups, the last one slow
+ALLREDUCE_LINEAR, ALLREDUCE_REPLAY, P2P_DEEP = 1, 2, 3  # the rows with two steps in flight
+GROUPS = 4  # sync_group_size=2: at 2 ranks one group (ddp's update), at 4 two groups, the last one slow
 P2P = len(STRATEGIES) - 1  # async_pred as it ships: the row the printed figures are about
 PERTURBATIONS = ("none", "jitter", "straggler")
 
@@ -158,10 +161,13 @@ def worker(args: argparse.Namespace) -> None:
         pl.seed_everything(seed, verbose=False)
         probe = Probe(delay)
         checks = Checks(probe, args.checks)
-        predict = name in STRATEGIES[1:3]  # the two rows with two steps in flight
-        callbacks = [probe, checks] + ([la.LinearPrediction(horizon="auto", warmup_steps=20)] if predict else [])
-        if name == STRATEGIES[1]:  # a fixed staleness of 2 steps: the workers' prediction + spike compensation
+        callbacks = [probe, checks]
+        if name in (STRATEGIES[ALLREDUCE_LINEAR], STRATEGIES[P2P_DEEP]):
+            callbacks.append(la.LinearPrediction(horizon="auto", warmup_steps=20))
+        if name == STRATEGIES[ALLREDUCE_LINEAR]:  # a fixed staleness of 2 steps: + spike compensation
             callbacks.append(la.StalenessRemedies(spike_compensation=True))
+        if name == STRATEGIES[ALLREDUCE_REPLAY]:  # each rank replays its own 2 gradients in flight
+            callbacks.append(la.LinearPrediction(method="replay"))
         trainer = pl.Trainer(
             accelerator="cpu", devices=world, strategy=strategy(name), max_epochs=epochs, num_sanity_val_steps=0,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
