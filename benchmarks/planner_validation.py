@@ -87,7 +87,7 @@ def worker(args: argparse.Namespace) -> None:
             path = Path(args.out) / f"profile{args.world}_b{batch}_{name}.json"
             callbacks = [Sleep(sleep), la.ProfileRecorder(str(path), warmup_steps=10)]
             if name in predicted.get(batch, ()):
-                callbacks.append(la.LinearPrediction(horizon="auto", warmup_steps=20))
+                callbacks.append(la.LinearPrediction(horizon="auto", warmup_steps=20, method="linear"))
             trainer = pl.Trainer(accelerator="cpu", devices=args.world, strategy=strategy(), max_steps=args.steps,
                                  max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0, logger=False,
                                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -163,7 +163,7 @@ def worker(args: argparse.Namespace) -> None:
         checks = Checks(probe, args.checks)
         callbacks = [probe, checks]
         if name in (STRATEGIES[ALLREDUCE_LINEAR], STRATEGIES[P2P_DEEP]):
-            callbacks.append(la.LinearPrediction(horizon="auto", warmup_steps=20))
+            callbacks.append(la.LinearPrediction(horizon="auto", warmup_steps=20, method="linear"))
         if name == STRATEGIES[ALLREDUCE_LINEAR]:  # a fixed staleness of 2 steps: + spike compensation
             callbacks.append(la.StalenessRemedies(spike_compensation=True))
         if name == STRATEGIES[ALLREDUCE_REPLAY]:  # each rank replays its own 2 gradients in flight

@@ -177,7 +177,7 @@ def worker(args: argparse.Namespace) -> None:
         probe = Probe(delays)
         callbacks = [probe]
         if name.startswith("async"):
-            callbacks.append(la.LinearPrediction(horizon="auto", warmup_steps=20))
+            callbacks.append(la.LinearPrediction(horizon="auto", warmup_steps=20, method="linear"))
         trainer = pl.Trainer(
             accelerator="cpu", devices=args.nproc, strategy=strategy, max_steps=steps, max_epochs=-1,
             val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,

@@ -21,7 +21,7 @@ LIGHTNING = "pytorch_lightning"  # this module's Lightning namespace ("lightning
 
 HorizonSpec = Union[str, int, float]
 HORIZONS = ("auto", "staleness")
-METHODS = ("linear", "replay")
+METHODS = ("auto", "linear", "replay")
 
 
 def _automatic_optimization(trainer: "pl.Trainer") -> bool:
@@ -62,7 +62,11 @@ class LinearPrediction(Callback):
             (``async_pred_allreduce``, ``async_pred_horovod``, ``async_pred_sim`` without ``workers``) the momentum
             and weight decay until the gradient lands are exact and the gradients in flight estimated by this
             rank's own; ``horizon``, ``velocity``, ``ema_decay`` and ``warmup_steps`` do not apply. Refused under
-            ``async_pred`` (its owners apply other workers' gradients between this worker's).
+            ``async_pred`` (its owners apply other workers' gradients between this worker's). ``"auto"`` (the
+            default): the strategy's ``default_prediction`` (``"replay"`` under ``async_pred_allreduce`` and
+            ``async_pred_horovod``, ``"linear"`` under ``async_pred`` and ``async_pred_sim``), but ``"linear"`` when
+            one of the linear model's arguments is given a value other than its default. :attr:`resolved_method`
+            says which, from setup on.
     """
 
     def __init__(
@@ -72,11 +76,13 @@ class LinearPrediction(Callback):
         ema_decay: float = 0.9,
         warmup_steps: int = 0,
         log_every_n_steps: int = 50,
-        method: str = "linear",
+        method: str = "auto",
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
         self.method = method
+        self.resolved_method = None if method == "auto" else method  # "auto" is resolved at setup
+        self._linear_options = (horizon, velocity, ema_decay, warmup_steps) != ("auto", "last", 0.9, 0)
         if isinstance(horizon, str):
             if horizon not in HORIZONS:
                 raise ValueError(f"horizon must be 'auto', 'staleness' or a number >= 0, got {horizon!r}")
@@ -101,7 +107,7 @@ class LinearPrediction(Callback):
 
     # ------------------------------------------------------------ helpers
     def current_horizon(self, trainer: "pl.Trainer") -> float:
-        if self.method == "replay":  # every gradient in flight lands before the one read now
+        if self.resolved_method == "replay":  # every gradient in flight lands before the one read now
             return float(trainer.strategy.gradients_in_flight)
         if self.horizon == "auto":
             strategy = trainer.strategy
@@ -136,18 +142,25 @@ class LinearPrediction(Callback):
                 f"workers={trainer.strategy.workers} virtual workers in it, each with its own view; the owner predicts "
                 "for them instead: SimulatedAsyncStrategy(workers=..., lookahead='auto') without LinearPrediction"
             )
-        if self.method == "replay" and not hasattr(trainer.strategy, "submitted_gradient"):
+        self._resolve_method(trainer)
+        if self.resolved_method == "replay" and not hasattr(trainer.strategy, "submitted_gradient"):
             raise self._replay_refused(trainer.strategy)
-        if self.horizon in HORIZONS and not hasattr(trainer.strategy, "expected_staleness"):
+        if self.resolved_method == "linear" and self.horizon in HORIZONS and not hasattr(trainer.strategy, "expected_staleness"):
             raise ValueError(
                 f"LinearPrediction(horizon={self.horizon!r}) needs a strategy that reports its staleness "
                 f"(async_pred, async_pred_allreduce, async_pred_horovod, async_pred_sim), but the trainer uses "
                 f"{type(trainer.strategy).__name__}; pass a number, e.g. LinearPrediction(horizon=4)"
             )
 
+    def _resolve_method(self, trainer: "pl.Trainer") -> None:
+        """``method="auto"``: the strategy's ``default_prediction``, ``"linear"`` where a linear option was given."""
+        if self.method == "auto":
+            default = getattr(trainer.strategy, "default_prediction", "linear")
+            self.resolved_method = "linear" if self._linear_options else default
+
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         params = [p for p in pl_module.parameters() if p.requires_grad]
-        if self.method == "replay":
+        if self.resolved_method == "replay":
             self.predictor = self._replay_predictor(trainer)
         else:
             self.predictor = LinearPredictor(params, self.velocity, self.ema_decay, self.warmup_steps)

@@ -10,7 +10,8 @@ import torch
 
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from lightning_asyncpred import DigitsDataModule, ImageClassifier, LinearPrediction, SimulatedAsyncStrategy, StalenessMonitor
+from lightning_asyncpred import (AsyncPredStrategy, DigitsDataModule, ImageClassifier, LinearPrediction,
+                                 SimulatedAsyncStrategy, StalenessMonitor)
 from tests.helpers import model_and_data, real_params, trainer
 
 
@@ -341,9 +342,29 @@ def test_replay_is_refused_where_it_cannot_replay(tmp_path):
     t = trainer(tmp_path, [lp], strategy=SimulatedAsyncStrategy(workers=2, seed=1))
     with pytest.raises(ValueError, match="async_pred_sim runs workers=2 virtual workers"):
         t.fit(model, data)
-    with pytest.raises(ValueError, match="method must be one of 'linear', 'replay', got 'quadratic'"):
+    with pytest.raises(ValueError, match="method must be one of 'auto', 'linear', 'replay', got 'quadratic'"):
         LinearPrediction(method="quadratic")
     model, data = model_and_data()
     t = trainer(tmp_path, [LinearPrediction(method="replay")], strategy="auto")
     with pytest.raises(ValueError, match=r"method='replay'.*needs a transport that applies every step's mean gradient"):
         t.fit(model, data)
+
+
+@pytest.mark.parametrize("kwargs, strategy, expected", [
+    ({}, SimulatedAsyncStrategy(staleness=2), "linear"),  # the simulator: a replay would see every gradient
+    ({}, AsyncPredStrategy(transport="allreduce"), "replay"),
+    ({}, AsyncPredStrategy(transport="horovod"), "replay"),
+    ({}, AsyncPredStrategy(transport="p2p"), "linear"),
+    ({"warmup_steps": 20}, AsyncPredStrategy(transport="allreduce"), "linear"),  # a linear option asks for linear
+    ({"horizon": 2}, AsyncPredStrategy(transport="allreduce"), "linear"),
+    ({"method": "linear"}, AsyncPredStrategy(transport="allreduce"), "linear"),
+])
+def test_auto_method_follows_the_strategy(kwargs, strategy, expected):
+    class Stub:  # what setup reads of a trainer before anything runs
+        def __init__(self, strategy):
+            self.strategy = strategy
+
+    lp = LinearPrediction(**kwargs)
+    assert lp.resolved_method == (kwargs.get("method") if "method" in kwargs else None)
+    lp._resolve_method(Stub(strategy))
+    assert lp.resolved_method == expected

@@ -46,7 +46,7 @@ def _run(out, *args, **kw):
 def test_fixed_mode_keeps_identical_replicas_and_applies_every_gradient(tmp_path):
     out = tmp_path / "fixed"
     codes, logs = _run(out, "--max-staleness", "2", "--max-steps", "24", "--accumulate", "2", "--clip", "0.5",
-                       "--prediction")
+                       "--prediction", "--prediction-method", "replay")
     assert codes == [0, 0], logs
     res = results(out)
     for r, x in enumerate(res):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightning_asyncpred.prediction import LagEstimator, LinearPredictor
+from lightning_asyncpred.prediction import LagEstimator, LinearPredictor, ReplayPredictor
 
 
 def _params(seed=0):
@@ -232,3 +232,54 @@ def test_keyed_probe_is_measured_against_the_parameters_the_gradient_lands_on():
     assert pred.probe_key is None
     pred.load_state_dict(state)
     assert pred.probe_key == 18
+
+
+def test_replay_predictor_is_the_optimizers_closed_form_and_leaves_the_optimizer_alone():
+    """SGD with momentum and weight decay: replaying F gradients from (w, buf) is
+    w_F = w - lr sum_j buf_j with buf_j = mu buf_{j-1} + g_j + wd w_{j-1}; the real optimizer state is untouched."""
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5))
+    frozen = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.SGD([w, frozen], lr=0.1, momentum=0.9, weight_decay=0.01)
+    w.grad = torch.randn(5)
+    opt.step()
+    pred = ReplayPredictor([w, frozen], opt, max_in_flight=2)
+    gs = [torch.randn(5) for _ in range(3)]
+    for g in gs:  # only the newest max_in_flight = 2 are kept
+        pred.submitted([g, None])  # `frozen` has no gradient: the optimizer skips it
+    w0, f0, buf = w.detach().clone(), frozen.detach().clone(), opt.state[w]["momentum_buffer"].clone()
+    ref, b = w0.clone(), buf.clone()
+    for g in gs[1:]:
+        b = 0.9 * b + g + 0.01 * ref
+        ref = ref - 0.1 * b
+    pred.predict_(2)
+    assert torch.allclose(w.detach(), ref, atol=1e-6) and torch.equal(frozen.detach(), f0)
+    pred.restore_()
+    assert torch.equal(w.detach(), w0) and torch.equal(opt.state[w]["momentum_buffer"], buf)
+    pred.predict_(1)  # a horizon of 1 replays the newest gradient only
+    b1 = 0.9 * buf + gs[2] + 0.01 * w0
+    assert torch.allclose(w.detach(), w0 - 0.1 * b1, atol=1e-6)
+    pred.restore_()
+    # a resumed predictor replays the same gradients
+    other = ReplayPredictor([w, frozen], opt, max_in_flight=2)
+    other.load_state_dict(pred.state_dict())
+    other.predict_(2)
+    assert torch.allclose(w.detach(), ref, atol=1e-6)
+    other.restore_()
+    # an overflowed gradient (mixed precision) is no step, as the scaler skips the update that applies it
+    pred.submitted([torch.full((5,), float("inf")), None])
+    pred.predict_(1)
+    assert torch.equal(w.detach(), w0)
+    pred.restore_()
+
+
+def test_replay_predictor_refuses_an_optimizer_over_other_parameters():
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(4, 3))
+    with pytest.raises(ValueError, match=r"the optimizer steps 1 tensors that are not among the predicted parameters \(shapes \[\(4, 3\)\]\)"):
+        ReplayPredictor([a], torch.optim.SGD([a, b], lr=0.1), 2)
+    with pytest.raises(ValueError, match="max_in_flight must be an integer >= 0, got -1"):
+        ReplayPredictor([a], torch.optim.SGD([a], lr=0.1), -1)
+    with pytest.raises(ValueError, match="expected a gradient for each of the 1 parameters, got 2"):
+        ReplayPredictor([a], torch.optim.SGD([a], lr=0.1), 2).submitted([torch.zeros(2), torch.zeros(2)])

@@ -166,6 +166,13 @@ class AsyncUpdateMixin:
     def gradients_in_flight(self) -> int:
         return self.exchange.in_flight if self.exchange is not None else 0
 
+    @property
+    def default_prediction(self) -> str:
+        """What ``LinearPrediction(method="auto")`` uses under this strategy: ``"replay"`` where every rank applies every
+        step's mean gradient in order (the collective transports), ``"linear"`` elsewhere (owners; the simulator,
+        where a replay would see every gradient and be exact)."""
+        return "linear"
+
     def submitted_gradient(self) -> dict[int, Tensor]:
         """This rank's gradient of its last submission, unscaled and unclipped (clipping acts on the gradient an update
         applies), one tensor per parameter keyed by ``id(parameter)``; empty before the first submission and under

@@ -469,6 +469,12 @@ class AsyncPredStrategy(AsyncUpdateMixin, ParallelStrategy):
         # sync groups: the members of a group take the same steps (one all-reduce each), so a group agrees on a step
         return self.transport == "p2p" and self.sync_group_size == 1
 
+    @property
+    def default_prediction(self) -> str:
+        """``"replay"`` under ``allreduce`` and ``horovod`` (every rank applies every step's mean gradient in order),
+        ``"linear"`` under ``p2p`` (see :attr:`AsyncUpdateMixin.default_prediction`)."""
+        return "linear" if self.transport == "p2p" else "replay"
+
     def _signal_scope(self) -> str:
         return f"/group{self.global_rank // self.sync_group_size}" if self.sync_group_size > 1 else ""
 

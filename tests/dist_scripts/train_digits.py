@@ -313,7 +313,9 @@ def main() -> None:
         sampler_shuffle=getattr(sampler, "shuffle", None),
         loader=type(trainer.train_dataloader).__name__ if trainer.train_dataloader is not None else None,
     )
-    result["error_ratios"] = next((c.error_ratios for c in callbacks if isinstance(c, la.LinearPrediction)), [])
+    lp = next((c for c in callbacks if isinstance(c, la.LinearPrediction)), None)
+    result["error_ratios"] = lp.error_ratios if lp is not None else []
+    result["prediction_method"] = lp.resolved_method if lp is not None else None
     owner = getattr(ex, "owner", None)
     if owner is not None:  # p2p: this rank's master shard equals its replica's copy of that shard after the end
         result["master_equals_replica"] = bool(torch.equal(owner.flat, s._buckets.flatten_params()[rank]))
