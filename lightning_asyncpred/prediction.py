@@ -382,15 +382,16 @@ class ReplayPredictor(LinearPredictor):
         self._in_flight: deque[list[Optional[Tensor]]] = deque(maxlen=max(1, self.max_in_flight))
 
     @torch.no_grad()
-    def submitted(self, grads: Sequence[Optional[Tensor]]) -> None:
+    def submitted(self, grads: Sequence[Optional[Tensor]], check_finite: bool = True) -> None:
         """This worker submitted ``grads`` (one per parameter, in :attr:`params`' order, copied; ``None``: the
-        parameter has no gradient, and the optimizer skips it as it would)."""
+        parameter has no gradient, and the optimizer skips it as it would). ``check_finite``: look for an overflow
+        (one host synchronisation; only a loss scaler's overflows are skipped updates, so pass ``False`` without one)."""
         if len(grads) != len(self.params):
             raise ValueError(f"expected a gradient for each of the {len(self.params)} parameters, got {len(grads)}")
         if not self.max_in_flight:
             return
         present = [g.detach() for g in grads if g is not None]
-        if present and not bool(torch.isfinite(torch.stack(torch._foreach_norm(present))).all()):
+        if check_finite and present and not bool(torch.isfinite(torch.stack(torch._foreach_norm(present))).all()):
             # an overflowed step (mixed precision): the scaler skips the update that applies it; so does the replay
             self._in_flight.append([None] * len(grads))
             return

@@ -112,8 +112,12 @@ def test_fp16_grad_scaler_overflow_on_one_rank_is_handled_identically_everywhere
     unscaled non-finite gradient is still submitted (collectives stay matched), the reduction is
     non-finite on both ranks, and at step 5 + s both scalers skip that update and halve the scale."""
     out = tmp_path / "run"
-    run(out, "--max-staleness", "2", "--max-steps", "14", "--fp16-overflow-rank", "1")
+    # with the replay prediction: rank 1 replays its overflowed gradient as no step (as the scalers skip its update),
+    # not as inf parameters whose gradients would overflow the next reductions too
+    run(out, "--max-staleness", "2", "--max-steps", "14", "--fp16-overflow-rank", "1", "--prediction",
+        "--prediction-method", "replay")
     res = results(out)
+    assert {x["prediction_method"] for x in res} == {"replay"}
     assert_really_distributed(res)
     assert_balanced(res)
     assert_identical_replicas(out)
