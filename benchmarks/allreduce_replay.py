@@ -49,22 +49,28 @@ def run(job: dict) -> dict:
     from convergence import load_task
 
     from lightning_asyncpred.models import create_model
-    from lightning_asyncpred.prediction import LinearPredictor, ReplayPredictor
+    from lightning_asyncpred.prediction import LagEstimator, LinearPredictor, ReplayPredictor
     from lightning_asyncpred.remedies import spike_compensation
+    from lightning_asyncpred.staleness import BoundedStalenessQueue, parse_staleness
 
     (x, y), (xva, yva), (xte, yte) = load_task(job["task"])
-    arm, n, s, lr = job["arm"], job["n"], job["s"], job["lr"]
+    arm, n, lr = job["arm"], job["n"], job["lr"]
+    # the delay of each step's mean gradient: fixed (mode="fixed") or varying (mode="eager": a reduction is applied
+    # when it completes, in order, at most the bound late), drawn and released by the library's own queue
+    dist = parse_staleness(0 if arm == "sync" else job["s"])
+    queue = BoundedStalenessQueue(dist.bound)
+    delays = torch.Generator().manual_seed(2000 + job["seed"])
     torch.manual_seed(job["seed"])
     model = create_model("digits_cnn", 10)
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM)
     gen = torch.Generator().manual_seed(1000 + job["seed"])
     linear = LinearPredictor(params) if arm.startswith("linear") else None
-    replay = [ReplayPredictor(params, optimizer, s) for _ in range(n)] if arm == "replay" else None
-    a, b = spike_compensation(MOMENTUM, s) if arm == "linear+sc" else (1.0, 0.0)
-    in_flight: list[list[torch.Tensor]] = []  # the mean gradients of the steps in flight, oldest first
+    lags = LagEstimator()  # the linear arms' horizon, as LinearPrediction(horizon="auto") measures it
+    replay = [ReplayPredictor(params, optimizer, dist.bound) for _ in range(n)] if arm == "replay" else None
     probes: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # step -> (w read, w_hat)
     num2 = den2 = 0.0
+    updates = 0
 
     def accuracy(xs, ys) -> float:
         with torch.no_grad():
@@ -72,11 +78,16 @@ def run(job: dict) -> dict:
 
     for t in range(job["steps"]):
         grads = []
+        in_flight = queue.in_flight
+        lags.read(t, updates, in_flight)
+        horizon = lags.horizon(in_flight, dist.mean)  # the updates until it lands: s under a fixed staleness
         for r in range(n):
             idx = torch.randint(0, len(y), (job["batch"],), generator=gen)
             predictor = linear if linear is not None else replay[r] if replay is not None else None
-            if predictor is not None and s:
-                predictor.predict_(float(s))
+            if replay is not None:  # the F gradients in flight, replayed as `horizon` updates
+                predictor.predict_(horizon, in_flight=in_flight)
+            elif predictor is not None:
+                predictor.predict_(horizon)
             if r == 0 and t % 7 == 0 and predictor is not None:
                 probes[t] = ([w.clone() for w in predictor.real_parameters()], [p.detach().clone() for p in params])
             model.zero_grad(set_to_none=True)
@@ -86,21 +97,25 @@ def run(job: dict) -> dict:
                 predictor.restore_()
             if replay is not None:
                 replay[r].submitted(grads[-1])
-        in_flight.append([torch.stack(g).mean(0) for g in zip(*grads)])
-        if len(in_flight) <= (s if arm != "sync" else 0):
+        queue.submit((t, [torch.stack(g).mean(0) for g in zip(*grads)]), dist.sample(delays))
+        released = queue.ready()
+        if not released:
             continue
-        mean = in_flight.pop(0)
-        landed = t - (s if arm != "sync" else 0)
-        if landed in probes:
-            read, hat = probes.pop(landed)
-            num2 += sum(float((h - p.detach()).pow(2).sum()) for h, p in zip(hat, params))
-            den2 += sum(float((w - p.detach()).pow(2).sum()) for w, p in zip(read, params))
-        for p, g in zip(params, mean):
+        for r in released:  # the gradient of step r.item[0] lands on the parameters of now
+            lags.applied(r.item[0], updates)
+            if r.item[0] in probes:
+                read, hat = probes.pop(r.item[0])
+                num2 += sum(float((h - p.detach()).pow(2).sum()) for h, p in zip(hat, params))
+                den2 += sum(float((w - p.detach()).pow(2).sum()) for w, p in zip(read, params))
+        total = [torch.stack(g).sum(0) for g in zip(*(r.item[1] for r in released))]  # one update, as the strategy
+        for p, g in zip(params, total):
             p.grad = g
         optimizer.step()
-        if b:  # spike compensation: w - lr v  ->  w - lr (a v + b g)
+        updates += 1
+        if arm == "linear+sc":  # spike compensation: w - lr v  ->  w - lr (a v + b g), tau the last one's staleness
+            a, b = spike_compensation(MOMENTUM, released[-1].staleness)
             with torch.no_grad():
-                for p, g in zip(params, mean):
+                for p, g in zip(params, total):
                     v = optimizer.state[p]["momentum_buffer"]
                     p.add_(v, alpha=lr * (1 - a)).add_(g, alpha=-lr * b)
         if linear is not None:
@@ -117,7 +132,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="digits, N = 4")
     parser.add_argument("--tasks", nargs="+", default=["digits", "hard"])
     parser.add_argument("--ns", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--staleness", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--staleness", nargs="+", default=["2", "4"],
+                        help="fixed s (mode='fixed') or a distribution, e.g. geometric:4 (mode='eager')")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1])
     parser.add_argument("--seeds", type=int, default=3)
@@ -128,6 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.tasks, args.ns = ["digits"], [4]
+    args.staleness = [int(v) if v.isdigit() else v for v in args.staleness]
     cells = [(task, "sync", n, 0) for task in args.tasks for n in args.ns]
     cells += [(task, arm, n, s) for task in args.tasks for n in args.ns for s in args.staleness for arm in args.arms]
     jobs = [dict(task=t, arm=a, n=n, s=s, lr=lr, seed=seed, steps=args.steps, batch=args.batch)

@@ -107,9 +107,7 @@ class LinearPrediction(Callback):
 
     # ------------------------------------------------------------ helpers
     def current_horizon(self, trainer: "pl.Trainer") -> float:
-        if self.resolved_method == "replay":  # every gradient in flight lands before the one read now
-            return float(trainer.strategy.gradients_in_flight)
-        if self.horizon == "auto":
+        if self.horizon == "auto" or self.resolved_method == "replay":  # (the replay: the updates until it lands)
             strategy = trainer.strategy
             if getattr(strategy, "_exchange_returns_parameters", False):
                 # owners (p2p): the refresh that installs a gradient's owners' answers is a jump that already holds it
@@ -211,7 +209,10 @@ class LinearPrediction(Callback):
         # biased sample when updates come in bursts)
         when = key if key is not None else self.predictor.updates
         probe = self.predictor.updates > 0 and when % self.log_every_n_steps == 0
-        self.predictor.predict_(horizon, probe=probe, probe_key=key)
+        if isinstance(self.predictor, ReplayPredictor):  # the gradients in flight, replayed as ``horizon`` updates
+            self.predictor.predict_(horizon, probe=probe, probe_key=key, in_flight=int(strategy.gradients_in_flight))
+        else:
+            self.predictor.predict_(horizon, probe=probe, probe_key=key)
         self._step_start = self.predictor.real_parameters() if self.predictor.probe_key is not None else None
 
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

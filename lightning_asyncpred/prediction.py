@@ -358,10 +358,17 @@ class ReplayPredictor(LinearPredictor):
     ``torch.optim`` optimizer: a scratch copy of its state takes the ``F`` steps; clipping of the mean gradient,
     which happens where it is applied, is not replayed).
 
-    Call :meth:`submitted` with every gradient this worker submits; :meth:`predict_` replays the newest ``horizon``
-    of them (the number in flight). A gradient with a non-finite element (a mixed-precision overflow, whose update
-    the scaler skips) is replayed as no step. Costs ``F`` optimizer steps on a scratch copy per prediction, and
-    memory for ``max_in_flight`` gradients, the scratch parameters and a copy of the optimizer state.
+    A varying staleness (``mode="eager"``: a reduction is applied when it completes, in order) lands the gradients in
+    flight in bursts, several summed into one update, so ours lands after ``L <= F`` updates, ``L`` the lag that
+    :class:`LagEstimator` measures. The replay then sums the ``F`` gradients into ``round(L)`` consecutive groups
+    (the oldest groups one larger) and takes one step per group, as the transport will (a group's sum is one update:
+    weight decay and momentum once); under a fixed staleness ``L = F`` and every gradient is its own step.
+
+    Call :meth:`submitted` with every gradient this worker submits; :meth:`predict_` (``horizon``: ``L``,
+    ``in_flight``: ``F``, default all held) replays the newest ``F`` of them. A gradient with a non-finite element (a
+    mixed-precision overflow, whose update the scaler skips) is replayed as no step. Costs up to ``F`` optimizer
+    steps on a scratch copy per prediction, and memory for ``max_in_flight`` gradients, the scratch parameters and a
+    copy of the optimizer state.
     """
 
     def __init__(self, params: Iterable[Tensor], optimizer: Optimizer, max_in_flight: int) -> None:
@@ -380,6 +387,19 @@ class ReplayPredictor(LinearPredictor):
         self._tentative = optimizer_like(optimizer, [[self._scratch[index[id(p)]] for p in g["params"]]
                                                       for g in optimizer.param_groups])
         self._in_flight: deque[list[Optional[Tensor]]] = deque(maxlen=max(1, self.max_in_flight))
+        self._count: Optional[int] = None  # F of the prediction being made
+
+    def predict_(self, horizon: float, probe: bool = False, probe_key: Optional[int] = None,
+                 in_flight: Optional[int] = None) -> None:
+        """Swap in the replay of the newest ``in_flight`` gradients (default: all held) as ``round(horizon)``
+        updates; see :meth:`LinearPredictor.predict_` for the probe."""
+        if in_flight is not None:
+            check_int("in_flight", in_flight, 0)
+        self._count = in_flight
+        try:
+            super().predict_(horizon, probe=probe, probe_key=probe_key)
+        finally:
+            self._count = None
 
     @torch.no_grad()
     def submitted(self, grads: Sequence[Optional[Tensor]], check_finite: bool = True) -> None:
@@ -404,16 +424,21 @@ class ReplayPredictor(LinearPredictor):
 
     @torch.no_grad()
     def _move_(self, real: list[Tensor], horizon: float) -> None:
-        count = min(int(horizon), self.in_flight)
-        if count <= 0:
+        count = self.in_flight if self._count is None else min(self._count, self.in_flight)
+        updates = min(count, int(round(horizon)))
+        if updates <= 0:
             return
         torch._foreach_copy_(self._scratch, real)
         copy_hyperparameters(self.optimizer, self._tentative)
         for p, scratch in zip(self.params, self._scratch):
             copy_state(self.optimizer.state.get(p), self._tentative.state, scratch)
-        for grads in list(self._in_flight)[-count:]:
-            for scratch, g in zip(self._scratch, grads):
-                scratch.grad = g
+        pending = list(self._in_flight)[-count:]
+        for k in range(updates):  # consecutive groups, the oldest one larger: count // updates (+ 1)
+            size = count // updates + (1 if k < count % updates else 0)
+            group, pending = pending[:size], pending[size:]
+            for i, scratch in enumerate(self._scratch):
+                parts = [grads[i] for grads in group if grads[i] is not None]
+                scratch.grad = None if not parts else parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
             self._tentative.step()
         for scratch in self._scratch:
             scratch.grad = None

@@ -257,9 +257,16 @@ def test_replay_predictor_is_the_optimizers_closed_form_and_leaves_the_optimizer
     assert torch.allclose(w.detach(), ref, atol=1e-6) and torch.equal(frozen.detach(), f0)
     pred.restore_()
     assert torch.equal(w.detach(), w0) and torch.equal(opt.state[w]["momentum_buffer"], buf)
-    pred.predict_(1)  # a horizon of 1 replays the newest gradient only
+    pred.predict_(1, in_flight=1)  # one in flight: the newest gradient only
     b1 = 0.9 * buf + gs[2] + 0.01 * w0
     assert torch.allclose(w.detach(), w0 - 0.1 * b1, atol=1e-6)
+    pred.restore_()
+    pred.predict_(1)  # two in flight landing in one update (a burst): their sum, one step (decay and momentum once)
+    b1 = 0.9 * buf + gs[1] + gs[2] + 0.01 * w0
+    assert torch.allclose(w.detach(), w0 - 0.1 * b1, atol=1e-6)
+    pred.restore_()
+    pred.predict_(0)  # a lag of 0: it lands with them, on the parameters of now
+    assert torch.equal(w.detach(), w0)
     pred.restore_()
     # a resumed predictor replays the same gradients
     other = ReplayPredictor([w, frozen], opt, max_in_flight=2)
@@ -269,7 +276,7 @@ def test_replay_predictor_is_the_optimizers_closed_form_and_leaves_the_optimizer
     other.restore_()
     # an overflowed gradient (mixed precision) is no step, as the scaler skips the update that applies it
     pred.submitted([torch.full((5,), float("inf")), None])
-    pred.predict_(1)
+    pred.predict_(1, in_flight=1)
     assert torch.equal(w.detach(), w0)
     pred.restore_()
 
