@@ -18,11 +18,17 @@ Every arm at its own best learning rate of one grid (``--lrs``), chosen on a val
 and spread over ``--seeds`` seeds; ``[recovered]`` = ``(arm - stale) / (sync - stale)``; ``error ratio`` (pooled,
 the prediction arms) = ``sqrt(sum ||w_hat - w_apply||^2 / sum ||w - w_apply||^2)`` over probes every 7 steps, ``w_apply``
 the parameters the gradient is applied to. Tasks: ``digits`` (the digits CNN) and ``hard`` (``convergence.py``'s
-generated 10-class task, the same CNN). Prints a table per task and ``N``, writes
-``benchmarks/out/allreduce_replay.png`` and ends with ``replay_recovered_<task>_n<N>_s<s>=`` for every cell.
+generated 10-class task, the same CNN). ``--staleness`` takes fixed values (``mode="fixed"``) or distributions such
+as ``geometric:4`` (``mode="eager"``: each step's reduction completes after a random number of steps, in order, at
+most the bound late; the library's ``BoundedStalenessQueue`` releases them and the ones released together are summed
+into one update, as the strategy does; the linear arms' horizon is then the measured lag, ``LagEstimator``, as
+``LinearPrediction(horizon="auto")`` takes it, and the replay groups the gradients in flight into that many updates).
+Prints a table per task and ``N``, writes ``benchmarks/out/allreduce_replay.png`` and ends with
+``replay_recovered_<task>_n<N>_<s<s> or the distribution>=`` for every cell.
 
     python benchmarks/allreduce_replay.py            # N = 4 and 8, s = 2 and 4, digits and hard (about 20 min)
     python benchmarks/allreduce_replay.py --quick    # digits, N = 4, s = 2 and 4 (about 5 min)
+    python benchmarks/allreduce_replay.py --ns 4 --staleness geometric:4    # a varying staleness (about 3 min)
 """
 
 from __future__ import annotations
@@ -181,7 +187,8 @@ def main() -> None:
                     rec = (c["acc"] - stale) / (sync["acc"] - stale) if arm != "stale" and sync["acc"] != stale else math.nan
                     cols.append(f"{c['acc']:.3f} ± {c['sd']:.3f} ({c['lr']})" + ("" if arm == "stale" else f" [{rec:.2f}]"))
                     if arm == "replay":
-                        printed.append(f"replay_recovered_{task}_n{n}_s{s}={rec:.3f}")
+                        name = f"s{s}" if isinstance(s, int) else str(s).replace(":", "")  # geometric:4 -> geometric4
+                        printed.append(f"replay_recovered_{task}_n{n}_{name}={rec:.3f}")
                 ratios = " / ".join(f"{best[(task, a, n, s)]['ratio']:.2f}" for a in args.arms if a != "stale")
                 print(f"| {s} | " + " | ".join(cols) + f" | {ratios} |")
     print(f"\n({len(jobs)} runs in {elapsed / 60:.1f} min)")
