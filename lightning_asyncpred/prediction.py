@@ -152,6 +152,8 @@ class LinearPredictor:
     Only the given parameters are touched (pass trainable parameters; buffers are never predicted).
     """
 
+    _tracks_velocity = True  # a subclass that predicts otherwise keeps no w_{t-1} and v_t
+
     def __init__(
         self,
         params: Iterable[Tensor],
@@ -169,8 +171,8 @@ class LinearPredictor:
         self.ema_decay = ema_decay
         self.warmup_steps = warmup_steps
         with torch.no_grad():
-            self._prev = [p.detach().clone() for p in self.params]
-            self._velocity = [torch.zeros_like(p) for p in self.params]
+            self._prev = [p.detach().clone() for p in self.params] if self._tracks_velocity else []
+            self._velocity = [torch.zeros_like(p) for p in self.params] if self._tracks_velocity else []
         self._saved: Optional[list[Tensor]] = None
         self._probe: Optional[_Probe] = None
         self.updates = 0
@@ -200,13 +202,14 @@ class LinearPredictor:
         if self.is_predicted:
             raise RuntimeError("observe() called while predicted parameters are swapped in; call restore_() first")
         real = [p.detach() for p in self.params]
-        delta = torch._foreach_sub(real, self._prev)
-        if self.velocity_mode == "last":
-            self._velocity = delta
-        else:
-            torch._foreach_mul_(self._velocity, self.ema_decay)
-            torch._foreach_add_(self._velocity, delta, alpha=1.0 - self.ema_decay)
-        torch._foreach_copy_(self._prev, real)
+        if self._tracks_velocity:
+            delta = torch._foreach_sub(real, self._prev)
+            if self.velocity_mode == "last":
+                self._velocity = delta
+            else:
+                torch._foreach_mul_(self._velocity, self.ema_decay)
+                torch._foreach_add_(self._velocity, delta, alpha=1.0 - self.ema_decay)
+            torch._foreach_copy_(self._prev, real)
         self.updates += 1
         probe = self._probe
         if probe is not None and probe.key is None and self.updates >= probe.due:
@@ -305,18 +308,18 @@ class LinearPredictor:
         Raises:
             ValueError: if the state holds another number of parameters or other shapes.
         """
-        shapes = [tuple(t.shape) for t in state["velocity"]]
-        if shapes != [tuple(p.shape) for p in self.params]:
-            raise ValueError(
-                f"LinearPredictor state holds {len(shapes)} parameters that do not match the model's "
-                f"{len(self.params)} trainable parameters (count or shapes differ): resume with the same model"
-            )
+        if self._tracks_velocity:
+            if not state["velocity"]:
+                raise ValueError("this predictor state holds no velocity: it was saved by "
+                                 "LinearPrediction(method='replay'); resume with the same method")
+            self._check_shapes(state["velocity"])
 
         def placed(tensors: list[Tensor]) -> list[Tensor]:
             return [t.to(p.device, p.dtype) for t, p in zip(tensors, self.params)]
 
-        self._velocity = placed(state["velocity"])
-        self._prev = placed(state["prev"])
+        if self._tracks_velocity:
+            self._velocity = placed(state["velocity"])
+            self._prev = placed(state["prev"])
         self.updates = int(state["updates"])
         self.last_error_ratio = state.get("last_error_ratio")
         terms = state.get("last_error_terms")
@@ -326,12 +329,22 @@ class LinearPredictor:
             int(probe["due"]), placed(probe["real"]), placed(probe["predicted"]), probe.get("key")
         )
 
+    def _check_shapes(self, tensors: Sequence[Optional[Tensor]]) -> None:
+        """Raise unless ``tensors`` (saved, one per parameter) match the parameters' count and shapes."""
+        shapes = [None if t is None else tuple(t.shape) for t in tensors]
+        if len(shapes) != len(self.params) or any(s is not None and s != tuple(p.shape) for s, p in zip(shapes, self.params)):
+            raise ValueError(
+                f"LinearPredictor state holds {len(shapes)} parameters that do not match the model's "
+                f"{len(self.params)} trainable parameters (count or shapes differ): resume with the same model"
+            )
+
     def reset(self) -> None:
         """Forget the trajectory (velocity 0, ``w_{t-1} = w_t``), e.g. after loading a checkpoint."""
         self.restore_()
-        with torch.no_grad():
-            torch._foreach_copy_(self._prev, [p.detach() for p in self.params])
-            torch._foreach_zero_(self._velocity)
+        if self._tracks_velocity:
+            with torch.no_grad():
+                torch._foreach_copy_(self._prev, [p.detach() for p in self.params])
+                torch._foreach_zero_(self._velocity)
         self._probe = None
 
 
@@ -370,6 +383,8 @@ class ReplayPredictor(LinearPredictor):
     steps on a scratch copy per prediction, and memory for ``max_in_flight`` gradients, the scratch parameters and a
     copy of the optimizer state.
     """
+
+    _tracks_velocity = False  # no w_{t-1}, no v_t: two copies of the model fewer
 
     def __init__(self, params: Iterable[Tensor], optimizer: Optimizer, max_in_flight: int) -> None:
         super().__init__(params)
@@ -452,6 +467,8 @@ class ReplayPredictor(LinearPredictor):
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        for grads in state.get("in_flight", []):
+            self._check_shapes(grads)
         super().load_state_dict(state)
         self._in_flight.clear()
         for grads in state.get("in_flight", []):

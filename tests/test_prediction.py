@@ -274,6 +274,12 @@ def test_replay_predictor_is_the_optimizers_closed_form_and_leaves_the_optimizer
     other.predict_(2)
     assert torch.allclose(w.detach(), ref, atol=1e-6)
     other.restore_()
+    # the replay keeps no velocity (two copies of the model fewer); its state cannot resume a linear predictor
+    assert pred.velocity == [] and pred.state_dict()["velocity"] == []
+    with pytest.raises(ValueError, match=r"saved by LinearPrediction\(method='replay'\); resume with the same method"):
+        LinearPredictor([w, frozen]).load_state_dict(pred.state_dict())
+    with pytest.raises(ValueError, match="do not match the model's 2 trainable parameters"):
+        other.load_state_dict({**pred.state_dict(), "in_flight": [[torch.zeros(4), None]]})
     # an overflowed gradient (mixed precision) is no step, as the scaler skips the update that applies it
     pred.submitted([torch.full((5,), float("inf")), None])
     pred.predict_(1, in_flight=1)
