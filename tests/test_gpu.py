@@ -53,3 +53,16 @@ def test_nccl_world_of_one_waits_on_the_stream_and_resumes_exactly(tmp_path, mon
                       ckpt_path=str(tmp_path / "ckpt" / "step=5.ckpt"))
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b)  # cuDNN/cuBLAS may differ in the last bits even when deterministic
+
+
+@needs_cuda
+def test_replay_on_the_gpu_lands_exactly_in_a_world_of_one(tmp_path, monkeypatch):
+    """NCCL world of one, max_staleness=2: LinearPrediction() replays (async_pred_allreduce's default); with one rank
+    its own gradients are the means, so every gradient is computed where it lands (the copies of the submitted
+    gradient and the scratch optimizer on the GPU, ordered on the stream)."""
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    lp = la.LinearPrediction(log_every_n_steps=1)
+    strategy = la.AsyncPredStrategy(transport="allreduce", max_staleness=2, timeout=60)
+    _fit(tmp_path, strategy, 1, [lp], max_steps=40)
+    assert lp.resolved_method == "replay" and len(lp.error_terms) >= 5
+    assert all(num <= 1e-3 * max(den, 1e-3) for num, den in lp.error_terms), lp.error_terms[:5]
