@@ -56,7 +56,7 @@ def run(job: dict) -> dict:
 
     from lightning_asyncpred.models import create_model
     from lightning_asyncpred.prediction import LagEstimator, LinearPredictor, ReplayPredictor
-    from lightning_asyncpred.remedies import spike_compensation
+    from lightning_asyncpred.remedies import spike_compensate_
     from lightning_asyncpred.staleness import BoundedStalenessQueue, parse_staleness
 
     (x, y), (xva, yva), (xte, yte) = load_task(job["task"])
@@ -119,11 +119,7 @@ def run(job: dict) -> dict:
         optimizer.step()
         updates += 1
         if arm == "linear+sc":  # spike compensation: w - lr v  ->  w - lr (a v + b g), tau the last one's staleness
-            a, b = spike_compensation(MOMENTUM, released[-1].staleness)
-            with torch.no_grad():
-                for p, g in zip(params, total):
-                    v = optimizer.state[p]["momentum_buffer"]
-                    p.add_(v, alpha=lr * (1 - a)).add_(g, alpha=-lr * b)
+            spike_compensate_(optimizer, released[-1].staleness)
         if linear is not None:
             linear.observe()
         if not all(torch.isfinite(p).all() for p in params):

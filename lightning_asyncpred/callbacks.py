@@ -8,12 +8,11 @@ import os
 from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
 from lightning_asyncpred._namespace import check_trainer_namespace
 from lightning_asyncpred.prediction import LagEstimator, LinearPredictor, ReplayPredictor, check_velocity_mode
 from lightning_asyncpred.remedies import (DelayCompensation, GapAware, correct_gradients_, corrected_momentum,
-                                          spike_compensation)
+                                          spike_compensate_)
 from lightning_asyncpred.validation import check_int
 
 log = logging.getLogger(__name__)
@@ -157,10 +156,10 @@ class LinearPrediction(Callback):
             self.resolved_method = "linear" if self._linear_options else default
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        params = [p for p in pl_module.parameters() if p.requires_grad]
         if self.resolved_method == "replay":
             self.predictor = self._replay_predictor(trainer)
         else:
+            params = [p for p in pl_module.parameters() if p.requires_grad]
             self.predictor = LinearPredictor(params, self.velocity, self.ema_decay, self.warmup_steps)
         self._last_count = _update_count(trainer)
         if self._pending_state is not None:
@@ -515,10 +514,9 @@ class StalenessRemedies(Callback):
 
     def _compensate(self, optimizer: Any, tau: int) -> None:
         """This step as ``w <- w - lr (a v + b e)``: a one-shot hook after the torch optimizer's step (which Lightning
-        runs around this hook, the closure and the clipping) turns its ``w - lr v`` into it with what the step left:
-        the new buffer ``v``, the (clipped) gradient and ``e = g + wd (w + lr v)`` (the weight decay of the parameters
-        before the step). Nothing else changes (the learning rates, the buffer); a step that never runs (AMP may skip
-        it) leaves nothing behind: the hook goes at the batch's end."""
+        runs around this hook, the closure and the clipping) corrects it with :func:`remedies.spike_compensate_` from
+        what the step left (the new buffer, the clipped gradient). Nothing else changes (the learning rates, the
+        buffer); a step that never runs (AMP may skip it) leaves nothing behind: the hook goes at the batch's end."""
         inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the torch optimizer
         self._remove_hooks()
         if tau <= 0:
@@ -526,18 +524,7 @@ class StalenessRemedies(Callback):
 
         def after(opt: Any, args: Any, kwargs: Any) -> None:
             self._remove_hooks()
-            with torch.no_grad():
-                for g in opt.param_groups:
-                    if not g["momentum"]:
-                        continue
-                    a, b = spike_compensation(float(g["momentum"]), tau)
-                    lr, wd = g["lr"], g.get("weight_decay") or 0.0
-                    for p in g["params"]:
-                        v = opt.state.get(p, {}).get("momentum_buffer")
-                        if p.grad is None or v is None:
-                            continue
-                        e = p.grad + wd * (p + lr * v) if wd else p.grad
-                        p.add_(v, alpha=lr * (1.0 - a)).sub_(e, alpha=lr * b)
+            spike_compensate_(opt, tau)
 
         self._hooks = [inner.register_step_post_hook(after)]
 

@@ -37,7 +37,7 @@ not the gradient: :func:`momentum_horizon` here, applied by the owners (``exchan
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -81,6 +81,28 @@ def spike_compensation(momentum: float, delay: int) -> tuple[float, float]:
         raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
     a = momentum**delay
     return a, float(delay) if momentum == 1.0 else (1.0 - a) / (1.0 - momentum)
+
+
+@torch.no_grad()
+def spike_compensate_(optimizer: Any, delay: int) -> None:
+    """Turn the step ``w <- w - lr v`` that a heavy-ball SGD ``optimizer`` just took into the compensated
+    ``w <- w - lr (a v + b e)`` of a gradient ``delay`` steps late (:func:`spike_compensation`), in place, from what
+    the step left: the new buffer ``v``, the gradient ``g`` it took and ``e = g + wd (w + lr v)`` (the weight decay of
+    the parameters before the step). The buffer and the learning rates are not touched; parameters without a
+    gradient or a buffer, and groups without momentum, are left as the step left them."""
+    if delay <= 0:
+        return
+    for group in optimizer.param_groups:
+        if not group.get("momentum"):
+            continue
+        a, b = spike_compensation(float(group["momentum"]), delay)
+        lr, wd = group["lr"], group.get("weight_decay") or 0.0
+        for p in group["params"]:
+            v = optimizer.state.get(p, {}).get("momentum_buffer")
+            if p.grad is None or v is None:
+                continue
+            e = p.grad + wd * (p + lr * v) if wd else p.grad
+            p.add_(v, alpha=lr * (1.0 - a)).sub_(e, alpha=lr * b)
 
 
 def momentum_horizon(horizon: float, momentum: float) -> float:
