@@ -348,6 +348,27 @@ def test_replay_is_refused_where_it_cannot_replay(tmp_path):
     t = trainer(tmp_path, [LinearPrediction(method="replay")], strategy="auto")
     with pytest.raises(ValueError, match=r"method='replay'.*needs a transport that applies every step's mean gradient"):
         t.fit(model, data)
+    _, data = model_and_data()
+    t = trainer(tmp_path, [LinearPrediction(method="replay")], strategy=SimulatedAsyncStrategy(staleness=2))
+    with pytest.raises(ValueError, match=r"it needs automatic optimization and exactly one optimizer, got "
+                                         r"automatic_optimization=False and 1 optimizers"):
+        t.fit(ManualClassifier(arch="digits_cnn"), data)
+
+
+class ManualClassifier(ImageClassifier):
+    """Manual optimization: one SGD step per batch in training_step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
 
 
 @pytest.mark.parametrize("kwargs, strategy, expected", [
