@@ -121,11 +121,30 @@ def pool_samples(recs: list[dict], epoch: int, after_save=None, before_saves=Non
 
 
 # ----------------------------------------------------------------- processes signalled by a test (real signals)
+def _as_from_a_terminal() -> None:
+    """In the child before ``exec``: SIGINT and SIGQUIT at their default dispositions, as a command typed in a terminal
+    has them. A shell without job control starts background commands with both ignored (POSIX), which their
+    children inherit and Python keeps ("a handler for SIGINT is installed only if it is not ignored at startup"):
+    a suite launched with ``pytest &`` or ``nohup`` would otherwise send Ctrl-C to ranks that cannot receive it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def popen(out: Path, cmd: list[str], env: dict) -> subprocess.Popen:
-    """``cmd`` in its own session, output appended to ``out/stdout.txt``, working directory ``out.parent``."""
+    """``cmd`` in its own session, output appended to ``out/stdout.txt``, working directory ``out.parent``, the
+    signals a terminal's command has (:func:`_as_from_a_terminal`)."""
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "stdout.txt", "a")
-    return subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_as_from_a_terminal)
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """Kill what is left of ``proc``'s session (a launcher and its ranks), so a failed test leaks no ranks."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def wait_for_markers(out: Path, procs: list[subprocess.Popen]) -> list[int]:
@@ -147,7 +166,7 @@ def finish(out: Path, procs: list[subprocess.Popen], timeout: float = 90) -> lis
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+                kill_session(p)
 
 
 def slurm_ranks(out: Path, *args: str, script: Path = SCRIPT) -> list[subprocess.Popen]:

@@ -25,6 +25,7 @@ from tests.dist_helpers import (
     SCRIPT,
     assert_identical_replicas,
     finish,
+    kill_session,
     params,
     popen,
     results,
@@ -76,11 +77,14 @@ def test_ctrl_c_ends_every_rank_like_ddp(tmp_path, strategy):
     kills the other ranks; nothing hangs on the in-flight gradients."""
     out = tmp_path / strategy
     main = popen(out, [sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", "--strategy", strategy, *LONG_RUN], ENV)
-    wait_for_markers(out, [main])
-    (out / "go").write_text("")
-    time.sleep(0.5)  # let training run on
-    os.killpg(main.pid, signal.SIGINT)
-    main.wait(timeout=60)
+    try:
+        wait_for_markers(out, [main])
+        (out / "go").write_text("")
+        time.sleep(0.5)  # let training run on
+        os.killpg(main.pid, signal.SIGINT)
+        main.wait(timeout=60)
+    finally:
+        kill_session(main)  # nothing left running if it did not end (it would train on through the rest of the suite)
     assert "Detected KeyboardInterrupt, attempting graceful shutdown" in (out / "stdout.txt").read_text()
     assert json.loads((out / "rank0.json").read_text())["error"] == "SystemExit: 1"
     # rank 1 got the SIGINT too: it either shut down the same way or was killed by the launcher first
