@@ -225,7 +225,10 @@ class LinearPrediction(Callback):
         if isinstance(self.predictor, ReplayPredictor) and int(strategy.local_steps) != self._steps_at_start:
             submitted = strategy.submitted_gradient()  # this batch's gradient went out: it is in flight now
             scaler = getattr(strategy.precision_plugin, "scaler", None)  # an overflow is a skipped update only there
-            self.predictor.submitted([submitted.get(id(p)) for p in self.predictor.params], check_finite=scaler is not None)
+            scaling = scaler is not None and scaler.is_enabled()
+            # submitted_gradient() assembles new tensors: the predictor keeps them without another copy
+            self.predictor.submitted([submitted.get(id(p)) for p in self.predictor.params], check_finite=scaling,
+                                     copy=False)
         if int(getattr(strategy, "applied_updates", 0)) != self._applied_at_start:
             # the gradients applied in this batch's update landed on the parameters of the batch's start; under owners
             # (p2p) on the masters the owners answered right after applying them, which this batch just installed

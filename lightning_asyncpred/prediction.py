@@ -417,10 +417,11 @@ class ReplayPredictor(LinearPredictor):
             self._count = None
 
     @torch.no_grad()
-    def submitted(self, grads: Sequence[Optional[Tensor]], check_finite: bool = True) -> None:
-        """This worker submitted ``grads`` (one per parameter, in :attr:`params`' order, copied; ``None``: the
-        parameter has no gradient, and the optimizer skips it as it would). ``check_finite``: look for an overflow
-        (one host synchronisation; only a loss scaler's overflows are skipped updates, so pass ``False`` without one)."""
+    def submitted(self, grads: Sequence[Optional[Tensor]], check_finite: bool = True, copy: bool = True) -> None:
+        """This worker submitted ``grads`` (one per parameter, in :attr:`params`' order; ``None``: the parameter has
+        no gradient, and the optimizer skips it as it would). ``check_finite``: look for an overflow (one host
+        synchronisation; only a loss scaler's overflows are skipped updates, so pass ``False`` without one).
+        ``copy``: keep copies (``False``: the caller hands ``grads`` over and never writes them again)."""
         if len(grads) != len(self.params):
             raise ValueError(f"expected a gradient for each of the {len(self.params)} parameters, got {len(grads)}")
         if not self.max_in_flight:
@@ -430,7 +431,7 @@ class ReplayPredictor(LinearPredictor):
             # an overflowed step (mixed precision): the scaler skips the update that applies it; so does the replay
             self._in_flight.append([None] * len(grads))
             return
-        self._in_flight.append([None if g is None else g.detach().clone() for g in grads])
+        self._in_flight.append([None if g is None else g.detach().clone() if copy else g.detach() for g in grads])
 
     @property
     def in_flight(self) -> int:

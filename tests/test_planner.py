@@ -221,7 +221,16 @@ def test_each_configuration_takes_its_own_transports_profile():
     p0 = Profile(compute=[[0.05], [0.05]], batch_size=8, transport="p2p", max_staleness=0)
     p2 = Profile(compute=[[0.05]], batch_size=8, transport="p2p", max_staleness=2)
     profiles = [ddp, p0, p2]
-    assert model.pick_profile(profiles, Config("p2p", 1)) is p0
+    # p2p: a profile of the same regime first (workers computing while gradients are in flight, s >= 1, or waiting
+    # for each answer, s = 0), then the nearest bound: s = 1 is as near to 0 as to 2, but it computes beside its
+    # messages as s = 2 does
+    assert model.overlaps("p2p", 1) and model.overlaps("p2p", 2) and not model.overlaps("p2p", 0)
+    assert not model.overlaps("allreduce", 2)
+    assert model.pick_profile(profiles, Config("p2p", 1)) is p2
+    assert model.pick_profile([ddp, p2, p0], Config("p2p", 1)) is p2
+    assert model.pick_profile(profiles, Config("p2p", 4)) is p2
+    assert model.pick_profile(profiles, Config("p2p", 0)) is p0
+    assert model.pick_profile([ddp, p2], Config("p2p", 0)) is p2  # the only p2p profile
     assert model.pick_profile(profiles, Config("p2p", 2)) is p2
     assert model.pick_profile(profiles, Config("ddp")) is ddp
     assert model.pick_profile(profiles, Config("allreduce", 2)) is ddp  # none of its own: the first

@@ -287,6 +287,25 @@ def test_replay_predictor_is_the_optimizers_closed_form_and_leaves_the_optimizer
     pred.restore_()
 
 
+def test_replay_predictor_copies_a_submitted_gradient_unless_it_is_handed_over():
+    """``submitted`` copies (the caller may reuse its tensors); ``copy=False`` keeps the caller's tensors (the
+    callback hands over the ones ``submitted_gradient()`` assembled for it): no second copy of the model's size."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([w], lr=0.5)
+    kept, handed = torch.ones(3), torch.ones(3)
+    pred = ReplayPredictor([w], opt, max_in_flight=2)
+    pred.submitted([kept])
+    kept.fill_(7.0)  # the caller reuses its buffer: the gradient in flight is still the one submitted
+    pred.predict_(1)
+    assert torch.equal(w.detach(), torch.full((3,), -0.5))
+    pred.restore_()
+    pred.submitted([handed], copy=False)
+    handed.fill_(3.0)  # kept, not copied: the replay steps with what the tensor holds
+    pred.predict_(1, in_flight=1)
+    assert torch.equal(w.detach(), torch.full((3,), -1.5))
+    pred.restore_()
+
+
 def test_replay_predictor_refuses_an_optimizer_over_other_parameters():
 
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(4, 3))

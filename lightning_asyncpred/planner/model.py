@@ -603,10 +603,22 @@ def calibrate_all(profiles: "list[Profile]") -> None:
 
 def pick_profile(profiles: "list[Profile]", config: Config) -> Profile:
     """The profile to drive ``config`` with, among several (one per transport the user profiled): the same transport
-    (Lightning's ``ddp`` counts as ``ddp``), then the nearest ``max_staleness`` and group size; else the first.
+    (Lightning's ``ddp`` counts as ``ddp``); for p2p then the same regime, :func:`overlaps` (whether the workers
+    compute while their gradients are in flight); then the nearest ``max_staleness`` and group size; else the first.
     Where compute and communication share CPU cores (Gloo on a CPU host), a transport's communication slows the
-    compute of the same process, which only a profile of that transport carries."""
+    compute of the same process, which only a profile of that transport, and for p2p of that regime, carries."""
     same = [p for p in profiles if p.transport == config.transport]
     if not same:
         return profiles[0]
-    return min(same, key=lambda p: (abs(p.max_staleness - config.max_staleness), abs(p.sync_group_size - config.group_size)))
+    regime = overlaps(config.transport, config.max_staleness)
+    return min(same, key=lambda p: (overlaps(p.transport, p.max_staleness) != regime,
+                                    abs(p.max_staleness - config.max_staleness),
+                                    abs(p.sync_group_size - config.group_size)))
+
+
+def overlaps(transport: str, max_staleness: int) -> bool:
+    """Whether a p2p worker computes while its gradients are in flight: with ``max_staleness >= 1`` its thread sends
+    and takes the messages beside the compute (on a CPU host, slowing it), with ``0`` mostly while the worker waits
+    for its answer (:func:`~lightning_asyncpred.exchange.p2p_protocol.within_bound`); a profile's step times carry
+    the regime it ran in."""
+    return transport == "p2p" and within_bound(1, max_staleness)
