@@ -234,3 +234,20 @@ def test_p2p_a_phase_without_steps_longer_than_the_timeout_is_not_a_lost_peer(tm
         res = json.loads((out / f"rank{r}.json").read_text())
         assert "error" not in res, res.get("error")
         assert len(res["val_losses"]) == 2
+
+
+def test_p2p_refuses_the_replay_prediction_on_every_rank_and_nothing_hangs(tmp_path):
+    """LinearPrediction(method="replay") under owners (p2p): refused on both real ranks with its error (the owners apply
+    the other workers' gradients between this worker's, so there is nothing to replay), after the data plane exists:
+    the run ends with that error, not a hang or a lost-peer error."""
+    out = tmp_path / "refused"
+    proc = run(out, "--transport", "p2p", "--max-staleness", "0", "--prediction", "--prediction-method", "replay",
+               "--max-steps", "10", "--natural-exit", "--timeout", "60", check=False, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # torchrun stops the other rank once one has failed: it may not get to write its result (nor to raise)
+    written = [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
+    assert written, proc.stderr[-3000:]
+    for res in written:
+        assert res["error_type"] == "ValueError", res
+        assert "LinearPrediction(method='replay')" in res["error"] and "with owners (p2p)" in res["error"], res
+        assert "use method='linear'" in res["error"]
