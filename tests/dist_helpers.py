@@ -121,22 +121,23 @@ def pool_samples(recs: list[dict], epoch: int, after_save=None, before_saves=Non
 
 
 # ----------------------------------------------------------------- processes signalled by a test (real signals)
-def _as_from_a_terminal() -> None:
-    """In the child before ``exec``: SIGINT and SIGQUIT at their default dispositions, as a command typed in a terminal
-    has them. A shell without job control starts background commands with both ignored (POSIX), which their
-    children inherit and Python keeps ("a handler for SIGINT is installed only if it is not ignored at startup"):
-    a suite launched with ``pytest &`` or ``nohup`` would otherwise send Ctrl-C to ranks that cannot receive it."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-
-
 def popen(out: Path, cmd: list[str], env: dict) -> subprocess.Popen:
-    """``cmd`` in its own session, output appended to ``out/stdout.txt``, working directory ``out.parent``, the
-    signals a terminal's command has (:func:`_as_from_a_terminal`)."""
+    """``cmd`` in its own session, output appended to ``out/stdout.txt``, working directory ``out.parent``, with
+    SIGINT at its default disposition, as a command typed in a terminal has it. A shell without job control starts
+    background commands with SIGINT ignored (POSIX), which their children inherit and Python keeps ("a handler for
+    SIGINT is installed only if it is not ignored at startup"): a suite run with ``pytest &`` or ``nohup`` would send
+    its Ctrl-C to ranks that cannot receive it. So while the child is created this process has a handler (a handler,
+    unlike an ignored signal, is reset to the default by ``exec``); no Python runs in the forked child. From the main
+    thread only (``signal.signal``)."""
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "stdout.txt", "a")
-    return subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=_as_from_a_terminal)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    finally:
+        if previous is not None:  # None: a handler not installed from Python, which cannot be put back from here
+            signal.signal(signal.SIGINT, previous)
 
 
 def kill_session(proc: subprocess.Popen) -> None:

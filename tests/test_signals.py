@@ -84,7 +84,8 @@ def test_ctrl_c_ends_every_rank_like_ddp(tmp_path, strategy):
         os.killpg(main.pid, signal.SIGINT)
         main.wait(timeout=60)
     finally:
-        kill_session(main)  # nothing left running if it did not end (it would train on through the rest of the suite)
+        if main.poll() is None:  # it did not end: nothing left running (it would train on through the rest of the suite)
+            kill_session(main)
     assert "Detected KeyboardInterrupt, attempting graceful shutdown" in (out / "stdout.txt").read_text()
     assert json.loads((out / "rank0.json").read_text())["error"] == "SystemExit: 1"
     # rank 1 got the SIGINT too: it either shut down the same way or was killed by the launcher first
