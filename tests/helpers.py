@@ -39,3 +39,22 @@ class EpochSchedulerClassifier(ImageClassifier):
         optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+class ManualClassifier(ImageClassifier):
+    """Manual optimization: one step of its optimizer per batch in ``training_step``."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        # synced at the epoch end: under the shared batch pool a per-step collective is refused
+        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        return loss

@@ -12,7 +12,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from lightning_asyncpred import (AsyncPredStrategy, DigitsDataModule, ImageClassifier, LinearPrediction,
                                  SimulatedAsyncStrategy, StalenessMonitor)
-from tests.helpers import model_and_data, real_params, trainer
+from tests.helpers import ManualClassifier, model_and_data, real_params, trainer
 
 
 class Probe(Callback):
@@ -353,22 +353,6 @@ def test_replay_is_refused_where_it_cannot_replay(tmp_path):
     with pytest.raises(ValueError, match=r"it needs automatic optimization and exactly one optimizer, got "
                                          r"automatic_optimization=False and 1 optimizers"):
         t.fit(ManualClassifier(arch="digits_cnn"), data)
-
-
-class ManualClassifier(ImageClassifier):
-    """Manual optimization: one SGD step per batch in training_step."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        optimizer = self.optimizers()
-        x, y = batch
-        loss = torch.nn.functional.cross_entropy(self(x), y)
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        optimizer.step()
 
 
 @pytest.mark.parametrize("kwargs, strategy, expected", [

@@ -23,7 +23,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
 import lightning_asyncpred as la  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from tests.helpers import EpochSchedulerClassifier  # noqa: E402
+from tests.helpers import EpochSchedulerClassifier, ManualClassifier  # noqa: E402
 
 
 class Killer(Callback):
@@ -114,23 +114,6 @@ class NoneStepClassifier(la.ImageClassifier):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         return None if (self.global_rank, self.trainer.global_step) == (self.none_rank, self.none_step) else loss
-
-
-class ManualClassifier(la.ImageClassifier):
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
-        x, y = batch
-        loss = torch.nn.functional.cross_entropy(self(x), y)
-        opt.zero_grad()
-        self.manual_backward(loss)
-        opt.step()
-        # synced at the epoch end: under the shared batch pool a per-step collective is refused
-        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
-        return loss
 
 
 def _write_json(path: str, result: dict) -> None:
