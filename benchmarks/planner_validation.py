@@ -20,10 +20,19 @@ measure, at 2 and 4 Gloo ranks, under their perturbations (none / jitter / strag
    staleness of an applied gradient (the strategy's ``staleness_stats``, weighted by each rank's steps; p2p in owner
    updates, allreduce in steps).
 
-Prints a table, writes ``benchmarks/out/planner_validation.png`` and ends with ``planner_throughput_error_max=`` and
-``planner_staleness_error_max=`` (relative errors; staleness over the rows with a measured mean of at least 0.5).
+4. **Repeat** (``--repeats R``): steps 1-2 ``R`` times (each repeat's profiles and runs in ``--out``/``rep<i>``, every
+   rank count's profiles right before its runs), each repeat predicted from its own profiles; a row's error is that
+   of the mean prediction against the mean measurement over the repeats. On this shared 2-core machine one run of a
+   row and one profile of it each move by more than the tolerance from one take to the next (README), so a single
+   take measures the machine's drift as much as the model; the worst single repeat is printed too.
 
-    python benchmarks/planner_validation.py             # profiles and both benchmarks at 2 and 4 ranks (~25 min)
+Prints a table, writes ``benchmarks/out/planner_validation.png`` and ends with ``planner_throughput_error_max=`` and
+``planner_staleness_error_max=`` (relative errors of the means; staleness over the rows with a measured mean of at
+least 0.5), and with ``--repeats`` above 1 ``planner_throughput_error_max_single=`` and
+``planner_staleness_error_max_single=`` (the largest error of any one repeat) and the measured spread.
+
+    python benchmarks/planner_validation.py             # profiles and both benchmarks at 2 and 4 ranks (~15 min)
+    python benchmarks/planner_validation.py --repeats 3 # three takes, compared as means (~45 min)
     python benchmarks/planner_validation.py --report-only
 """
 
@@ -160,22 +169,52 @@ def _profiles(out: Path, world: int, batch: int) -> list[Profile]:
     return profiles
 
 
-def report(out: Path, ranks: list[int]) -> list[dict]:
-    rows = []
-    for world in ranks:
-        rows += straggler_rows(out, world, _profiles(out, world, 16))
-        rows += throughput_rows(out, world, _profiles(out, world, 32))
+def repeat_dirs(out: Path, repeats: int) -> list[Path]:
+    """Where each repeat's profiles and runs are: ``out`` itself for one take, ``out/rep<i>`` for several."""
+    return [out] if repeats == 1 else [out / f"rep{i}" for i in range(repeats)]
+
+
+def report(out: Path, ranks: list[int], repeats: int = 1) -> list[dict]:
+    takes = []
+    for where in repeat_dirs(out, repeats):
+        rows = []
+        for world in ranks:
+            rows += straggler_rows(where, world, _profiles(where, world, 16))
+            rows += throughput_rows(where, world, _profiles(where, world, 32))
+        takes.append(rows)
+    rows = [_mean_row(same) for same in zip(*takes)]
+    for row, same in zip(rows, zip(*takes)):
+        row["single_sps_err"] = max(r["sps_err"] for r in same)
+        errs = [r["stale_err"] for r in same if r["stale_err"] is not None]
+        row["single_stale_err"] = max(errs) if errs else None
+        row["sps_spread"] = (max(r["sps"] for r in same) - min(r["sps"] for r in same)) / row["sps"]
+    many = repeats > 1
     head = ("| benchmark | ranks | perturbation | strategy | samples/s measured | predicted | error | "
-            "staleness measured | predicted | error |")
+            "staleness measured | predicted | error |" + (" measured spread | worst repeat |" if many else ""))
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for r in rows:
         se = f"{r['stale_err']:.0%}" if r["stale_err"] is not None else "-"
+        extra = f" {r['sps_spread']:.0%} | {r['single_sps_err']:.0%} |" if many else ""
         print(f"| {r['bench']} | {r['world']} | {r['pert']} | {r['name']} | {r['sps']:.0f} | {r['pred_sps']:.0f} | "
-              f"{r['sps_err']:.0%} | {r['stale']:.2f} | {r['pred_stale']:.2f} | {se} |")
-    (out / "planner_validation.json").write_text(json.dumps(rows, indent=1))
+              f"{r['sps_err']:.0%} | {r['stale']:.2f} | {r['pred_stale']:.2f} | {se} |{extra}")
+    (out / "planner_validation.json").write_text(json.dumps({"repeats": repeats, "rows": rows, "takes": takes},
+                                                            indent=1))
     _plot(rows, HERE / "out" / "planner_validation.png")
     return rows
+
+
+def _mean_row(same: "tuple[dict, ...]") -> dict:
+    """One row over the repeats: the mean measured and the mean predicted values, and their relative errors."""
+    first = same[0]
+    assert all((r["bench"], r["world"], r["pert"], r["name"]) == (first["bench"], first["world"], first["pert"],
+                                                                   first["name"]) for r in same)
+    row = {k: first[k] for k in ("bench", "world", "pert", "name")}
+    for k in ("sps", "pred_sps", "stale", "pred_stale"):
+        row[k] = statistics.fmean(r[k] for r in same)
+    row["sps_err"] = abs(row["pred_sps"] - row["sps"]) / row["sps"]
+    row["stale_err"] = abs(row["pred_stale"] - row["stale"]) / row["stale"] if row["stale"] >= 0.5 else None
+    return row
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -210,6 +249,7 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     p.add_argument("--out", default=str(HERE / "out" / "planner_validation"))
     p.add_argument("--steps", type=int, default=120, help="steps of each profile fit")
+    p.add_argument("--repeats", type=int, default=1, help="takes of the profiles and runs, compared as means")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--profiles-only", action="store_true", help="measure the profiles again, read the benchmarks' runs")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -222,27 +262,40 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    # per rank count, the profiles and right after them the runs they predict (this shared machine drifts: a
-    # profile taken minutes before its run differs from it by more than the model does)
-    for world in [] if args.report_only else args.ranks:
-        seconds = launch_workers(__file__, world, ["--out", str(out), "--world", str(world), "--steps",
-                                                  str(args.steps)])
-        print(f"{world} ranks: profiles in {seconds:.0f}s", flush=True)
-        runs = [[str(HERE / "straggler.py"), "--ranks", str(world), "--seeds", "1", "--out", str(out / "straggler")],
-                [str(HERE / "throughput.py"), "--quick", "--ranks", str(world), "--out", str(out / f"throughput{world}")]]
-        for cmd in [] if args.profiles_only else runs:
-            proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-                raise SystemExit(f"{' '.join(cmd[:1])} failed")
-            print(f"measured: {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}", flush=True)
-    rows = report(out, args.ranks)
-    sps_err = max(r["sps_err"] for r in rows)
-    stale_err = max(r["stale_err"] for r in rows if r["stale_err"] is not None)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats {args.repeats}: it must be >= 1")
+    if args.report_only and args.repeats == 1 and (out / "rep0").is_dir() and not list(out.glob("profile*.json")):
+        args.repeats = len(list(out.glob("rep*")))  # a folder of several takes: read them all
+    # per repeat and rank count, the profiles and right after them the runs they predict (this shared machine drifts:
+    # a profile taken minutes before its run differs from it by more than the model does)
+    for where in [] if args.report_only else repeat_dirs(out, args.repeats):
+        for world in args.ranks:
+            where.mkdir(parents=True, exist_ok=True)
+            seconds = launch_workers(__file__, world, ["--out", str(where), "--world", str(world), "--steps",
+                                                      str(args.steps)])
+            print(f"{where.name}, {world} ranks: profiles in {seconds:.0f}s", flush=True)
+            runs = [[str(HERE / "straggler.py"), "--ranks", str(world), "--seeds", "1", "--out",
+                     str(where / "straggler")],
+                    [str(HERE / "throughput.py"), "--quick", "--ranks", str(world), "--out",
+                     str(where / f"throughput{world}")]]
+            for cmd in [] if args.profiles_only else runs:
+                proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+                    raise SystemExit(f"{' '.join(cmd[:1])} failed")
+                print(f"measured: {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}", flush=True)
+    rows = report(out, args.ranks, args.repeats)
+    stale = [r for r in rows if r["stale_err"] is not None]
     print(f"plot: {HERE / 'out' / 'planner_validation.png'}")
-    print(f"planner_throughput_error_max={sps_err:.3f}")
-    print(f"planner_staleness_error_max={stale_err:.3f}")
+    print(f"planner_throughput_error_max={max(r['sps_err'] for r in rows):.3f}")
+    print(f"planner_staleness_error_max={max(r['stale_err'] for r in stale):.3f}")
     print(f"planner_throughput_error_median={statistics.median(r['sps_err'] for r in rows):.3f}")
+    if args.repeats > 1:
+        print(f"planner_throughput_error_max_single={max(r['single_sps_err'] for r in rows):.3f}")
+        print(f"planner_staleness_error_max_single="
+              f"{max(r['single_stale_err'] for r in rows if r['single_stale_err'] is not None):.3f}")
+        print(f"planner_measured_spread_max={max(r['sps_spread'] for r in rows):.3f}")
+        print(f"planner_measured_spread_median={statistics.median(r['sps_spread'] for r in rows):.3f}")
 
 
 if __name__ == "__main__":
