@@ -31,8 +31,8 @@ Prints a table, writes ``benchmarks/out/planner_validation.png`` and ends with `
 least 0.5), and with ``--repeats`` above 1 ``planner_throughput_error_max_single=`` and
 ``planner_staleness_error_max_single=`` (the largest error of any one repeat) and the measured spread.
 
-    python benchmarks/planner_validation.py             # profiles and both benchmarks at 2 and 4 ranks (~15 min)
-    python benchmarks/planner_validation.py --repeats 3 # three takes, compared as means (~45 min)
+    python benchmarks/planner_validation.py             # profiles and both benchmarks at 2 and 4 ranks (~15-20 min)
+    python benchmarks/planner_validation.py --repeats 3 # three takes, compared as means (~1 hour)
     python benchmarks/planner_validation.py --report-only
 """
 
@@ -206,10 +206,11 @@ def report(out: Path, ranks: list[int], repeats: int = 1) -> list[dict]:
 
 def _mean_row(same: "tuple[dict, ...]") -> dict:
     """One row over the repeats: the mean measured and the mean predicted values, and their relative errors."""
-    first = same[0]
-    assert all((r["bench"], r["world"], r["pert"], r["name"]) == (first["bench"], first["world"], first["pert"],
-                                                                   first["name"]) for r in same)
-    row = {k: first[k] for k in ("bench", "world", "pert", "name")}
+    keys = ("bench", "world", "pert", "name")
+    row = {k: same[0][k] for k in keys}
+    for other in same[1:]:
+        if any(other[k] != row[k] for k in keys):
+            raise ValueError(f"the takes list different rows: {[row[k] for k in keys]} and {[other[k] for k in keys]}")
     for k in ("sps", "pred_sps", "stale", "pred_stale"):
         row[k] = statistics.fmean(r[k] for r in same)
     row["sps_err"] = abs(row["pred_sps"] - row["sps"]) / row["sps"]
