@@ -43,6 +43,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     import lightning_asyncpred as la
+    from lightning_asyncpred.staleness import BoundedStalenessQueue
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -62,21 +63,21 @@ def worker(args: argparse.Namespace) -> None:
     results = []
     for repeat in range(args.repeats):
         for s in args.staleness:
-            works, compute, waited = [], [], 0.0
+            queue, compute, waited = BoundedStalenessQueue(s), [], 0.0  # the transport's own release rule
             dist.barrier()
             start = time.perf_counter()
-            for t in range(args.steps):
+            for _ in range(args.steps):
                 c0 = time.perf_counter()
                 flat = step()
                 compute.append(time.perf_counter() - c0)
-                works.append(dist.all_reduce(flat, async_op=True))
-                if t >= s:
-                    w0 = time.perf_counter()
-                    works[t - s].wait()
-                    waited += time.perf_counter() - w0
+                queue.submit(dist.all_reduce(flat, async_op=True), s)
+                w0 = time.perf_counter()
+                for released in queue.ready():  # the reduction of step t - s
+                    released.item.wait()
+                waited += time.perf_counter() - w0
             elapsed = time.perf_counter() - start
-            for w in works[args.steps - s:]:
-                w.wait()
+            for released in queue.drain():
+                released.item.wait()
             results.append({"s": s, "repeat": repeat, "step": elapsed / args.steps, "wait": waited / args.steps,
                             "compute": compute})
     flat = step()
