@@ -183,11 +183,6 @@ def report(out: Path, ranks: list[int], repeats: int = 1) -> list[dict]:
             rows += throughput_rows(where, world, _profiles(where, world, 32))
         takes.append(rows)
     rows = [_mean_row(same) for same in zip(*takes)]
-    for row, same in zip(rows, zip(*takes)):
-        row["single_sps_err"] = max(r["sps_err"] for r in same)
-        errs = [r["stale_err"] for r in same if r["stale_err"] is not None]
-        row["single_stale_err"] = max(errs) if errs else None
-        row["sps_spread"] = (max(r["sps"] for r in same) - min(r["sps"] for r in same)) / row["sps"]
     many = repeats > 1
     head = ("| benchmark | ranks | perturbation | strategy | samples/s measured | predicted | error | "
             "staleness measured | predicted | error |" + (" measured spread | worst repeat |" if many else ""))
@@ -205,7 +200,8 @@ def report(out: Path, ranks: list[int], repeats: int = 1) -> list[dict]:
 
 
 def _mean_row(same: "tuple[dict, ...]") -> dict:
-    """One row over the repeats: the mean measured and the mean predicted values, and their relative errors."""
+    """One row over the repeats: the mean measured and the mean predicted values, their relative errors, the
+    worst take's errors and the measured spread."""
     keys = ("bench", "world", "pert", "name")
     row = {k: same[0][k] for k in keys}
     for other in same[1:]:
@@ -215,6 +211,11 @@ def _mean_row(same: "tuple[dict, ...]") -> dict:
         row[k] = statistics.fmean(r[k] for r in same)
     row["sps_err"] = abs(row["pred_sps"] - row["sps"]) / row["sps"]
     row["stale_err"] = abs(row["pred_stale"] - row["stale"]) / row["stale"] if row["stale"] >= 0.5 else None
+    # the worst single take and the measured spread: (largest - smallest) / mean
+    row["single_sps_err"] = max(r["sps_err"] for r in same)
+    errs = [r["stale_err"] for r in same if r["stale_err"] is not None]
+    row["single_stale_err"] = max(errs) if errs else None
+    row["sps_spread"] = (max(r["sps"] for r in same) - min(r["sps"] for r in same)) / row["sps"]
     return row
 
 
